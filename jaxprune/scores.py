@@ -1,0 +1,121 @@
+"""Importance scores: pure functions from parameters (and gradients) to scores.
+
+A score tree has the structure of the parameters; larger means more
+important. Scores are computed for every floating leaf (``where=`` is applied
+later, by the mask functions); integer leaves get a zero score of dtype
+``float32`` so that trees always line up.
+
+Example:
+  >>> import jax, jax.numpy as jnp
+  >>> import jaxprune as jp
+  >>> params = {"w": jnp.array([[1.0, -3.0]])}
+  >>> jp.scores.magnitude(params)["w"].tolist()
+  [[1.0, 3.0]]
+  >>> jp.scores.saliency(params, {"w": jnp.array([[2.0, 0.1]])})["w"].tolist()
+  [[2.0, 0.30000001192092896]]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxprune import tree as _tree
+
+PyTree = Any
+
+__all__ = ["get", "magnitude", "names", "random", "saliency"]
+
+
+def _score_leaf(fn, *leaves):
+    x = leaves[0]
+    if not _tree.is_float(x):
+        return jnp.zeros(jnp.shape(x), jnp.float32)
+    return fn(*leaves)
+
+
+def magnitude(params: PyTree) -> PyTree:
+    """Magnitude score ``|w|``.
+
+    References:
+      Han et al., "Learning both weights and connections for efficient neural
+      networks", NeurIPS 2015; Zhu & Gupta, "To prune, or not to prune", 2017.
+    """
+    return jax.tree.map(lambda w: _score_leaf(jnp.abs, w), params)
+
+
+def random(key: jax.Array, params: PyTree) -> PyTree:
+    """Uniform random scores in ``[0, 1)``, independent per leaf.
+
+    The same ``key`` gives the same scores; each leaf draws from
+    ``jax.random.fold_in(key, leaf_index)``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> s = random(jax.random.key(0), {"w": jnp.zeros((2, 2))})
+      >>> s["w"].shape
+      (2, 2)
+    """
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    out = [
+        jax.random.uniform(jax.random.fold_in(key, i), jnp.shape(x), jnp.float32)
+        for i, x in enumerate(leaves)
+    ]
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def saliency(params: PyTree, grads: PyTree) -> PyTree:
+    """Connection sensitivity ``|w * g|`` (first-order change of the loss if
+    the weight is removed), computed in float32.
+
+    Args:
+      params: the parameters.
+      grads: gradients of the loss with the structure of ``params``.
+
+    References:
+      Lee et al., "SNIP: Single-shot network pruning based on connection
+      sensitivity", ICLR 2019; Mozer & Smolensky, "Skeletonization", 1989.
+    """
+    _check_same(params, grads, "params", "grads")
+    return jax.tree.map(
+        lambda w, g: _score_leaf(
+            lambda w, g: jnp.abs(w.astype(jnp.float32) * g.astype(jnp.float32)), w, g
+        ),
+        params,
+        grads,
+    )
+
+
+def _check_same(a: PyTree, b: PyTree, an: str, bn: str) -> None:
+    from jaxprune.masks import _check_same_structure
+
+    _check_same_structure(a, b, an, bn)
+
+
+_REGISTRY: dict[str, Callable[..., PyTree]] = {
+    "magnitude": magnitude,
+    "random": random,
+    "saliency": saliency,
+}
+
+
+def names() -> list[str]:
+    """Names accepted by :func:`get` (and by ``score=`` in the transforms)."""
+    return sorted(_REGISTRY)
+
+
+def get(name: str) -> Callable[..., PyTree]:
+    """The score function registered under ``name``.
+
+    Raises:
+      ValueError: for an unknown name, listing the known ones.
+    """
+    if not isinstance(name, str) or name not in _REGISTRY:
+        raise ValueError(
+            f"unknown score {name!r}; known scores are {names()}, or pass a callable "
+            "(params, grads) -> scores."
+        )
+    return _REGISTRY[name]

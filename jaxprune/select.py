@@ -1,0 +1,347 @@
+"""Exact k-th largest selection over pytrees, without sorting.
+
+The core problem of magnitude pruning is: given scores spread over many
+leaves, keep exactly ``k`` of them, the ``k`` largest. Sorting (the usual
+``argsort`` method) costs ``O(n log n)`` and is memory-hungry; this module
+solves it as a *selection* problem in a handful of passes over memory.
+
+Method
+------
+1. Every float score is mapped to a ``uint32`` key whose unsigned order is the
+   float order (sign-magnitude to biased form); ``-0.0`` and ``+0.0`` share a
+   key and NaN maps to key 0, below ``-inf``, so **NaN ranks lowest**.
+2. ``F(g) = #{key >= g}`` is non-increasing in ``g``; the threshold is the
+   largest ``g`` with ``F(g) >= k``. It is found by a safeguarded
+   interpolation search on the key range: a strided sample of the scores
+   brackets the answer, then each step evaluates ``F`` at one guess (linear
+   interpolation of the counts, falling back to bisection whenever a step
+   fails to halve the bracket, so at most 64 steps even on adversarial data;
+   5-10 on typical weights). The search stops as soon as a guess has
+   ``F(g) == k`` exactly.
+3. Each evaluation of ``F`` is one fused pass: compare, pack four booleans
+   into a ``uint32`` and ``popcount`` (several times faster on CPU than
+   summing booleans). Counts are summed over the leaves of a group, so many
+   leaves cost one pass per step, not one search per leaf; under ``jit`` with
+   sharded leaves each count is reduced per shard and only scalars cross
+   devices.
+4. Ties at the threshold are broken by position, lower flat index first and
+   leaves in pytree order, by the same search over positions.
+
+The result is exact: ``round(n * (1 - sparsity))`` scores are kept for every
+group, on every backend and device count.
+
+References:
+  Floyd & Rivest, "Expected time bounds for selection", CACM 1975 (sampling
+  brackets). Oliveira et al., "An enhancement of the bisection method average
+  performance preserving minmax optimality" (ITP), ACM TOMS 2020.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+__all__ = [
+    "count_true",
+    "keep_count",
+    "select_groups",
+    "sortable_key",
+]
+
+_U32_MAX = np.uint32(0xFFFFFFFF)
+_SAMPLE_QUOTA = 2048
+
+
+def sortable_key(x: jax.Array) -> jax.Array:
+    """Maps float scores to ``uint32`` keys with the same order.
+
+    ``+0.0`` and ``-0.0`` map to the same key; NaN maps to 0, below ``-inf``.
+    ``bfloat16`` and ``float16`` are widened to ``float32`` first (exactly);
+    ``float64`` is rounded to ``float32``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> k = sortable_key(jnp.array([-1.0, -0.0, 0.0, 2.0, jnp.nan]))
+      >>> bool(k[0] < k[1]), bool(k[1] == k[2]), bool(k[2] < k[3]), int(k[4])
+      (True, True, True, 0)
+    """
+    x = jnp.asarray(x)
+    if x.dtype != jnp.float32:
+        x = x.astype(jnp.float32)
+    bits = lax.bitcast_convert_type(x, jnp.uint32)
+    neg = (bits >> 31).astype(jnp.bool_)
+    key = jnp.where(neg, ~bits, bits | np.uint32(0x80000000))
+    key = jnp.where(key == np.uint32(0x7FFFFFFF), np.uint32(0x80000000), key)
+    return jnp.where(jnp.isnan(x), np.uint32(0), key)
+
+
+def count_true(pred: jax.Array) -> jax.Array:
+    """Number of ``True`` entries of a boolean array, as ``int32``.
+
+    Packs four booleans into each ``uint32`` along the last axis and sums
+    their population counts; this vectorises on CPU where a plain
+    ``jnp.sum(pred)`` does not (about 7x faster at 16M elements). The packing
+    stays on the last axis, so leading-axis sharding is preserved.
+    """
+    if pred.size == 0:
+        return jnp.zeros((), jnp.int32)
+    if pred.ndim >= 1 and pred.shape[-1] % 4 == 0:
+        u8 = pred.astype(jnp.uint8).reshape(*pred.shape[:-1], pred.shape[-1] // 4, 4)
+        words = lax.bitcast_convert_type(u8, jnp.uint32)
+        return jnp.sum(lax.population_count(words), dtype=jnp.int32)
+    return jnp.sum(pred, dtype=jnp.int32)
+
+
+def keep_count(n: int, sparsity: Any) -> Any:
+    """How many of ``n`` scores a sparsity keeps: ``round(n * (1 - sparsity))``.
+
+    Rounds half to even, like :func:`numpy.round`. A concrete sparsity is
+    computed in float64 on the host (exact); a traced one in float32 (exact
+    for ``n < 2**24``; otherwise within ``n * 2**-24``). The result is
+    clipped to ``[0, n]``.
+    """
+    if isinstance(sparsity, (int, float, np.number, np.ndarray)) and np.ndim(sparsity) == 0:
+        return int(np.clip(np.round(n * (1.0 - float(sparsity))), 0, n))
+    s = jnp.asarray(sparsity, jnp.float32)
+    k = jnp.round(jnp.float32(n) * (1.0 - s))
+    return jnp.clip(k, 0, n).astype(jnp.int32)
+
+
+def _flat_index(shape: Sequence[int]) -> jax.Array:
+    """Row-major flat index of every element (int32), built from iotas."""
+    idx = jnp.zeros(shape, jnp.int32)
+    stride = 1
+    for ax in range(len(shape) - 1, -1, -1):
+        idx = idx + lax.broadcasted_iota(jnp.int32, tuple(shape), ax) * stride
+        stride *= shape[ax]
+    return idx
+
+
+def _sample_keys(key: jax.Array, quota: int) -> jax.Array:
+    """A strided sample of about ``quota`` keys, taken along every axis."""
+    if key.size <= quota:
+        return key.reshape(-1)
+    nd = key.ndim
+    ratio = key.size / quota
+    strides = []
+    remaining = ratio
+    for ax in range(nd):
+        s = int(max(1, min(key.shape[ax], round(remaining ** (1.0 / (nd - ax))))))
+        strides.append(s)
+        remaining = max(1.0, remaining / s)
+    sl = tuple(slice(None, None, s) for s in strides)
+    return key[sl].reshape(-1)
+
+
+def _search(count_fn, lo, hi, f_lo, f_hi, target, first_guesses):
+    """Vectorised safeguarded interpolation search over ``uint32`` domains.
+
+    For each group finds ``x`` with ``f(x) >= target`` and either
+    ``f(x) == target`` or ``f(x - 1) < target`` (``x`` the smallest such).
+    ``f`` is non-decreasing; invariant ``f(lo) < target <= f(hi)``.
+
+    Args:
+      count_fn: ``(x (G,) uint32, active (G,) bool) -> f(x) (G,) int32``, one
+        pass over the data of the active groups.
+      lo, hi: ``(G,)`` uint32 brackets; f_lo, f_hi: their counts.
+      target: ``(G,)`` int32.
+      first_guesses: ``(P, G)`` uint32 guesses for the first ``P`` steps.
+
+    Returns:
+      ``(lo, hi, f_lo, f_hi)`` at convergence; the answer is ``hi``.
+    """
+    n_first = first_guesses.shape[0]
+
+    def done(s):
+        lo, hi, f_lo, f_hi = s[:4]
+        return (f_hi == target) | (hi - lo <= 1)
+
+    def cond(s):
+        return jnp.any(~done(s))
+
+    def body(s):
+        lo, hi, f_lo, f_hi, it, width_prev = s
+        width = hi - lo
+        # Interpolation guess.
+        frac = (target - f_lo).astype(jnp.float32) / jnp.maximum(f_hi - f_lo, 1).astype(jnp.float32)
+        step = jnp.floor(frac * width.astype(jnp.float32))
+        step = jnp.clip(step, 1.0, jnp.float32(4294967040.0)).astype(jnp.uint32)
+        interp = lo + jnp.minimum(step, width - 1)
+        bisect = lo + width // 2
+        # Bisect whenever the previous step did not halve the bracket.
+        use_bisect = width > width_prev // 2
+        guess = jnp.where(use_bisect, bisect, interp)
+        if n_first:
+            fg = first_guesses[jnp.minimum(it, n_first - 1)]
+            guess = jnp.where(it < n_first, fg, guess)
+        guess = jnp.clip(guess, lo + 1, jnp.maximum(hi - 1, lo + 1))
+        active = ~done((lo, hi, f_lo, f_hi))
+        f_g = count_fn(guess, active)
+        up = active & (f_g >= target)
+        down = active & (f_g < target)
+        new_hi = jnp.where(up, guess, hi)
+        new_fhi = jnp.where(up, f_g, f_hi)
+        new_lo = jnp.where(down, guess, lo)
+        new_flo = jnp.where(down, f_g, f_lo)
+        # Sample guesses do not count as failed interpolation steps.
+        new_wprev = jnp.where(it < n_first, _U32_MAX, width)
+        return new_lo, new_hi, new_flo, new_fhi, it + 1, new_wprev
+
+    state = (lo, hi, f_lo, f_hi, jnp.zeros((), jnp.int32), jnp.full_like(lo, _U32_MAX))
+    lo, hi, f_lo, f_hi, _, _ = lax.while_loop(cond, body, state)
+    return lo, hi, f_lo, f_hi
+
+
+def select_groups(
+    scores: Sequence[jax.Array],
+    groups: Sequence[int],
+    keep: Sequence[Any],
+) -> list[jax.Array]:
+    """Keeps exactly ``keep[g]`` of the largest scores in each group.
+
+    This is the engine behind :func:`jaxprune.masks.topk` (one group per
+    leaf) and :func:`jaxprune.masks.global_topk` (one group for all leaves).
+
+    Args:
+      scores: float arrays (any shapes, including empty).
+      groups: the group index of each array, ``0 .. G-1``; within a group,
+        arrays are ordered as given (that order breaks ties).
+      keep: per group, how many to keep: a Python int or a traced integer in
+        ``[0, n_g]`` (see :func:`keep_count`).
+
+    Returns:
+      One boolean mask per input array, of its shape.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> a, b = jnp.array([3.0, 1.0, 2.0]), jnp.array([[2.0, 5.0]])
+      >>> [m.tolist() for m in select_groups([a, b], [0, 0], [3])]
+      [[True, False, True], [[False, True]]]
+    """
+    n_groups = len(keep)
+    if len(scores) != len(groups):
+        raise ValueError("select_groups: scores and groups differ in length.")
+    keys = [sortable_key(s) for s in scores]
+    sizes = [int(np.prod(s.shape)) for s in scores]
+    n_group = [0] * n_groups
+    offsets = []
+    for sz, g in zip(sizes, groups):
+        offsets.append(n_group[g])
+        n_group[g] += sz
+    if max(n_group, default=0) >= 2**31:
+        raise ValueError(
+            f"a group of {max(n_group)} scores is too large (limit 2**31 - 1); "
+            "split the selection into smaller groups."
+        )
+    k = jnp.stack([jnp.asarray(kk, jnp.int32) for kk in keep]) if n_groups else jnp.zeros((0,), jnp.int32)
+    n_arr = jnp.asarray(n_group, jnp.int32)
+    members = [[i for i, g in enumerate(groups) if g == gi and sizes[i] > 0] for gi in range(n_groups)]
+
+    def per_group(leaf_count, active):
+        # One pass over each leaf of an active group; done groups are skipped.
+        out = []
+        for gi in range(n_groups):
+            cs = [
+                lax.cond(active[gi], lambda i=i: leaf_count(i), lambda: jnp.zeros((), jnp.int32))
+                for i in members[gi]
+            ]
+            out.append(sum(cs[1:], cs[0]) if cs else jnp.zeros((), jnp.int32))
+        return jnp.stack(out)
+
+    # ---- Phase 1: the threshold key. Search x = ~g, f(x) = #{key >= ~x}.
+    def count_ge(xs, active):
+        gs = ~xs
+        return per_group(lambda i: count_true(keys[i] >= gs[groups[i]]), active)
+
+    # Initial guesses from a weighted strided sample of each group.
+    samples, weights = [[] for _ in range(n_groups)], [[] for _ in range(n_groups)]
+    for i, key in enumerate(keys):
+        if sizes[i] == 0:
+            continue
+        quota = max(16, int(_SAMPLE_QUOTA * sizes[i] / n_group[groups[i]]))
+        smp = _sample_keys(key, quota)
+        samples[groups[i]].append(smp)
+        weights[groups[i]].append(jnp.full(smp.shape, sizes[i] / smp.shape[0], jnp.float32))
+    guesses_hi, guesses_lo = [], []
+    for gi in range(n_groups):
+        if samples[gi]:
+            sk = jnp.concatenate(samples[gi])
+            sw = jnp.concatenate(weights[gi])
+        else:
+            sk = jnp.zeros((1,), jnp.uint32)
+            sw = jnp.zeros((1,), jnp.float32)
+        order = jnp.argsort(~sk)  # descending keys
+        sk, sw = sk[order], sw[order]
+        cw = jnp.cumsum(sw)
+        m = sk.shape[0]
+        kf = k[gi].astype(jnp.float32)
+        i_est = jnp.searchsorted(cw, kf)
+        q = kf / jnp.maximum(jnp.float32(n_group[gi]), 1.0)
+        margin = (3.0 * jnp.sqrt(m * q * (1.0 - q)) + 1.0).astype(jnp.int32)
+        ia = jnp.clip(i_est - margin, 0, m - 1)
+        ib = jnp.clip(i_est + margin, 0, m - 1)
+        guesses_hi.append(sk[ia])  # larger key: F(g) likely < k
+        guesses_lo.append(sk[ib])  # smaller key: F(g) likely >= k
+    if n_groups:
+        # x = ~g; the search moves in x, so a large key is a small x.
+        first = jnp.stack([~jnp.stack(guesses_hi), ~jnp.stack(guesses_lo)])
+    else:
+        first = jnp.zeros((0, 0), jnp.uint32)
+
+    lo0 = jnp.zeros((n_groups,), jnp.uint32)  # g = 0xFFFFFFFF: F = 0
+    hi0 = jnp.full((n_groups,), _U32_MAX, jnp.uint32)  # g = 0: F = n
+    f_lo0 = jnp.zeros((n_groups,), jnp.int32)
+    f_hi0 = n_arr
+    # Groups keeping nothing are done at once: hi = lo (no key is 0xFFFFFFFF).
+    zero = k == 0
+    hi0 = jnp.where(zero, lo0, hi0)
+    f_hi0 = jnp.where(zero, 0, f_hi0)
+    target = jnp.maximum(k, 1)
+    _, hi, f_lo, f_hi = _search(count_ge, lo0, hi0, f_lo0, f_hi0, jnp.where(zero, 0, target), first)
+    # Keep key > thresh and the first `r` keys equal to thresh (by position).
+    # If F(thresh) == k exactly, all of them; else hi - lo == 1, so
+    # f_lo = #{key > thresh} < k < f_hi = #{key >= thresh}.
+    thresh = ~hi
+    exact = f_hi == k
+    r = k - f_lo
+    n_eq = f_hi - f_lo
+    need_pos = ~exact
+
+    # ---- Phase 2: ties at the threshold, broken by position.
+    def count_pos(ps, active):
+        def leaf_count(i):
+            g = groups[i]
+            local = jnp.clip(ps[g].astype(jnp.int32) - offsets[i], 0, sizes[i])
+            return count_true((keys[i] == thresh[g]) & (_flat_index(keys[i].shape) < local))
+
+        return per_group(leaf_count, active)
+
+    def tie_search():
+        # f(P) = #{ties with position < P}; f(0) = 0 < r, f(n) = n_eq >= r.
+        lo = jnp.zeros((n_groups,), jnp.uint32)
+        hi = jnp.where(need_pos, n_arr.astype(jnp.uint32), lo)
+        f_hi = jnp.where(need_pos, n_eq, 0)
+        tgt = jnp.where(need_pos, r, 0)
+        _, p, _, _ = _search(count_pos, lo, hi, jnp.zeros_like(f_hi), f_hi, tgt, jnp.zeros((0, n_groups), jnp.uint32))
+        return p.astype(jnp.int32)
+
+    if n_groups:
+        pos = lax.cond(jnp.any(need_pos), tie_search, lambda: n_arr)
+        pos = jnp.where(need_pos, pos, n_arr)
+    else:
+        pos = n_arr
+
+    masks = []
+    for i, key in enumerate(keys):
+        g = groups[i]
+        if not sizes[i]:
+            masks.append(jnp.zeros(key.shape, jnp.bool_))
+            continue
+        local = jnp.clip(pos[g] - offsets[i], 0, sizes[i])
+        masks.append((key > thresh[g]) | ((key == thresh[g]) & (_flat_index(key.shape) < local)))
+    return masks
