@@ -9,20 +9,27 @@ Example:
   0.75
 """
 
-from jaxprune import masks, scores, select, tree
+from jaxprune import allocation, masks, scores, select, transforms, tree
 from jaxprune.masks import apply_masks, pack, sparsity, summary, unpack
+from jaxprune.transforms import PruneState, get_masks, keep_masks, prune
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "PruneState",
     "__version__",
+    "allocation",
     "apply_masks",
+    "get_masks",
+    "keep_masks",
     "masks",
     "pack",
+    "prune",
     "scores",
     "select",
     "sparsity",
     "summary",
+    "transforms",
     "tree",
     "unpack",
 ]

@@ -512,8 +512,9 @@ def sparsity(tree: PyTree, where: Any = None) -> Any:
             total += int(np.size(leaf))
     if total == 0:
         return 0.0
-    frac = zeros.astype(jnp.float32) / jnp.float32(total)
-    return frac if isinstance(frac, jax.core.Tracer) else float(frac)
+    if isinstance(zeros, jax.core.Tracer):
+        return zeros.astype(jnp.float32) / jnp.float32(total)
+    return int(zeros) / total
 
 
 @dataclass(frozen=True)

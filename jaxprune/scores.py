@@ -18,7 +18,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +27,16 @@ from jaxprune import tree as _tree
 
 PyTree = Any
 
-__all__ = ["get", "magnitude", "names", "random", "saliency"]
+__all__ = [
+    "Scorer",
+    "get",
+    "get_scorer",
+    "magnitude",
+    "names",
+    "random",
+    "register",
+    "saliency",
+]
 
 
 def _score_leaf(fn, *leaves):
@@ -95,27 +104,89 @@ def _check_same(a: PyTree, b: PyTree, an: str, bn: str) -> None:
     _check_same_structure(a, b, an, bn)
 
 
+class Scorer(NamedTuple):
+    """A score usable inside a training-time transform (``score=`` argument).
+
+    Stateless scores (magnitude, saliency) have an empty state; scores that
+    accumulate over steps (Taylor, movement) keep their accumulators in the
+    transform's state, so they are checkpointed with it.
+
+    Attributes:
+      init: ``params -> state``.
+      update: ``(state, params, grads) -> state``, called on every step with
+        the raw gradients (before any optimizer).
+      score: ``(state, params, grads, key) -> scores`` on mask-update steps.
+    """
+
+    init: Callable[[PyTree], PyTree]
+    update: Callable[[PyTree, PyTree, PyTree], PyTree]
+    score: Callable[[PyTree, PyTree, PyTree, jax.Array], PyTree]
+
+
+def _stateless(fn: Callable[[PyTree, PyTree, PyTree, jax.Array], PyTree]) -> Scorer:
+    return Scorer(init=lambda params: (), update=lambda s, p, g: s, score=lambda s, p, g, k: fn(p, g, k))
+
+
 _REGISTRY: dict[str, Callable[..., PyTree]] = {
     "magnitude": magnitude,
     "random": random,
     "saliency": saliency,
 }
 
+_SCORERS: dict[str, Scorer] = {
+    "magnitude": _stateless(lambda p, g, k: magnitude(p)),
+    "random": _stateless(lambda p, g, k: random(k, p)),
+    "saliency": _stateless(lambda p, g, k: saliency(p, g)),
+}
+
+
+def register(name: str, scorer: Scorer, fn: Callable[..., PyTree] | None = None) -> None:
+    """Registers a :class:`Scorer` (and optionally a pure function) by name."""
+    _SCORERS[name] = scorer
+    if fn is not None:
+        _REGISTRY[name] = fn
+
 
 def names() -> list[str]:
-    """Names accepted by :func:`get` (and by ``score=`` in the transforms)."""
-    return sorted(_REGISTRY)
+    """Names accepted by ``score=`` in the transforms."""
+    return sorted(_SCORERS)
 
 
 def get(name: str) -> Callable[..., PyTree]:
-    """The score function registered under ``name``.
+    """The pure score function registered under ``name``.
 
     Raises:
       ValueError: for an unknown name, listing the known ones.
     """
     if not isinstance(name, str) or name not in _REGISTRY:
         raise ValueError(
-            f"unknown score {name!r}; known scores are {names()}, or pass a callable "
-            "(params, grads) -> scores."
+            f"unknown score {name!r}; known score functions are {sorted(_REGISTRY)}."
         )
     return _REGISTRY[name]
+
+
+def get_scorer(score: str | Callable[..., PyTree] | Scorer) -> Scorer:
+    """Resolves a ``score=`` argument to a :class:`Scorer`.
+
+    Args:
+      score: a registered name (see :func:`names`), a :class:`Scorer`, or a
+        callable ``(params, grads) -> scores``.
+
+    Raises:
+      ValueError: for an unknown name; TypeError for anything else.
+    """
+    if isinstance(score, Scorer):
+        return score
+    if isinstance(score, str):
+        if score not in _SCORERS:
+            raise ValueError(
+                f"unknown score {score!r}; known scores are {names()}, or pass a callable "
+                "(params, grads) -> scores."
+            )
+        return _SCORERS[score]
+    if callable(score):
+        return _stateless(lambda p, g, k: score(p, g))
+    raise TypeError(
+        f"score must be a name ({names()}), a Scorer or a callable (params, grads) -> "
+        f"scores; got {type(score).__name__}."
+    )

@@ -8,7 +8,8 @@ Flax NNX ``State`` and any registered pytree (an Equinox-style module).
 The ``where=`` argument accepted everywhere in the library picks the leaves a
 function acts on:
 
-* ``None`` (default): floating leaves with ``ndim >= 2`` (kernels, not biases).
+* ``None`` (default): floating (or, for masks, bool) leaves with ``ndim >= 2``
+  (kernels, not biases).
 * a string: a regular expression searched (:func:`re.search`) in the path.
 * a callable ``(path: str, leaf) -> bool``.
 * a prefix tree of Python bools (``True`` selects the whole subtree).
@@ -104,7 +105,7 @@ def is_float(x: Any) -> bool:
 
 def _default_where(path: str, leaf: Any) -> bool:
     del path
-    return np.ndim(leaf) >= 2 and is_float(leaf)
+    return np.ndim(leaf) >= 2 and (is_float(leaf) or jnp.result_type(leaf) == jnp.bool_)
 
 
 def select(tree: PyTree, where: Where = None, *, what: str = "where") -> list[bool]:

@@ -1,0 +1,199 @@
+"""Per-leaf sparsity budgets: uniform, global, ERK, regex maps, callables.
+
+An *allocation* turns one overall sparsity into masks:
+
+* ``"uniform"``: every selected leaf at the same sparsity (:func:`masks.topk`).
+* ``"global"``: one threshold over all selected leaves
+  (:func:`masks.global_topk`); layers end up at whatever sparsity their
+  scores dictate.
+* ``"erk"``: Erdos-Renyi-Kernel (Evci et al. 2020): the density of a layer is
+  proportional to ``sum(shape) / prod(shape)``, scaled so the total kept
+  count matches the overall sparsity; layers that would exceed density 1 are
+  kept dense and the budget is shared among the rest.
+* ``{regex: sparsity}``: leaves whose path matches a key get that sparsity
+  (a number or an optax schedule of the step); all other selected leaves get
+  the overall sparsity. The first matching key wins.
+* a callable ``(params, sparsity) -> tree of per-leaf sparsities``.
+
+Example:
+  >>> import jax.numpy as jnp
+  >>> import jaxprune as jp
+  >>> params = {"a": jnp.ones((100, 100)), "b": jnp.ones((10, 100))}
+  >>> s = jp.allocation.erk(params, 0.9)
+  >>> round(float(s["a"]), 3), round(float(s["b"]), 3)
+  (0.909, 0.818)
+
+References:
+  Evci et al., "Rigging the lottery: making all tickets winners", ICML 2020;
+  Mocanu et al., "Scalable training of artificial neural networks with
+  adaptive sparse connectivity", Nature Communications 2018 (Erdos-Renyi).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxprune import masks as _masks
+from jaxprune import tree as _tree
+
+PyTree = Any
+
+__all__ = ["NAMES", "check", "compute_masks", "erk", "per_leaf"]
+
+NAMES = ("uniform", "global", "erk")
+
+
+def check(allocation: Any, params: PyTree | None = None, where: Any = None) -> None:
+    """Validates an allocation (names, regex keys) early, with a clear error."""
+    if isinstance(allocation, str):
+        if allocation not in NAMES:
+            raise ValueError(
+                f"unknown allocation {allocation!r}; use one of {list(NAMES)}, a dict "
+                "{path regex: sparsity} or a callable (params, sparsity) -> tree."
+            )
+        return
+    if isinstance(allocation, dict):
+        for k, v in allocation.items():
+            if not isinstance(k, str):
+                raise TypeError(f"allocation dict keys must be regex strings, got {k!r}.")
+            try:
+                re.compile(k)
+            except re.error as e:
+                raise ValueError(f"allocation key {k!r} is not a valid regex: {e}") from e
+            if not callable(v):
+                _masks.check_sparsity(v, f"allocation[{k!r}]")
+        if params is not None:
+            paths = _tree.paths(params)
+            sel = _tree.select(params, where)
+            chosen = [p for p, s in zip(paths, sel) if s]
+            for k in allocation:
+                if not any(re.search(k, p) for p in chosen):
+                    raise ValueError(
+                        f"allocation key {k!r} matches no selected leaf. Selected leaves: "
+                        f"{chosen[:20]}. Fix the regex or the where= selection."
+                    )
+        return
+    if callable(allocation):
+        return
+    raise TypeError(
+        f"allocation must be one of {list(NAMES)}, a dict or a callable; got "
+        f"{type(allocation).__name__}."
+    )
+
+
+def erk(params: PyTree, sparsity: Any, where: Any = None, power: float = 1.0) -> PyTree:
+    """Erdos-Renyi-Kernel per-leaf sparsities for an overall ``sparsity``.
+
+    Works with a traced ``sparsity``. Unselected leaves get ``0.0``.
+
+    Args:
+      params: parameter pytree (only shapes are used).
+      sparsity: overall fraction of zeros among the selected weights.
+      where: which leaves are pruned.
+      power: exponent on the ERK scale (1.0 is the standard).
+
+    Returns:
+      A tree of float32 scalars: the sparsity of each leaf.
+    """
+    paths, leaves, treedef = _tree.flatten(params)
+    sel = _tree.select(params, where)
+    idx = [i for i, s in enumerate(sel) if s]
+    sizes = np.array([np.size(leaves[i]) for i in idx], np.float64)
+    scales = np.array(
+        [
+            (np.sum(np.shape(leaves[i])) / max(np.prod(np.shape(leaves[i])), 1)) ** power
+            if np.size(leaves[i]) else 0.0
+            for i in idx
+        ],
+        np.float64,
+    )
+    s = jnp.asarray(sparsity, jnp.float32)
+    total = float(sizes.sum())
+    budget = (1.0 - s) * total
+    n = jnp.asarray(sizes, jnp.float32)
+    sc = jnp.asarray(scales, jnp.float32)
+    dense = jnp.zeros(len(idx), bool)
+    eps = jnp.float32(0.0)
+    for _ in range(max(len(idx), 1)):
+        rest = budget - jnp.sum(jnp.where(dense, n, 0.0))
+        denom = jnp.sum(jnp.where(dense, 0.0, sc * n))
+        eps = rest / jnp.maximum(denom, 1e-30)
+        dense = dense | (eps * sc > 1.0)
+    density = jnp.where(dense, 1.0, jnp.clip(eps * sc, 0.0, 1.0))
+    out: list[Any] = [jnp.float32(0.0)] * len(leaves)
+    for j, i in enumerate(idx):
+        out[i] = 1.0 - density[j]
+    return _tree.unflatten(treedef, out)
+
+
+def per_leaf(
+    allocation: Any,
+    params: PyTree,
+    sparsity: Any,
+    where: Any = None,
+    count: Any = None,
+) -> list[Any] | None:
+    """Per-leaf sparsities (a list in leaf order) or ``None`` for "global"."""
+    paths, leaves, _ = _tree.flatten(params)
+    sel = _tree.select(params, where)
+    if allocation == "global":
+        return None
+    if allocation == "uniform":
+        return [sparsity] * len(leaves)
+    if allocation == "erk":
+        return jax.tree_util.tree_leaves(erk(params, sparsity, where))
+    if isinstance(allocation, dict):
+        out = []
+        for p, s in zip(paths, sel):
+            val = sparsity
+            if s:
+                for k, v in allocation.items():
+                    if re.search(k, p):
+                        val = v(count) if callable(v) else v
+                        break
+            out.append(val)
+        return out
+    if callable(allocation):
+        tree_s = allocation(params, sparsity)
+        return _masks._per_leaf_sparsity(tree_s, params, paths, sel)
+    check(allocation)
+    raise AssertionError("unreachable")
+
+
+def compute_masks(
+    scores: PyTree,
+    sparsity: Any,
+    allocation: Any = "uniform",
+    where: Any = None,
+    params: PyTree | None = None,
+    count: Any = None,
+) -> PyTree:
+    """Masks for ``scores`` at an overall ``sparsity`` under an allocation.
+
+    Args:
+      scores: score tree (structure of the parameters).
+      sparsity: overall sparsity (number or traced scalar).
+      allocation: see the module docstring.
+      where: which leaves are pruned.
+      params: the parameters (for shape-based allocations; defaults to scores).
+      count: the step, for schedules inside a dict allocation.
+
+    Returns:
+      A mask tree.
+    """
+    params = scores if params is None else params
+    sp = per_leaf(allocation, params, sparsity, where, count)
+    if sp is None:
+        return _masks.global_topk(scores, sparsity, where)
+    treedef = jax.tree_util.tree_structure(scores)
+    return _masks.topk(scores, _tree.unflatten(treedef, _fill(sp)), where)
+
+
+def _fill(sp: Sequence[Any]) -> list[Any]:
+    return [0.0 if v is None else v for v in sp]

@@ -1,0 +1,176 @@
+"""Plain numpy reference implementations of jaxprune's selections.
+
+Written independently of :mod:`jaxprune.select` (no bit tricks, no search):
+every oracle ranks with :func:`numpy.lexsort` and keeps the first ``k``.
+
+The ranking rule (the public contract):
+
+* descending by score value;
+* NaN ranks lowest, below ``-inf``;
+* ``-0.0`` equals ``+0.0``;
+* ties broken by position: lower flat (row-major) index first; for a global
+  selection, leaves in pytree order (``jax.tree_util.tree_leaves`` order).
+
+Scores are compared as float32: ``bfloat16`` / ``float16`` are widened to
+float32 exactly, float64 rounded to float32.
+
+Keep counts: ``n`` candidates at sparsity ``s`` keep
+``int(np.clip(np.round(n * (1 - s)), 0, n))`` (half to even) when ``s`` is a
+concrete Python number. When ``s`` is a traced ``jnp.float32`` the library
+computes ``round(float32(n) * (float32(1) - s))`` in float32 arithmetic
+(:func:`jaxprune.select.keep_count`); :func:`keep_count` with
+``traced=True`` emulates exactly that in numpy float32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+__all__ = [
+    "block",
+    "block_tile_scores",
+    "channel_scores",
+    "channels",
+    "global_topk",
+    "keep_count",
+    "n_of_m",
+    "rank_order",
+    "to_f32",
+    "topk",
+    "topk_leaf",
+]
+
+
+def to_f32(x) -> np.ndarray:
+    """The scores as a float32 numpy array (bf16/f16 widen exactly)."""
+    return np.asarray(x).astype(np.float32)
+
+
+def keep_count(n: int, s, traced: bool = False) -> int:
+    """How many of ``n`` entries sparsity ``s`` keeps.
+
+    ``traced=False``: ``round(n * (1 - s))`` in float64 (a Python float ``s``).
+    ``traced=True``: the float32 computation the library does for a traced
+    sparsity, ``round(float32(n) * (float32(1) - float32(s)))``.
+    """
+    n = int(n)
+    if traced:
+        s32 = np.float32(s)
+        with np.errstate(all="ignore"):
+            k = np.round(np.float32(n) * (np.float32(1.0) - s32))
+        assert k.dtype == np.float32
+        return int(np.clip(k, 0, n))
+    return int(np.clip(np.round(n * (1.0 - float(s))), 0, n))
+
+
+def rank_order(scores) -> np.ndarray:
+    """Flat indices of ``scores``, best first, under the ranking rule."""
+    v = to_f32(scores).reshape(-1).astype(np.float64)
+    nan = np.isnan(v)
+    neg = -np.where(nan, 0.0, v)
+    neg = np.where(neg == 0.0, 0.0, neg)  # -0.0 and +0.0 become one value
+    pos = np.arange(v.size)
+    # lexsort: the last key is the primary one.
+    return np.lexsort((pos, neg, nan))
+
+
+def topk_leaf(scores, k: int) -> np.ndarray:
+    """Boolean mask keeping the ``k`` best entries of one array."""
+    x = np.asarray(scores)
+    keep = np.zeros(x.size, bool)
+    keep[rank_order(x)[:k]] = True
+    return keep.reshape(x.shape)
+
+
+def topk(leaves: Sequence, sparsity, traced: bool = False) -> list[np.ndarray]:
+    """Per-leaf top-k: each array keeps ``keep_count(size, s)`` entries.
+
+    ``sparsity`` is one number or a sequence with one number per leaf.
+    """
+    sp = list(sparsity) if isinstance(sparsity, (list, tuple)) else [sparsity] * len(leaves)
+    return [topk_leaf(x, keep_count(np.size(x), s, traced)) for x, s in zip(leaves, sp)]
+
+
+def global_topk(leaves: Sequence, sparsity, traced: bool = False) -> list[np.ndarray]:
+    """One selection over all leaves; ties go to earlier leaves, then lower index."""
+    arrays = [to_f32(x) for x in leaves]
+    sizes = [a.size for a in arrays]
+    flat = np.concatenate([a.reshape(-1) for a in arrays]) if arrays else np.zeros(0, np.float32)
+    keep = topk_leaf(flat, keep_count(flat.size, sparsity, traced))
+    out, off = [], 0
+    for a, sz in zip(arrays, sizes):
+        out.append(keep[off : off + sz].reshape(a.shape))
+        off += sz
+    return out
+
+
+def n_of_m(scores, n: int, m: int, axis: int = -2) -> np.ndarray:
+    """N:M: in each run of ``m`` consecutive entries along ``axis`` keep the ``n`` best."""
+    x = to_f32(scores)
+    ax = axis % x.ndim
+    moved = np.moveaxis(x, ax, -1)
+    assert moved.shape[-1] % m == 0
+    groups = moved.reshape(-1, m)
+    keep = np.stack([topk_leaf(g, n) for g in groups]) if groups.shape[0] else np.zeros((0, m), bool)
+    return np.moveaxis(keep.reshape(moved.shape), -1, ax)
+
+
+def block_tile_scores(scores, block_shape, reduce: str = "mean") -> np.ndarray:
+    """Tile scores ``(..., r // b0, c // b1)`` of the float32 scores.
+
+    ``mean``: the correctly rounded float32 sum (accumulated in float64),
+    divided by ``b0 * b1`` in float32. XLA may sum in another order, so this
+    equals the library's value whenever the float32 sum is exact (e.g.
+    small integer scores); for arbitrary floats, near-ties may differ.
+    ``max``: exact (NaN propagates).
+    """
+    b0, b1 = (block_shape, block_shape) if isinstance(block_shape, int) else block_shape
+    x = to_f32(scores)
+    r, c = x.shape[-2:]
+    t = x.reshape(*x.shape[:-2], r // b0, b0, c // b1, b1)
+    if reduce == "max":
+        with np.errstate(invalid="ignore"):
+            return np.max(t, axis=(-3, -1))
+    with np.errstate(invalid="ignore", over="ignore"):
+        total = np.sum(t.astype(np.float64), axis=(-3, -1)).astype(np.float32)
+        return (total / np.float32(b0 * b1)).astype(np.float32)
+
+
+def block(scores, sparsity, block_shape, reduce: str = "mean", traced: bool = False) -> np.ndarray:
+    """Block mask: keep ``round(t * (1 - s))`` of the ``t`` tiles of one leaf.
+
+    Tiles of all leading indices compete together; ties between tiles go to
+    the lower tile index in row-major order of the tile grid ``(..., R, C)``.
+    """
+    b0, b1 = (block_shape, block_shape) if isinstance(block_shape, int) else block_shape
+    ts = block_tile_scores(scores, (b0, b1), reduce)
+    tmask = topk_leaf(ts, keep_count(ts.size, sparsity, traced))
+    full = np.repeat(np.repeat(tmask, b0, axis=-2), b1, axis=-1)
+    return full.reshape(np.shape(scores))
+
+
+def channel_scores(scores, axis: int = -1, norm: str = "l1") -> np.ndarray:
+    """Unit scores along ``axis``: L1 (sum |s|) or L2 (sqrt(sum s^2)) over the
+    other axes, of the float32 scores (accumulated in float64, rounded to
+    float32; equal to the library's value whenever the float32 sum is exact)."""
+    x = to_f32(scores).astype(np.float64)
+    ax = axis % x.ndim
+    others = tuple(a for a in range(x.ndim) if a != ax)
+    with np.errstate(invalid="ignore", over="ignore"):
+        if norm == "l1":
+            return np.sum(np.abs(x), axis=others).astype(np.float32)
+        sq = np.sum(x * x, axis=others).astype(np.float32)
+        return np.sqrt(sq).astype(np.float32)
+
+
+def channels(scores, sparsity, axis: int = -1, norm: str = "l1", traced: bool = False) -> np.ndarray:
+    """Channel mask: keep ``round(u * (1 - s))`` whole units along ``axis``."""
+    x = np.asarray(scores)
+    ax = axis % x.ndim
+    us = channel_scores(x, ax, norm)
+    umask = topk_leaf(us, keep_count(us.size, sparsity, traced))
+    shape = [1] * x.ndim
+    shape[ax] = x.shape[ax]
+    return np.broadcast_to(umask.reshape(shape), x.shape).copy()
