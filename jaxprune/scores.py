@@ -32,10 +32,14 @@ __all__ = [
     "get",
     "get_scorer",
     "magnitude",
+    "movement",
+    "movement_importance",
     "names",
     "random",
     "register",
     "saliency",
+    "taylor",
+    "taylor_importance",
 ]
 
 
@@ -190,3 +194,159 @@ def get_scorer(score: str | Callable[..., PyTree] | Scorer) -> Scorer:
         f"score must be a name ({names()}), a Scorer or a callable (params, grads) -> "
         f"scores; got {type(score).__name__}."
     )
+
+
+# --------------------------------------------------------------------------
+# Accumulated gradient scores: Taylor (EMA of w * g) and movement (-sum w * g)
+
+
+def _wg(w: jax.Array, g: jax.Array) -> jax.Array:
+    return w.astype(jnp.float32) * g.astype(jnp.float32)
+
+
+def _zeros_f32(params: PyTree) -> PyTree:
+    return jax.tree.map(lambda w: jnp.zeros(jnp.shape(w), jnp.float32), params)
+
+
+def taylor_importance(params: PyTree, grads: PyTree, squared: bool = False) -> PyTree:
+    """First-order Taylor importance of one batch: ``|w * g|`` or ``(w * g)**2``.
+
+    This is the one-step form of :func:`taylor` (its registered pure
+    function); computed in float32.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> s = taylor_importance({"w": jnp.array([[2.0, -1.0]])}, {"w": jnp.array([[3.0, 2.0]])},
+      ...                       squared=True)
+      >>> s["w"].tolist()
+      [[36.0, 4.0]]
+
+    References:
+      Molchanov et al., "Importance estimation for neural network pruning",
+      CVPR 2019.
+    """
+    _check_same(params, grads, "params", "grads")
+
+    def one(w, g):
+        wg = _wg(w, g)
+        return wg * wg if squared else jnp.abs(wg)
+
+    return jax.tree.map(lambda w, g: _score_leaf(one, w, g), params, grads)
+
+
+def taylor(decay: float = 0.9, squared: bool = False) -> Scorer:
+    """First-order Taylor importance, averaged over steps with an EMA.
+
+    Every step (raw gradients ``g``, before the optimizer) updates, in float32,
+
+    * ``squared=False``: ``a <- decay * a + (1 - decay) * (w * g)``; score ``|a|``
+      (Molchanov et al. 2017: the magnitude of the averaged first-order change
+      of the loss when ``w`` is removed);
+    * ``squared=True``: ``a <- decay * a + (1 - decay) * (w * g)**2``; score
+      ``a`` (Molchanov et al. 2019: the averaged squared Taylor term).
+
+    ``a`` starts at zero and is not bias-corrected (a common factor that does
+    not change any ranking). The registered ``"taylor"`` uses the defaults.
+
+    Args:
+      decay: EMA decay in ``[0, 1)``; ``0`` scores the current batch only.
+      squared: use the squared Taylor term.
+
+    Returns:
+      A :class:`Scorer` whose state is the float32 accumulator tree.
+
+    Example:
+      >>> import jax.numpy as jnp, optax
+      >>> import jaxprune as jp
+      >>> tx = jp.prune(optax.sgd(0.1), sparsity=0.5, score=jp.scores.taylor(decay=0.5))
+      >>> sc = jp.scores.taylor(decay=0.5)
+      >>> p, g = {"w": jnp.array([[1.0, 2.0]])}, {"w": jnp.array([[4.0, -1.0]])}
+      >>> st = sc.update(sc.init(p), p, g)
+      >>> st["w"].tolist()
+      [[2.0, -1.0]]
+
+    References:
+      Molchanov et al., "Pruning convolutional neural networks for resource
+      efficient inference", ICLR 2017; Molchanov et al., "Importance
+      estimation for neural network pruning", CVPR 2019.
+    """
+    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay < 1.0:
+        raise ValueError(
+            f"taylor: decay must be a number in [0, 1), got {decay!r}. Use e.g. decay=0.9 "
+            "(an EMA over about 10 steps), or decay=0.0 for the current batch only."
+        )
+    decay = float(decay)
+
+    def update(state, params, grads):
+        def one(a, w, g):
+            if not _tree.is_float(w):
+                return a
+            t = _wg(w, g)
+            t = t * t if squared else t
+            return decay * a + (1.0 - decay) * t
+
+        return jax.tree.map(one, state, params, grads)
+
+    def score(state, params, grads, key):
+        del grads, key
+        return jax.tree.map(lambda a: a if squared else jnp.abs(a), state)
+
+    return Scorer(init=_zeros_f32, update=update, score=score)
+
+
+def movement_importance(params: PyTree, grads: PyTree) -> PyTree:
+    """One-step movement score ``-w * g`` (float32): positive when the step
+    moves ``w`` away from zero.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> movement_importance({"w": jnp.array([[2.0, -1.0]])}, {"w": jnp.array([[3.0, 2.0]])})["w"].tolist()
+      [[-6.0, 2.0]]
+
+    References:
+      Sanh et al., "Movement pruning: adaptive sparsity by fine-tuning",
+      NeurIPS 2020.
+    """
+    _check_same(params, grads, "params", "grads")
+    return jax.tree.map(lambda w, g: _score_leaf(lambda w, g: -_wg(w, g), w, g), params, grads)
+
+
+def movement() -> Scorer:
+    """Movement pruning score ``S = -sum_t w_t * g_t`` over all steps so far.
+
+    The accumulator (float32, in the transform state) adds ``-w * g`` on every
+    step, with the raw gradients; weights moving away from zero score high,
+    weights shrinking toward zero score low, whatever their magnitude.
+    Registered as ``"movement"``.
+
+    Returns:
+      A :class:`Scorer` whose state is the float32 accumulator tree.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import jaxprune as jp
+      >>> sc = jp.scores.movement()
+      >>> p, g = {"w": jnp.array([[1.0, 2.0]])}, {"w": jnp.array([[4.0, -1.0]])}
+      >>> st = sc.update(sc.update(sc.init(p), p, g), p, g)
+      >>> sc.score(st, p, g, None)["w"].tolist()
+      [[-8.0, 4.0]]
+
+    References:
+      Sanh et al., "Movement pruning: adaptive sparsity by fine-tuning",
+      NeurIPS 2020.
+    """
+
+    def update(state, params, grads):
+        return jax.tree.map(
+            lambda a, w, g: a - _wg(w, g) if _tree.is_float(w) else a, state, params, grads
+        )
+
+    def score(state, params, grads, key):
+        del params, grads, key
+        return state
+
+    return Scorer(init=_zeros_f32, update=update, score=score)
+
+
+register("taylor", taylor(), taylor_importance)
+register("movement", movement(), movement_importance)
