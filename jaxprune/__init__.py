@@ -9,25 +9,39 @@ Example:
   0.75
 """
 
-from jaxprune import allocation, masks, scores, select, transforms, tree
+from jaxprune import allocation, dynamic, lottery, masks, scores, select, transforms, tree
+from jaxprune.dynamic import DynamicState, STEState, rigl, set_training, ste, straight_through
+from jaxprune.lottery import LotteryState, lottery_ticket
 from jaxprune.masks import apply_masks, pack, sparsity, summary, unpack
+from jaxprune.snip import snip
 from jaxprune.transforms import PruneState, get_masks, keep_masks, prune
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DynamicState",
+    "LotteryState",
     "PruneState",
+    "STEState",
     "__version__",
     "allocation",
     "apply_masks",
+    "dynamic",
     "get_masks",
     "keep_masks",
+    "lottery",
+    "lottery_ticket",
     "masks",
     "pack",
     "prune",
+    "rigl",
     "scores",
     "select",
+    "set_training",
+    "snip",
     "sparsity",
+    "ste",
+    "straight_through",
     "summary",
     "transforms",
     "tree",
