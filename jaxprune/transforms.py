@@ -257,7 +257,7 @@ def prune(
             scores = scorer.score(score_state, params, grads, sub)
             # Nested masks: pruned weights score -inf, so they stay pruned.
             scores = jax.tree.map(
-                lambda sc, m: sc if m.ndim == 0 else jnp.where(m | ~nested, sc, -jnp.inf),
+                lambda sc, m: sc if m.ndim == 0 else jnp.where(m | jnp.logical_not(nested), sc, -jnp.inf),
                 scores,
                 state.masks,
             )

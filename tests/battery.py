@@ -1,0 +1,213 @@
+"""The shared battery every pruning transform in jaxprune must pass.
+
+To add a transform, append an :class:`Entry` to ``FACTORIES`` in
+``tests/test_battery.py``:
+
+* ``factory(inner, **kwargs) -> GradientTransformationExtraArgs``;
+* ``kwargs``: the keyword arguments for the battery's runs (the battery runs
+  ``steps`` steps; the transform must reach its final sparsity by then);
+* ``sparsity``: the final sparsity of the selected leaves (default where=);
+* ``mode``: ``"per_leaf"`` (each kernel keeps exactly ``round(n (1 - s))``)
+  or ``"global"`` (the kernels together do), or ``"none"`` to skip the count
+  check (e.g. ERK);
+* ``injectable``: numeric kwargs that ``optax.inject_hyperparams`` may inject;
+* ``zero_pruned``: False for transforms that keep dense weights (STE).
+
+Each check runs under ``jax.jit``: chained after ``clip_by_global_norm`` and
+around adam; inside ``optax.MultiSteps``; under ``optax.inject_hyperparams``;
+with bf16 parameters (kept bf16); with dict, tuple and Flax NNX ``State``
+pytrees; state structure (and dtypes, shapes) stable across steps; exact
+sparsity reached; pruned weights exactly zero after every step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import jaxprune as jp
+from jaxprune.select import keep_count
+
+
+class Entry(NamedTuple):
+    name: str
+    factory: Callable[..., optax.GradientTransformation]
+    kwargs: dict
+    sparsity: float
+    mode: str = "per_leaf"
+    steps: int = 12
+    injectable: tuple[str, ...] = ()
+    zero_pruned: bool = True
+
+
+def dict_params(dtype=jnp.float32) -> Any:
+    k = jax.random.split(jax.random.key(42), 4)
+    return {
+        "dense1": {"kernel": jax.random.normal(k[0], (8, 16), dtype), "bias": jnp.zeros(16, dtype)},
+        "dense2": {"kernel": jax.random.normal(k[1], (16, 4), dtype), "bias": jnp.zeros(4, dtype)},
+    }
+
+
+def tuple_params() -> Any:
+    p = dict_params()
+    return (p["dense1"]["kernel"], p["dense1"]["bias"], (p["dense2"]["kernel"], p["dense2"]["bias"]))
+
+
+def nnx_params() -> Any:
+    from flax import nnx
+
+    class MLP(nnx.Module):
+        def __init__(self, rngs):
+            self.l1 = nnx.Linear(8, 16, rngs=rngs)
+            self.l2 = nnx.Linear(16, 4, rngs=rngs)
+
+    return nnx.state(MLP(nnx.Rngs(0)), nnx.Param)
+
+
+def loss(params: Any) -> jax.Array:
+    """Any smooth function of every leaf (so all leaves get gradients)."""
+    leaves = jax.tree_util.tree_leaves(params)
+    total = jnp.zeros((), jnp.float32)
+    for i, x in enumerate(leaves):
+        x = x.astype(jnp.float32)
+        target = jnp.cos(jnp.arange(x.size, dtype=jnp.float32) + i).reshape(x.shape)
+        total = total + jnp.sum((x - target) ** 2) + jnp.sum(jnp.sin(3 * x))
+    return total
+
+
+def kernels(params: Any) -> list[jax.Array]:
+    return [x for x in jax.tree_util.tree_leaves(params) if x.ndim >= 2]
+
+
+def run(tx, params, steps: int):
+    state = tx.init(params)
+
+    @jax.jit
+    def step(p, s):
+        g = jax.grad(loss)(p)
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s, u
+
+    history = []
+    for _ in range(steps):
+        params, state, updates = step(params, state)
+        history.append((params, state, updates))
+    return params, state, history
+
+
+def assert_exact(entry: Entry, params: Any, masks: Any | None = None) -> None:
+    """Kernels hold exactly the requested number of nonzeros / kept entries."""
+    leaves = kernels(masks) if masks is not None else kernels(params)
+    kept = [int(jnp.sum(m)) if m.dtype == jnp.bool_ else int(jnp.sum(m != 0)) for m in leaves]
+    sizes = [int(m.size) for m in leaves]
+    if entry.mode == "per_leaf":
+        want = [keep_count(n, entry.sparsity) for n in sizes]
+        assert kept == want, f"{entry.name}: kept {kept}, want {want} (sizes {sizes})"
+    elif entry.mode == "global":
+        want = keep_count(sum(sizes), entry.sparsity)
+        assert sum(kept) == want, f"{entry.name}: kept {sum(kept)}, want {want}"
+
+
+def assert_pruned_zero(entry: Entry, history) -> None:
+    if not entry.zero_pruned:
+        return
+    for i, (p, s, _) in enumerate(history):
+        masks = jp.get_masks(s)
+        for m, x in zip(jax.tree_util.tree_leaves(masks), jax.tree_util.tree_leaves(p)):
+            if m.ndim:
+                bad = int(jnp.sum(~m & (x != 0)))
+                assert bad == 0, f"{entry.name}: step {i}: {bad} pruned weights are nonzero"
+
+
+def same_structure(a: Any, b: Any) -> None:
+    sa = jax.tree_util.tree_structure(a)
+    sb = jax.tree_util.tree_structure(b)
+    assert sa == sb, f"state structure changed:\n{sa}\n!=\n{sb}"
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+        x, y = jnp.asarray(x), jnp.asarray(y)
+        assert x.shape == y.shape and x.dtype == y.dtype, (x.shape, x.dtype, y.shape, y.dtype)
+
+
+def check_chain_adam(entry: Entry) -> None:
+    tx = optax.chain(optax.clip_by_global_norm(10.0), entry.factory(optax.adam(1e-2), **entry.kwargs))
+    p0 = dict_params()
+    params, state, hist = run(tx, p0, entry.steps)
+    assert_pruned_zero(entry, hist)
+    assert_exact(entry, params if entry.zero_pruned else None, jp.get_masks(state))
+    same_structure(tx.init(p0), state)
+    assert float(loss(params)) < float(loss(p0)) or entry.sparsity > 0, "no training happened"
+
+
+def check_multisteps(entry: Entry) -> None:
+    k = 2
+    tx = optax.MultiSteps(entry.factory(optax.adam(1e-2), **entry.kwargs), every_k_schedule=k)
+    p0 = dict_params()
+    params, state, hist = run(tx, p0, entry.steps * k)
+    # Pruned weights are zero after every *real* update (every k-th step).
+    assert_pruned_zero(entry, hist[k - 1 :: k])
+    assert_exact(entry, params if entry.zero_pruned else None, jp.get_masks(state))
+    same_structure(tx.init(p0), state)
+
+
+def check_inject(entry: Entry) -> None:
+    kwargs = dict(entry.kwargs)
+    static = tuple(k for k in kwargs if k not in entry.injectable)
+    tx = optax.inject_hyperparams(entry.factory, static_args=static)(optax.adam(1e-2), **kwargs)
+    p0 = dict_params()
+    params, state, hist = run(tx, p0, entry.steps)
+    assert_pruned_zero(entry, hist)
+    assert_exact(entry, params if entry.zero_pruned else None, jp.get_masks(state))
+    for name in entry.injectable:
+        assert name in state.hyperparams, f"{name} not injected"
+
+
+def check_bf16(entry: Entry) -> None:
+    tx = entry.factory(optax.adam(1e-2), **entry.kwargs)
+    p0 = dict_params(jnp.bfloat16)
+    params, state, hist = run(tx, p0, entry.steps)
+    for x in jax.tree_util.tree_leaves(params):
+        assert x.dtype == jnp.bfloat16, f"{entry.name}: params became {x.dtype}"
+    for _, _, u in hist:
+        for x in jax.tree_util.tree_leaves(u):
+            assert x.dtype == jnp.bfloat16, f"{entry.name}: updates are {x.dtype}"
+    assert_pruned_zero(entry, hist)
+    assert_exact(entry, params if entry.zero_pruned else None, jp.get_masks(state))
+
+
+def check_pytrees(entry: Entry) -> None:
+    for make in (tuple_params, nnx_params):
+        tx = entry.factory(optax.adam(1e-2), **entry.kwargs)
+        p0 = make()
+        params, state, hist = run(tx, p0, entry.steps)
+        assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(p0)
+        assert_pruned_zero(entry, hist)
+        assert_exact(entry, params if entry.zero_pruned else None, jp.get_masks(state))
+
+
+def check_no_params_error(entry: Entry) -> None:
+    tx = entry.factory(optax.adam(1e-2), **entry.kwargs)
+    p0 = dict_params()
+    state = tx.init(p0)
+    try:
+        tx.update(p0, state)
+    except ValueError as e:
+        assert "params" in str(e), str(e)
+    else:
+        raise AssertionError(f"{entry.name}: update without params did not raise")
+
+
+CHECKS = {
+    "chain_adam": check_chain_adam,
+    "multisteps": check_multisteps,
+    "inject_hyperparams": check_inject,
+    "bf16": check_bf16,
+    "pytrees": check_pytrees,
+    "no_params_error": check_no_params_error,
+}
+
+__all__ = ["CHECKS", "Entry", "dict_params", "loss", "np", "run"]

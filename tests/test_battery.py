@@ -1,0 +1,55 @@
+"""Runs the shared battery (tests/battery.py) on every pruning transform.
+
+Append an ``Entry`` to ``FACTORIES`` for each new transform (see the
+docstring of tests/battery.py for the fields).
+"""
+
+import optax
+import pytest
+from battery import CHECKS, Entry
+
+import jaxprune as jp
+
+FACTORIES = [
+    Entry(
+        "prune_uniform_constant",
+        jp.prune,
+        dict(sparsity=0.75, update_every=1),
+        0.75,
+        "per_leaf",
+        injectable=("sparsity",),
+    ),
+    Entry(
+        "prune_global_schedule",
+        jp.prune,
+        dict(
+            sparsity=optax.polynomial_schedule(0.0, 0.8, power=3, transition_steps=8),
+            update_every=2,
+            allocation="global",
+        ),
+        0.8,
+        "global",
+        steps=12,
+    ),
+    Entry(
+        "prune_saliency_regrow",
+        jp.prune,
+        dict(sparsity=0.5, update_every=3, score="saliency", nested=False),
+        0.5,
+        "per_leaf",
+        injectable=("sparsity", "update_every"),
+    ),
+    Entry(
+        "prune_erk",
+        jp.prune,
+        dict(sparsity=0.6, update_every=4, allocation="erk"),
+        0.6,
+        "none",
+    ),
+]
+
+
+@pytest.mark.parametrize("check", sorted(CHECKS))
+@pytest.mark.parametrize("entry", FACTORIES, ids=lambda e: e.name)
+def test_battery(entry, check):
+    CHECKS[check](entry)
