@@ -1,0 +1,688 @@
+"""Lottery tickets: iterative magnitude pruning (IMP) with rewinding.
+
+:func:`lottery_ticket` runs the whole IMP schedule of Frankle & Carbin (2019)
+inside one optax transformation, so a single jit-compiled training step runs
+every round:
+
+1. train for a round of ``steps_per_round`` update calls;
+2. prune ``prune_rate`` of the weights that are still alive (magnitude, or
+   any score), so after round ``r`` the sparsity is exactly
+   ``1 - (1 - prune_rate) ** r``;
+3. rewind the survivors to their values ``theta_k`` at step ``rewind_step``
+   (``theta_0``, the initialisation, when ``rewind_step=0``; Frankle et al.
+   2020 for ``k > 0``), zero the pruned ones, restart the inner optimizer;
+4. repeat for ``rounds`` rounds, then keep training the final ticket.
+
+The functional pieces are here too, for users who drive rounds themselves
+(:func:`snapshot`, :func:`rewind`, :func:`imp_sparsity`), and the controls of
+the lottery-ticket experiments: :func:`random_reinit` (the ticket's mask, a
+fresh initialisation), :func:`random_mask` (a random mask with the ticket's
+per-layer sparsity) and :func:`shuffle_mask` (the ticket's mask permuted
+within each layer).
+
+Example:
+  >>> import jax, jax.numpy as jnp, optax
+  >>> import jaxprune as jp
+  >>> params = {"w": jax.random.normal(jax.random.key(0), (10, 10))}
+  >>> tx = jp.lottery_ticket(optax.sgd(0.1), rounds=2, steps_per_round=3,
+  ...                        prune_rate=0.5)
+  >>> state = tx.init(params)
+  >>> step = jax.jit(lambda p, s: tx.update(p, s, p))  # grads = params
+  >>> for _ in range(6):
+  ...     u, state = step(params, state)
+  ...     params = optax.apply_updates(params, u)
+  >>> int(jp.lottery.current_round(state)), float(jp.lottery.current_sparsity(state))
+  (2, 0.75)
+
+References:
+  Frankle & Carbin, "The lottery ticket hypothesis: finding sparse, trainable
+  neural networks", ICLR 2019; Frankle, Dziugaite, Roy & Carbin, "Linear mode
+  connectivity and the lottery ticket hypothesis", ICML 2020 (late
+  rewinding).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+
+from jaxprune import allocation as _alloc
+from jaxprune import scores as _scores
+from jaxprune import select as _select
+from jaxprune import tree as _tree
+from jaxprune.transforms import (
+    apply_mask_to_updates,
+    initial_masks,
+    mask_grads,
+    require_params,
+    validate_params,
+)
+
+PyTree = Any
+
+__all__ = [
+    "LotteryState",
+    "current_round",
+    "current_sparsity",
+    "imp_sparsity",
+    "lottery_ticket",
+    "random_mask",
+    "random_reinit",
+    "rewind",
+    "rewound_params",
+    "shuffle_mask",
+    "snapshot",
+]
+
+
+# --------------------------------------------------------------------------
+# Exact per-round keep counts
+
+
+def imp_sparsity(round: Any, prune_rate: Any = 0.2) -> Any:
+    """Sparsity after ``round`` rounds of IMP: ``1 - (1 - prune_rate) ** round``.
+
+    Each round prunes ``prune_rate`` of the weights still alive. Works on
+    Python numbers (returns a float) and on arrays (elementwise).
+
+    Args:
+      round: the number of pruning rounds done (0 = dense).
+      prune_rate: fraction of the remaining weights pruned per round.
+
+    Returns:
+      The fraction of zeros among the selected weights.
+
+    Example:
+      >>> round(imp_sparsity(10, 0.2), 4)
+      0.8926
+
+    References:
+      Frankle & Carbin, "The lottery ticket hypothesis", ICLR 2019.
+    """
+    if isinstance(round, (int, float, np.number)) and isinstance(prune_rate, (int, float, np.number)):
+        return 1.0 - (1.0 - float(prune_rate)) ** float(round)
+    return 1.0 - (1.0 - jnp.asarray(prune_rate, jnp.float32)) ** jnp.asarray(round, jnp.float32)
+
+
+def _keep_table(n: int, rounds: int, prune_rate: float) -> list[int]:
+    """``round(n * (1 - prune_rate) ** r)`` for ``r = 0 .. rounds`` (float64,
+    half to even: the rule of :func:`jaxprune.select.keep_count`)."""
+    return [int(np.clip(np.round(n * (1.0 - prune_rate) ** r), 0, n)) for r in range(rounds + 1)]
+
+
+# --------------------------------------------------------------------------
+# lottery_ticket
+
+
+class LotteryState(NamedTuple):
+    """State of :func:`lottery_ticket`.
+
+    Attributes:
+      count: number of ``update`` calls so far (int32). Round ``r`` spans
+        calls ``r * steps_per_round`` to ``(r + 1) * steps_per_round - 1``;
+        the last call of each of the first ``rounds`` rounds prunes and
+        rewinds.
+      round: pruning rounds done so far (int32, ``0 .. rounds``); the
+        selected weights are at sparsity ``1 - (1 - prune_rate) ** round``.
+      masks: bool mask tree (scalar ``True`` for leaves not pruned).
+      snapshot: the parameters ``theta_k`` at step ``rewind_step`` (taken by
+        ``init`` when ``rewind_step=0``, by the update at count ``k``
+        otherwise), unmasked.
+      score_state: accumulators of the score (empty for magnitude).
+      key: PRNG key data, for random scores.
+      inner_state: the wrapped optimizer's state (re-initialised at every
+        rewind).
+    """
+
+    count: jax.Array
+    round: jax.Array
+    masks: PyTree
+    snapshot: PyTree
+    score_state: PyTree
+    key: jax.Array
+    inner_state: optax.OptState
+
+
+def _check_int(value: Any, name: str, low: int, fix: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__}). {fix}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value!r}. {fix}")
+
+
+def lottery_ticket(
+    inner: optax.GradientTransformation,
+    *,
+    rounds: int,
+    steps_per_round: int,
+    prune_rate: float = 0.2,
+    rewind_step: int = 0,
+    allocation: Any = "global",
+    score: str | Callable[..., PyTree] | _scores.Scorer = "magnitude",
+    where: Any = None,
+    seed: int = 0,
+) -> optax.GradientTransformationExtraArgs:
+    """Wraps an optimizer so training runs iterative magnitude pruning with rewinding.
+
+    The whole IMP schedule lives in the optimizer state. With
+    ``S = steps_per_round`` and ``count`` the number of update calls so far:
+
+    * at ``count == rewind_step`` the parameters are saved as the snapshot
+      ``theta_k`` (at ``init`` when ``rewind_step=0``: ``theta_0``);
+    * ordinary calls mask the gradients of pruned weights before ``inner``
+      and emit ``where(mask, u, -p)``, so pruned weights stay exactly zero;
+    * the *round-end* call (``count % S == S - 1``, for the first ``rounds``
+      rounds) does no gradient step. It scores the parameters it receives
+      (the weights trained for this round) with pruned weights scoring
+      ``-inf``, keeps exactly ``round(n * (1 - prune_rate) ** (r + 1))`` of
+      the ``n`` selected weights (masks are nested), emits
+      ``where(mask, theta_k - p, -p)`` (survivors back to ``theta_k``,
+      pruned weights to zero; unselected leaves such as biases are rewound
+      too) and resets the inner state to ``inner.init(rewound)`` (fresh
+      moments; an inner learning-rate schedule restarts with its count).
+
+    So each round is ``S - 1`` training steps and a round-end call, and after
+    ``rounds * S`` calls the final ticket (sparsity
+    ``1 - (1 - prune_rate) ** rounds``) keeps training with fixed masks.
+    Evaluate the trained weights of round ``r`` *before* its round-end call
+    (when ``count % S == S - 1``): that call replaces them by the rewound
+    ticket. The round-end branch runs under :func:`jax.lax.cond`, so one
+    compiled step serves every round, also inside :func:`jax.lax.scan`.
+
+    ``optax.apply_updates`` yields ``p + (theta_k - p)``, which may differ
+    from ``theta_k`` by a rounding; :func:`rewound_params` returns the exact
+    ``theta_k * mask`` from the state.
+
+    Sparsity is exact for ``allocation="global"`` (counted over all selected
+    weights together) and ``"uniform"`` (per leaf). Other allocations
+    (``"erk"``, a dict, a callable) get the overall sparsity
+    ``1 - (1 - prune_rate) ** r`` and are intersected with the previous mask
+    so tickets stay nested.
+
+    Args:
+      inner: the optimizer to wrap (any optax transformation).
+      rounds: number of pruning rounds (``>= 1``).
+      steps_per_round: update calls per round, the round-end call included
+        (``>= 1``).
+      prune_rate: fraction of the remaining selected weights pruned at each
+        round end, in ``(0, 1)``; 0.2 in Frankle & Carbin.
+      rewind_step: the step ``k`` whose parameters survivors are rewound to;
+        ``0`` rewinds to the initialisation, ``k > 0`` is late rewinding
+        (must be ``< steps_per_round``).
+      allocation: ``"global"`` (one threshold over all selected weights, as
+        in Frankle & Carbin), ``"uniform"`` (every leaf at the same sparsity)
+        or any allocation of :mod:`jaxprune.allocation`.
+      score: ``"magnitude"`` (IMP) or any ``score=`` accepted by
+        :func:`jaxprune.prune`; gradient scores see the gradients passed to
+        the round-end call.
+      where: which leaves to prune (default: float leaves with ndim >= 2).
+      seed: seed of the PRNG key used by random scores.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` whose state is a
+      :class:`LotteryState`; :func:`jaxprune.get_masks` finds its masks.
+
+    Raises:
+      ValueError / TypeError: for ``prune_rate`` outside ``(0, 1)``,
+        ``rounds < 1``, ``steps_per_round < 1``, ``rewind_step`` outside
+        ``[0, steps_per_round)``; at ``update`` time if ``params`` is
+        missing.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> import jaxprune as jp
+      >>> params = {"w": jax.random.normal(jax.random.key(0), (16, 16))}
+      >>> tx = jp.lottery_ticket(optax.adam(1e-2), rounds=3, steps_per_round=5)
+      >>> state = tx.init(params)
+      >>> @jax.jit
+      ... def train_step(p, s):
+      ...     g = jax.grad(lambda p: jnp.sum((p["w"] - 1.0) ** 2))(p)
+      ...     u, s = tx.update(g, s, p)
+      ...     return optax.apply_updates(p, u), s
+      >>> for _ in range(15):
+      ...     params, state = train_step(params, state)
+      >>> int(jp.get_masks(state)["w"].sum()), round(256 * 0.8 ** 3)
+      (131, 131)
+      >>> ticket = jp.lottery.rewound_params(state)  # theta_0 * mask, exact
+
+    References:
+      Frankle & Carbin, "The lottery ticket hypothesis: finding sparse,
+      trainable neural networks", ICLR 2019; Frankle, Dziugaite, Roy &
+      Carbin, "Linear mode connectivity and the lottery ticket hypothesis",
+      ICML 2020 (rewinding to ``theta_k``, ``k > 0``).
+    """
+    _check_int(rounds, "lottery_ticket: rounds", 1, "Pass the number of pruning rounds, e.g. rounds=10.")
+    _check_int(
+        steps_per_round,
+        "lottery_ticket: steps_per_round",
+        1,
+        "Pass the update calls per round, e.g. steps_per_round=1500.",
+    )
+    _check_int(
+        rewind_step,
+        "lottery_ticket: rewind_step",
+        0,
+        "Use 0 to rewind to the initialisation or k > 0 for late rewinding.",
+    )
+    if rewind_step >= steps_per_round:
+        raise ValueError(
+            f"lottery_ticket: rewind_step={rewind_step} must be < steps_per_round="
+            f"{steps_per_round}: the snapshot is taken during the first round. Use a "
+            "smaller rewind_step (e.g. 0 to rewind to the initialisation)."
+        )
+    if isinstance(prune_rate, bool) or not isinstance(prune_rate, (int, float, np.number)):
+        raise TypeError(
+            f"lottery_ticket: prune_rate must be a number in (0, 1), got {prune_rate!r}."
+        )
+    if not (0.0 < float(prune_rate) < 1.0):
+        raise ValueError(
+            f"lottery_ticket: prune_rate must be in (0, 1) (the fraction of the remaining "
+            f"weights pruned per round), got {prune_rate!r}. Frankle & Carbin use 0.2."
+        )
+    prune_rate = float(prune_rate)
+    scorer = _scores.get_scorer(score)
+    _alloc.check(allocation)
+    inner = optax.with_extra_args_support(inner)
+    S, R, K = int(steps_per_round), int(rounds), int(rewind_step)
+
+    def init_fn(params):
+        validate_params(params, where, "lottery_ticket")
+        _alloc.check(allocation, params, where)
+        return LotteryState(
+            count=jnp.zeros((), jnp.int32),
+            round=jnp.zeros((), jnp.int32),
+            masks=initial_masks(params, where),
+            snapshot=jax.tree.map(jnp.asarray, params),
+            score_state=scorer.init(params),
+            key=jax.random.key_data(jax.random.key(seed)),
+            inner_state=inner.init(params),
+        )
+
+    def keep_tables(params):
+        """Exact kept counts per round (int32): ``(R + 1,)`` for "global",
+        ``(R + 1, n_selected_leaves)`` for "uniform"; float32 sparsities
+        ``(R + 1,)`` for other allocations."""
+        _, leaves, _ = _tree.flatten(params)
+        sel = _tree.select(params, where)
+        sizes = [int(np.size(x)) for x, on in zip(leaves, sel) if on]
+        if allocation == "global":
+            return jnp.asarray(np.array(_keep_table(sum(sizes), R, prune_rate), np.int32))
+        if allocation == "uniform":
+            cols = [_keep_table(n, R, prune_rate) for n in sizes]
+            return jnp.asarray(np.array(cols, np.int32).reshape(len(sizes), R + 1).T)
+        table = [imp_sparsity(r, prune_rate) for r in range(R + 1)]
+        return jnp.asarray(np.array(table, np.float32))
+
+    def new_masks(state, params, grads, score_state):
+        key, sub = jax.random.split(jax.random.wrap_key_data(state.key))
+        scores = scorer.score(score_state, params, grads, sub)
+        # Nested masks: pruned weights score -inf, so they stay pruned.
+        scores = jax.tree.map(
+            lambda sc, m: sc if m.ndim == 0 else jnp.where(m, sc, -jnp.inf),
+            scores,
+            state.masks,
+        )
+        row = keep_tables(params)[state.round + 1]
+        if allocation in ("global", "uniform"):
+            # Exact integer keep counts straight to the selection engine (a
+            # traced float32 sparsity is exact only for small leaves).
+            _, leaves, treedef = _tree.flatten(scores)
+            sel = _tree.select(params, where)
+            idx = [i for i, on in enumerate(sel) if on]
+            arrays = [jnp.asarray(leaves[i]) for i in idx]
+            if allocation == "global":
+                groups, keep = [0] * len(idx), [row]
+            else:
+                groups, keep = list(range(len(idx))), [row[j] for j in range(len(idx))]
+            selected = _select.select_groups(arrays, groups, keep)
+            out = [jnp.ones((), jnp.bool_) for _ in leaves]
+            for i, m in zip(idx, selected):
+                out[i] = m
+            masks = _tree.unflatten(treedef, out)
+        else:
+            masks = _alloc.compute_masks(scores, row, allocation, where, params, state.count)
+        masks = jax.tree.map(lambda new, old: new & old, masks, state.masks)
+        return masks, jax.random.key_data(key)
+
+    def update_fn(updates, state, params=None, **extra_args):
+        require_params(params, "lottery_ticket")
+        grads = updates
+        if K > 0:
+            snap = lax.cond(
+                state.count == K,
+                lambda: jax.tree.map(jnp.asarray, params),
+                lambda: state.snapshot,
+            )
+        else:
+            snap = state.snapshot
+        score_state = scorer.update(state.score_state, params, grads)
+
+        def train(_):
+            g = mask_grads(grads, state.masks)
+            u, inner_state = inner.update(g, state.inner_state, params, **extra_args)
+            u = apply_mask_to_updates(u, params, state.masks)
+            return u, inner_state, state.masks, score_state, state.key, state.round
+
+        out_types = jax.eval_shape(train, None)[0]
+
+        def round_end(_):
+            masks, key = new_masks(state, params, grads, score_state)
+            rewound = rewind(snap, masks)
+            u = jax.tree.map(
+                lambda r, p, t: (r - p).astype(t.dtype), rewound, params, out_types
+            )
+            return (
+                u,
+                inner.init(rewound),
+                masks,
+                scorer.init(rewound),
+                key,
+                state.round + 1,
+            )
+
+        is_end = (state.count % S == S - 1) & (state.round < R)
+        u, inner_state, masks, score_state, key, rnd = lax.cond(is_end, round_end, train, None)
+        return u, LotteryState(
+            count=optax.safe_increment(state.count),
+            round=rnd,
+            masks=masks,
+            snapshot=snap,
+            score_state=score_state,
+            key=key,
+            inner_state=inner_state,
+        )
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+# --------------------------------------------------------------------------
+# Reading the state
+
+
+def _find_state(opt_state: optax.OptState) -> LotteryState:
+    if isinstance(opt_state, LotteryState):
+        return opt_state
+    found = optax.tree_utils.tree_get_all_with_path(opt_state, "LotteryState")
+    if not found:
+        raise ValueError(
+            "no lottery_ticket state found in this optimizer state. Pass the state "
+            "of an optimizer built with jaxprune.lottery_ticket(...) (alone, in "
+            "optax.chain, MultiSteps or inject_hyperparams)."
+        )
+    if len(found) > 1:
+        paths = [jax.tree_util.keystr(p) for p, _ in found]
+        raise ValueError(
+            f"several lottery_ticket states found (at {paths}); pass the one you "
+            "mean, e.g. optax.tree_utils.tree_get_all_with_path(state, 'LotteryState')."
+        )
+    return found[0][1]
+
+
+def current_round(opt_state: optax.OptState) -> jax.Array:
+    """The number of pruning rounds done so far (int32 array, ``0 .. rounds``).
+
+    Finds the :class:`LotteryState` anywhere in a chained or wrapped state.
+
+    Example:
+      >>> import jax.numpy as jnp, optax
+      >>> import jaxprune as jp
+      >>> tx = optax.chain(optax.clip(1.0),
+      ...                  jp.lottery_ticket(optax.sgd(0.1), rounds=2, steps_per_round=4))
+      >>> int(current_round(tx.init({"w": jnp.ones((4, 4))})))
+      0
+    """
+    return _find_state(opt_state).round
+
+
+def current_sparsity(opt_state: optax.OptState) -> jax.Array:
+    """Fraction of zeros among the selected weights of the current masks (float32).
+
+    Equals ``imp_sparsity(current_round(state), prune_rate)`` up to the exact
+    rounding of the kept count. Works under ``jit``.
+
+    Example:
+      >>> import jax.numpy as jnp, optax
+      >>> import jaxprune as jp
+      >>> tx = jp.lottery_ticket(optax.sgd(0.1), rounds=2, steps_per_round=4)
+      >>> float(current_sparsity(tx.init({"w": jnp.ones((4, 4))})))
+      0.0
+    """
+    masks = _find_state(opt_state).masks
+    leaves = [m for m in jax.tree_util.tree_leaves(masks) if jnp.ndim(m) > 0]
+    total = sum(int(m.size) for m in leaves)
+    if total == 0:
+        return jnp.zeros((), jnp.float32)
+    kept = sum(jnp.sum(m, dtype=jnp.int32) for m in leaves)
+    return (jnp.float32(total) - kept.astype(jnp.float32)) / jnp.float32(total)
+
+
+def rewound_params(opt_state: optax.OptState) -> PyTree:
+    """The current ticket ``theta_k * mask``, bit-exact, from the state.
+
+    Right after a round-end call the parameters obtained through
+    ``optax.apply_updates`` are ``p + (theta_k - p)``, which can differ from
+    ``theta_k`` by a rounding; this returns the exact values (use it to
+    replace the parameters, or to evaluate the ticket at its rewind point).
+
+    Example:
+      >>> import jax.numpy as jnp, optax
+      >>> import jaxprune as jp
+      >>> p = {"w": jnp.arange(16.0).reshape(4, 4)}
+      >>> tx = jp.lottery_ticket(optax.sgd(0.1), rounds=1, steps_per_round=1,
+      ...                        prune_rate=0.5)
+      >>> s = tx.init(p)
+      >>> _, s = tx.update(p, s, p)
+      >>> rewound_params(s)["w"][0].tolist(), rewound_params(s)["w"][3].tolist()
+      ([0.0, 0.0, 0.0, 0.0], [12.0, 13.0, 14.0, 15.0])
+    """
+    st = _find_state(opt_state)
+    return rewind(st.snapshot, st.masks)
+
+
+# --------------------------------------------------------------------------
+# Functional pieces
+
+
+def snapshot(params: PyTree) -> PyTree:
+    """A copy of the parameters, to rewind to later (``theta_k``).
+
+    Args:
+      params: the parameters at the rewind point (step 0 or ``k``).
+
+    Returns:
+      A tree of fresh arrays with the same values, dtypes and structure.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> theta0 = snapshot({"w": jnp.ones((2, 2))})
+      >>> theta0["w"].sum().item()
+      4.0
+
+    References:
+      Frankle & Carbin, "The lottery ticket hypothesis", ICLR 2019.
+    """
+    return jax.tree.map(lambda x: jnp.array(x, copy=True), params)
+
+
+def rewind(snapshot: PyTree, masks: PyTree) -> PyTree:
+    """Resets a ticket: ``where(mask, theta_k, 0)``, bit-exact.
+
+    Leaves with a scalar ``True`` mask (not pruned) are returned as they are
+    in the snapshot; dtypes are kept.
+
+    Args:
+      snapshot: the parameters at the rewind point (:func:`snapshot`).
+      masks: a mask tree with the structure of ``snapshot``.
+
+    Returns:
+      The rewound parameters.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> p = rewind({"w": jnp.array([1.0, 2.0])}, {"w": jnp.array([True, False])})
+      >>> p["w"].tolist()
+      [1.0, 0.0]
+
+    References:
+      Frankle & Carbin, "The lottery ticket hypothesis", ICLR 2019; Frankle
+      et al., "Linear mode connectivity and the lottery ticket hypothesis",
+      ICML 2020.
+    """
+
+    def one(x, m):
+        x = jnp.asarray(x)
+        return jnp.where(jnp.asarray(m), x, jnp.zeros((), x.dtype))
+
+    return jax.tree.map(one, snapshot, masks)
+
+
+def _kept_leaves(masks: PyTree):
+    leaves, treedef = jax.tree_util.tree_flatten(masks)
+    return leaves, treedef
+
+
+def random_mask(key: jax.Array, masks: PyTree) -> PyTree:
+    """A random mask with the same number of kept weights in every leaf.
+
+    Each array leaf of ``masks`` keeps exactly as many entries as it does in
+    ``masks``, chosen uniformly at random (random scores, exact selection);
+    scalar (unpruned) leaves are returned as they are. This is the
+    "random pruning" control of the lottery-ticket experiments: same
+    per-layer sparsity, no information from training.
+
+    Args:
+      key: a PRNG key.
+      masks: a mask tree (e.g. the ticket's, :func:`jaxprune.get_masks`).
+
+    Returns:
+      A mask tree with the same per-leaf kept counts. Works under ``jit``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> m = {"w": jnp.arange(12).reshape(3, 4) < 5}
+      >>> int(random_mask(jax.random.key(0), m)["w"].sum())
+      5
+
+    References:
+      Frankle & Carbin, "The lottery ticket hypothesis", ICLR 2019 (random
+      pruning and random reinitialisation controls).
+    """
+    leaves, treedef = _kept_leaves(masks)
+    out = []
+    for i, m in enumerate(leaves):
+        m = jnp.asarray(m, jnp.bool_)
+        if m.ndim == 0 or m.size == 0:
+            out.append(m)
+            continue
+        sc = jax.random.uniform(jax.random.fold_in(key, i), (m.size,), jnp.float32)
+        k = jnp.sum(m, dtype=jnp.int32)
+        order = jnp.argsort(sc)  # the k largest random scores are kept
+        flat = jnp.zeros((m.size,), jnp.bool_).at[order].set(jnp.arange(m.size) >= m.size - k)
+        out.append(flat.reshape(m.shape))
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def shuffle_mask(key: jax.Array, masks: PyTree, axis: int | None = None) -> PyTree:
+    """The mask permuted at random within each layer.
+
+    With ``axis=None`` each array leaf's entries are permuted as a whole
+    (layer-wise shuffling: same per-layer sparsity, as in Frankle et al.
+    2021); with an ``axis`` the entries are permuted independently within
+    each slice along ``axis`` (e.g. ``axis=0`` for a Dense kernel
+    ``(in, out)`` keeps every output unit's fan-in). Scalar leaves pass
+    through.
+
+    Args:
+      key: a PRNG key.
+      masks: a mask tree.
+      axis: ``None`` or the axis along which entries are permuted.
+
+    Returns:
+      A mask tree with exactly the same kept count per leaf (and per slice
+      with ``axis``). Works under ``jit``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> m = {"w": jnp.array([[True, False], [True, True]])}
+      >>> s = shuffle_mask(jax.random.key(1), m, axis=0)
+      >>> s["w"].sum(axis=0).tolist()
+      [2, 1]
+
+    References:
+      Frankle, Dziugaite, Roy & Carbin, "Pruning neural networks at
+      initialization: why are we missing the mark?", ICLR 2021.
+    """
+    leaves, treedef = _kept_leaves(masks)
+    out = []
+    for i, m in enumerate(leaves):
+        m = jnp.asarray(m, jnp.bool_)
+        if m.ndim == 0 or m.size == 0:
+            out.append(m)
+            continue
+        k = jax.random.fold_in(key, i)
+        if axis is None:
+            out.append(jax.random.permutation(k, m.reshape(-1)).reshape(m.shape))
+        else:
+            if not -m.ndim <= axis < m.ndim:
+                raise ValueError(
+                    f"shuffle_mask: axis={axis} is out of range for a mask of shape "
+                    f"{m.shape}. Use axis=None or an axis of every pruned leaf."
+                )
+            out.append(jax.random.permutation(k, m, axis=axis, independent=True))
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def random_reinit(
+    key: jax.Array,
+    init_fn_or_params: Callable[[jax.Array], PyTree] | PyTree,
+    masks: PyTree,
+) -> PyTree:
+    """Same mask, fresh initialisation: the random re-init control.
+
+    With a callable, the new parameters are ``init_fn(key)`` (e.g.
+    ``lambda k: model.init(k, x)["params"]``), masked. With a parameter
+    tree, every leaf is replaced by a random permutation of its own values
+    (a fresh draw from the same per-layer distribution, whatever the
+    initialiser), masked.
+
+    Args:
+      key: a PRNG key.
+      init_fn_or_params: ``key -> params`` or a parameter tree at
+        initialisation.
+      masks: the ticket's masks (structure of the parameters).
+
+    Returns:
+      The re-initialised, masked parameters.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> p = {"w": jnp.arange(1.0, 7.0).reshape(2, 3)}
+      >>> m = {"w": jnp.array([[True, False, True], [False, True, False]])}
+      >>> q = random_reinit(jax.random.key(0), p, m)
+      >>> int((q["w"] != 0).sum()), bool((q["w"] != 0).tolist() == m["w"].tolist())
+      (3, True)
+
+    References:
+      Frankle & Carbin, "The lottery ticket hypothesis", ICLR 2019 (random
+      reinitialisation destroys winning tickets).
+    """
+    if callable(init_fn_or_params):
+        fresh = init_fn_or_params(key)
+    else:
+        leaves, treedef = jax.tree_util.tree_flatten(init_fn_or_params)
+        out = []
+        for i, x in enumerate(leaves):
+            x = jnp.asarray(x)
+            if x.ndim == 0 or x.size <= 1:
+                out.append(x)
+            else:
+                k = jax.random.fold_in(key, i)
+                out.append(jax.random.permutation(k, x.reshape(-1)).reshape(x.shape))
+        fresh = jax.tree_util.tree_unflatten(treedef, out)
+    return rewind(fresh, masks)
