@@ -19,7 +19,6 @@ from jaxprune.transforms import PruneState, get_masks, keep_masks, prune
 __version__ = "0.1.0"
 
 __all__ = [
-    "LotteryState",
     "DynamicState",
     "LotteryState",
     "PruneState",
@@ -30,8 +29,6 @@ __all__ = [
     "dynamic",
     "get_masks",
     "keep_masks",
-    "lottery",
-    "lottery_ticket",
     "lottery",
     "lottery_ticket",
     "masks",
