@@ -149,11 +149,27 @@ class LotteryState(NamedTuple):
     inner_state: optax.OptState
 
 
-def _check_int(value: Any, name: str, low: int, fix: str) -> None:
+_INJECT_HINT = (
+    " Under optax.inject_hyperparams pass it in static_args, e.g. "
+    "optax.inject_hyperparams(jp.lottery_ticket, static_args=('rounds', "
+    "'steps_per_round', 'prune_rate'))."
+)
+
+
+def _static_int(value: Any, name: str, low: int, fix: str) -> int:
+    """A Python int (a concrete 0-d integer array is accepted), >= low."""
+    if isinstance(value, jax.core.Tracer):
+        raise TypeError(
+            f"{name} must be a concrete int (it sets the round schedule), got a traced "
+            f"value.{_INJECT_HINT}"
+        )
+    if isinstance(value, (np.ndarray, jax.Array)) and value.ndim == 0 and value.dtype.kind in "iu":
+        value = int(value)
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__}). {fix}")
     if value < low:
         raise ValueError(f"{name} must be >= {low}, got {value!r}. {fix}")
+    return int(value)
 
 
 def lottery_ticket(
@@ -257,25 +273,35 @@ def lottery_ticket(
       Carbin, "Linear mode connectivity and the lottery ticket hypothesis",
       ICML 2020 (rewinding to ``theta_k``, ``k > 0``).
     """
-    _check_int(rounds, "lottery_ticket: rounds", 1, "Pass the number of pruning rounds, e.g. rounds=10.")
-    _check_int(
+    R = _static_int(rounds, "lottery_ticket: rounds", 1, "Pass the number of pruning rounds, e.g. rounds=10.")
+    S = _static_int(
         steps_per_round,
         "lottery_ticket: steps_per_round",
         1,
         "Pass the update calls per round, e.g. steps_per_round=1500.",
     )
-    _check_int(
-        rewind_step,
-        "lottery_ticket: rewind_step",
-        0,
-        "Use 0 to rewind to the initialisation or k > 0 for late rewinding.",
-    )
-    if rewind_step >= steps_per_round:
-        raise ValueError(
-            f"lottery_ticket: rewind_step={rewind_step} must be < steps_per_round="
-            f"{steps_per_round}: the snapshot is taken during the first round. Use a "
-            "smaller rewind_step (e.g. 0 to rewind to the initialisation)."
+    if isinstance(rewind_step, jax.core.Tracer):
+        K = rewind_step  # injected by optax.inject_hyperparams: used as is
+    else:
+        K = _static_int(
+            rewind_step,
+            "lottery_ticket: rewind_step",
+            0,
+            "Use 0 to rewind to the initialisation or k > 0 for late rewinding.",
         )
+        if K >= S:
+            raise ValueError(
+                f"lottery_ticket: rewind_step={K} must be < steps_per_round={S}: the "
+                "snapshot is taken during the first round. Use a smaller rewind_step "
+                "(e.g. 0 to rewind to the initialisation)."
+            )
+    if isinstance(prune_rate, jax.core.Tracer):
+        raise TypeError(
+            "lottery_ticket: prune_rate must be a concrete number (it sets the exact "
+            f"kept count of every round), got a traced value.{_INJECT_HINT}"
+        )
+    if isinstance(prune_rate, (np.ndarray, jax.Array)) and prune_rate.ndim == 0:
+        prune_rate = float(prune_rate)
     if isinstance(prune_rate, bool) or not isinstance(prune_rate, (int, float, np.number)):
         raise TypeError(
             f"lottery_ticket: prune_rate must be a number in (0, 1), got {prune_rate!r}."
@@ -289,7 +315,6 @@ def lottery_ticket(
     scorer = _scores.get_scorer(score)
     _alloc.check(allocation)
     inner = optax.with_extra_args_support(inner)
-    S, R, K = int(steps_per_round), int(rounds), int(rewind_step)
 
     def init_fn(params):
         validate_params(params, where, "lottery_ticket")
@@ -353,7 +378,7 @@ def lottery_ticket(
     def update_fn(updates, state, params=None, **extra_args):
         require_params(params, "lottery_ticket")
         grads = updates
-        if K > 0:
+        if not (isinstance(K, int) and K == 0):
             snap = lax.cond(
                 state.count == K,
                 lambda: jax.tree.map(jnp.asarray, params),

@@ -46,6 +46,46 @@ FACTORIES = [
         0.6,
         "none",
     ),
+    Entry(
+        "lottery_ticket_global",
+        jp.lottery_ticket,
+        dict(rounds=2, steps_per_round=4, prune_rate=0.5),
+        0.75,
+        "global",
+        steps=12,
+    ),
+    Entry(
+        "set_training_uniform",
+        jp.set_training,
+        dict(sparsity=0.75, drop_fraction=0.3, update_every=3, allocation="uniform"),
+        0.75,
+        "per_leaf",
+        injectable=("sparsity", "drop_fraction"),
+    ),
+    Entry(
+        "rigl_uniform",
+        jp.rigl,
+        dict(sparsity=0.75, drop_fraction=0.5, update_every=2, end_step=10, allocation="uniform"),
+        0.75,
+        "per_leaf",
+        injectable=("sparsity", "drop_fraction", "update_every"),
+    ),
+    Entry(
+        "rigl_erk",
+        jp.rigl,
+        dict(sparsity=0.6, update_every=3),
+        0.6,
+        "none",
+    ),
+    Entry(
+        "ste_magnitude",
+        jp.ste,
+        dict(sparsity=0.5, update_every=2),
+        0.5,
+        "per_leaf",
+        injectable=("sparsity",),
+        zero_pruned=False,
+    ),
 ]
 
 
