@@ -197,6 +197,52 @@ def _search(count_fn, lo, hi, f_lo, f_hi, target, first_guesses):
     return lo, hi, f_lo, f_hi
 
 
+def _initial_guesses(keys, sizes, groups, n_group, k) -> jax.Array:
+    """Two first guesses per group (in the search's ``x = ~key`` domain) from a
+    weighted strided sample: keys a few standard errors above and below the
+    sample's estimate of the k-th largest. All groups are sorted at once."""
+    n_groups = len(n_group)
+    if n_groups == 0:
+        return jnp.zeros((0, 0), jnp.uint32)
+    quota = max(64, min(_SAMPLE_QUOTA, (32 * _SAMPLE_QUOTA) // n_groups))
+    samples = [[] for _ in range(n_groups)]
+    weights = [[] for _ in range(n_groups)]
+    for i, key in enumerate(keys):
+        if sizes[i] == 0:
+            continue
+        g = groups[i]
+        smp = _sample_keys(key, max(8, int(quota * sizes[i] / n_group[g])))
+        samples[g].append(smp)
+        weights[g].append(jnp.full(smp.shape, sizes[i] / smp.shape[0], jnp.float32))
+    width = max([sum(int(x.shape[0]) for x in s) for s in samples] + [1])
+    rows_k, rows_w = [], []
+    for g in range(n_groups):
+        sk = jnp.concatenate(samples[g]) if samples[g] else jnp.zeros((0,), jnp.uint32)
+        sw = jnp.concatenate(weights[g]) if weights[g] else jnp.zeros((0,), jnp.float32)
+        pad = width - sk.shape[0]
+        # Padding: key 0 (ranks last) with weight 0.
+        rows_k.append(jnp.pad(sk, (0, pad)))
+        rows_w.append(jnp.pad(sw, (0, pad)))
+    sk, sw = jnp.stack(rows_k), jnp.stack(rows_w)
+    m = jnp.asarray([sum(int(x.shape[0]) for x in s) for s in samples], jnp.int32)
+    # Sort each row by descending key (ascending ~key), weights alongside.
+    nk, sw = lax.sort((~sk, sw), dimension=1, num_keys=1)
+    sk = ~nk
+    cw = jnp.cumsum(sw, axis=1)
+    kf = k.astype(jnp.float32)
+    i_est = jnp.sum(cw < kf[:, None], axis=1).astype(jnp.int32)
+    q = kf / jnp.maximum(jnp.asarray(n_group, jnp.float32), 1.0)
+    margin = (3.0 * jnp.sqrt(m * q * (1.0 - q)) + 1.0).astype(jnp.int32)
+    top = jnp.maximum(m - 1, 0)
+    ia = jnp.clip(i_est - margin, 0, top)
+    ib = jnp.clip(i_est + margin, 0, top)
+    rows = jnp.arange(n_groups)
+    g_hi = sk[rows, ia]  # larger key: F(g) likely < k
+    g_lo = sk[rows, ib]  # smaller key: F(g) likely >= k
+    # The search moves in x = ~key: a large key is a small x.
+    return jnp.stack([~g_hi, ~g_lo])
+
+
 def select_groups(
     scores: Sequence[jax.Array],
     groups: Sequence[int],
@@ -243,56 +289,20 @@ def select_groups(
     members = [[i for i, g in enumerate(groups) if g == gi and sizes[i] > 0] for gi in range(n_groups)]
 
     def per_group(leaf_count, active):
-        # One pass over each leaf of an active group; done groups are skipped.
+        # One pass over every leaf; per-group sums of the per-leaf counts.
+        del active
         out = []
         for gi in range(n_groups):
-            cs = [
-                lax.cond(active[gi], lambda i=i: leaf_count(i), lambda: jnp.zeros((), jnp.int32))
-                for i in members[gi]
-            ]
+            cs = [leaf_count(i) for i in members[gi]]
             out.append(sum(cs[1:], cs[0]) if cs else jnp.zeros((), jnp.int32))
-        return jnp.stack(out)
+        return jnp.stack(out) if out else jnp.zeros((0,), jnp.int32)
 
     # ---- Phase 1: the threshold key. Search x = ~g, f(x) = #{key >= ~x}.
     def count_ge(xs, active):
         gs = ~xs
         return per_group(lambda i: count_true(keys[i] >= gs[groups[i]]), active)
 
-    # Initial guesses from a weighted strided sample of each group.
-    samples, weights = [[] for _ in range(n_groups)], [[] for _ in range(n_groups)]
-    for i, key in enumerate(keys):
-        if sizes[i] == 0:
-            continue
-        quota = max(16, int(_SAMPLE_QUOTA * sizes[i] / n_group[groups[i]]))
-        smp = _sample_keys(key, quota)
-        samples[groups[i]].append(smp)
-        weights[groups[i]].append(jnp.full(smp.shape, sizes[i] / smp.shape[0], jnp.float32))
-    guesses_hi, guesses_lo = [], []
-    for gi in range(n_groups):
-        if samples[gi]:
-            sk = jnp.concatenate(samples[gi])
-            sw = jnp.concatenate(weights[gi])
-        else:
-            sk = jnp.zeros((1,), jnp.uint32)
-            sw = jnp.zeros((1,), jnp.float32)
-        order = jnp.argsort(~sk)  # descending keys
-        sk, sw = sk[order], sw[order]
-        cw = jnp.cumsum(sw)
-        m = sk.shape[0]
-        kf = k[gi].astype(jnp.float32)
-        i_est = jnp.searchsorted(cw, kf)
-        q = kf / jnp.maximum(jnp.float32(n_group[gi]), 1.0)
-        margin = (3.0 * jnp.sqrt(m * q * (1.0 - q)) + 1.0).astype(jnp.int32)
-        ia = jnp.clip(i_est - margin, 0, m - 1)
-        ib = jnp.clip(i_est + margin, 0, m - 1)
-        guesses_hi.append(sk[ia])  # larger key: F(g) likely < k
-        guesses_lo.append(sk[ib])  # smaller key: F(g) likely >= k
-    if n_groups:
-        # x = ~g; the search moves in x, so a large key is a small x.
-        first = jnp.stack([~jnp.stack(guesses_hi), ~jnp.stack(guesses_lo)])
-    else:
-        first = jnp.zeros((0, 0), jnp.uint32)
-
+    first = _initial_guesses(keys, sizes, groups, n_group, k)
     lo0 = jnp.zeros((n_groups,), jnp.uint32)  # g = 0xFFFFFFFF: F = 0
     hi0 = jnp.full((n_groups,), _U32_MAX, jnp.uint32)  # g = 0: F = n
     f_lo0 = jnp.zeros((n_groups,), jnp.int32)
