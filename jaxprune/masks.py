@@ -199,12 +199,16 @@ def global_topk(scores: PyTree, sparsity: Any, where: Any = None) -> PyTree:
       magnitude pruning); Blalock et al., "What is the state of neural network
       pruning?", MLSys 2020.
     """
-    check_sparsity(sparsity)
-    if not (np.ndim(sparsity) == 0):
+    # A tree (or list) is not a scalar: np.ndim({...}) == 0, so test the type.
+    if not (
+        isinstance(sparsity, (int, float, np.number))
+        or (hasattr(sparsity, "shape") and np.ndim(sparsity) == 0)
+    ):
         raise ValueError(
             f"global_topk takes one sparsity for all selected leaves, got {sparsity!r}. "
             "Use topk for per-leaf sparsities."
         )
+    check_sparsity(sparsity)
     paths, leaves, treedef, sel = _selected(scores, where)
     idx = [i for i, s in enumerate(sel) if s]
     arrays = [jnp.asarray(leaves[i]) for i in idx]

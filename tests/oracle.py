@@ -29,10 +29,12 @@ from collections.abc import Sequence
 import numpy as np
 
 __all__ = [
+    "KINDS",
     "block",
     "block_tile_scores",
     "channel_scores",
     "channels",
+    "gen_scores",
     "global_topk",
     "keep_count",
     "n_of_m",
@@ -174,3 +176,51 @@ def channels(scores, sparsity, axis: int = -1, norm: str = "l1", traced: bool = 
     shape = [1] * x.ndim
     shape[ax] = x.shape[ax]
     return np.broadcast_to(umask.reshape(shape), x.shape).copy()
+
+
+# --------------------------------------------------------------------------
+# Test data (numpy only): score arrays of many kinds, for the property tests.
+
+KINDS = ("normal", "ints", "equal", "special", "wide", "dup", "ulps")
+
+_SPECIALS = np.array(
+    [np.nan, np.inf, -np.inf, -0.0, 0.0, 1e-45, -1e-45, 3.4e38, -3.4e38, 1.0, -1.0],
+    np.float32,
+)
+
+
+def gen_scores(rng: np.random.Generator, shape, kind: str, dtype=np.float32) -> np.ndarray:
+    """A score array of ``shape`` and ``dtype`` (numpy, ml_dtypes for bf16).
+
+    kinds: ``normal`` (continuous), ``ints`` (small integers with signed
+    zeros: heavy ties), ``equal`` (one value everywhere, possibly NaN/inf/-0),
+    ``special`` (normal with ~25% NaN/inf/-0/subnormal/huge), ``wide``
+    (magnitudes 2**-149 .. 2**127), ``dup`` (three distinct values),
+    ``ulps`` (1.0 + a few ulps: adjacent float32 keys).
+    """
+    n = int(np.prod(shape, dtype=np.int64))
+    if kind == "normal":
+        x = rng.standard_normal(n).astype(np.float32)
+    elif kind == "ints":
+        x = rng.integers(-3, 4, n).astype(np.float32)
+        x = np.where((x == 0) & (rng.random(n) < 0.5), np.float32(-0.0), x)
+    elif kind == "equal":
+        x = np.full(n, rng.choice(np.array([0.0, -0.0, 1.5, -2.0, np.nan, np.inf], np.float32)), np.float32)
+    elif kind == "special":
+        x = rng.standard_normal(n).astype(np.float32)
+        pick = rng.random(n) < 0.25
+        x[pick] = rng.choice(_SPECIALS, int(pick.sum()))
+    elif kind == "wide":
+        e = rng.uniform(-149, 127, n)
+        x = (np.sign(rng.standard_normal(n)) * np.exp2(e)).astype(np.float32)
+    elif kind == "dup":
+        vals = rng.standard_normal(3).astype(np.float32)
+        x = rng.choice(vals, n)
+    elif kind == "ulps":
+        ulp = np.finfo(np.float32).eps
+        x = (np.float32(1.0) + rng.integers(0, 5, n).astype(np.float32) * ulp).astype(np.float32)
+    else:
+        raise ValueError(kind)
+    x = x.reshape(shape)
+    with np.errstate(over="ignore"):
+        return x.astype(dtype)

@@ -1,0 +1,407 @@
+"""Exact selection (jaxprune.select, masks.topk, masks.global_topk) against
+the numpy oracle, under jax.jit, with concrete and traced sparsities.
+
+Compilation dominates the cost of these tests, so pytree shapes come from a
+few fixed templates (each compiled once per jitted function) while the score
+values, their kinds (ties, NaN, +-inf, -0.0, subnormals, adjacent ulps) and
+the sparsities vary freely.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import oracle
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import jaxprune as jp
+from jaxprune import select as sel
+
+F32, BF16, F16 = np.float32, jnp.bfloat16, np.float16
+
+SETTINGS = dict(
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+
+
+class Params(NamedTuple):
+    w: Any
+    b: Any
+    emb: Any
+
+
+# One template holds dicts, a NamedTuple, nested lists and tuples, every
+# float dtype, a zero-size kernel, a (1, 1) kernel, unselected 1-D leaves and
+# a leaf above the 2048-entry sampling quota of select.py (64x80). Leaf
+# order (tree_leaves): conv/bias, conv/kernel, dense.w, dense.b, dense.emb,
+# seq/0, seq/1/0, seq/1/1/0, seq/2. Default where=None selects ndim >= 2.
+TEMPLATES = {
+    "mixed": lambda mk: {
+        "conv": {"kernel": mk((3, 3, 4, 8), F32), "bias": mk((8,), F32)},
+        "dense": Params(w=mk((64, 80), BF16), b=mk((80,), BF16), emb=mk((5, 7), F16)),
+        "seq": [mk((0, 4), F32), (mk((1, 1), F16), [mk((9, 1), BF16)]), mk((3,), F32)],
+    },
+}
+
+
+@st.composite
+def score_trees(draw, templates=("mixed",)):
+    """(name, pytree of jax arrays) with per-leaf kinds drawn by hypothesis."""
+    name = draw(st.sampled_from(templates))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+
+    def mk(shape, dtype):
+        kind = draw(st.sampled_from(oracle.KINDS))
+        return jnp.asarray(oracle.gen_scores(rng, shape, kind, dtype))
+
+    return name, TEMPLATES[name](mk)
+
+
+SPARSITIES = st.one_of(
+    st.sampled_from([0.0, 1.0, 0.5, 0.25, 0.75, 1 / 3, 0.1, 0.9, 0.99, 1e-7, 1 - 1e-7]),
+    st.floats(0.0, 1.0),
+)
+
+
+def default_selected(leaf) -> bool:
+    return np.ndim(leaf) >= 2 and jnp.issubdtype(jnp.result_type(leaf), jnp.floating)
+
+
+def leaves_with_paths(tree):
+    pl = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return [jax.tree_util.keystr(p) for p, _ in pl], [x for _, x in pl]
+
+
+def assert_unselected(path, m):
+    m = np.asarray(m)
+    assert m.shape == () and m.dtype == np.bool_ and bool(m), (
+        f"unselected leaf {path} must get a scalar True mask, got {m.dtype}{m.shape}: {m}"
+    )
+
+
+def check_topk(tree, masks, s, traced, selected=default_selected):
+    assert jax.tree.structure(masks) == jax.tree.structure(tree), "mask tree structure differs"
+    paths, leaves = leaves_with_paths(tree)
+    m_leaves = jax.tree.leaves(masks)
+    for path, x, m in zip(paths, leaves, m_leaves):
+        if not selected(x):
+            assert_unselected(path, m)
+            continue
+        m = np.asarray(m)
+        assert m.dtype == np.bool_ and m.shape == x.shape, f"{path}: mask {m.dtype}{m.shape}"
+        k = oracle.keep_count(x.size, s, traced)
+        assert int(m.sum()) == k, (
+            f"{path}: kept {int(m.sum())} of {x.size}, expected {k} (sparsity={s!r}, traced={traced})"
+        )
+        want = oracle.topk_leaf(x, k)
+        np.testing.assert_array_equal(
+            m, want, err_msg=f"{path}: topk mask differs from oracle (s={s!r}, traced={traced}, "
+            f"scores={np.asarray(x).astype(np.float32).ravel()[:32]})"
+        )
+
+
+def check_global(tree, masks, s, traced, selected=default_selected):
+    assert jax.tree.structure(masks) == jax.tree.structure(tree), "mask tree structure differs"
+    paths, leaves = leaves_with_paths(tree)
+    m_leaves = jax.tree.leaves(masks)
+    sel_idx = [i for i, x in enumerate(leaves) if selected(x)]
+    want = oracle.global_topk([leaves[i] for i in sel_idx], s, traced)
+    n = sum(leaves[i].size for i in sel_idx)
+    k = oracle.keep_count(n, s, traced)
+    kept = sum(int(np.asarray(m_leaves[i]).sum()) for i in sel_idx)
+    assert kept == k, f"global_topk kept {kept} of {n}, expected {k} (s={s!r}, traced={traced})"
+    for i, (path, x, m) in enumerate(zip(paths, leaves, m_leaves)):
+        if i not in sel_idx:
+            assert_unselected(path, m)
+            continue
+        m = np.asarray(m)
+        assert m.dtype == np.bool_ and m.shape == x.shape, f"{path}: mask {m.dtype}{m.shape}"
+        np.testing.assert_array_equal(
+            m, want[sel_idx.index(i)], err_msg=f"{path}: global_topk mask differs (s={s!r})"
+        )
+
+
+TOPK = jax.jit(jp.masks.topk)
+GLOBAL = jax.jit(jp.masks.global_topk)
+TOPK_STATIC = jax.jit(jp.masks.topk, static_argnums=1)
+GLOBAL_STATIC = jax.jit(jp.masks.global_topk, static_argnums=1)
+
+
+# --------------------------------------------------------------------------
+# sortable_key and keep_count
+
+
+@settings(max_examples=60, **SETTINGS)
+@given(seed=st.integers(0, 2**32 - 1), kind=st.sampled_from(oracle.KINDS),
+       dtype=st.sampled_from([F32, BF16, F16]))
+def test_sortable_key_order_matches_ranking_rule(seed, kind, dtype):
+    x = oracle.gen_scores(np.random.default_rng(seed), (64,), kind, dtype)
+    keys = np.asarray(jax.jit(sel.sortable_key)(jnp.asarray(x)))
+    assert keys.dtype == np.uint32
+    v = oracle.to_f32(x).astype(np.float64)
+    nan = np.isnan(v)
+    # Key order == value order with NaN lowest and -0.0 == +0.0.
+    ni, nj = nan[:, None], nan[None, :]
+    vi, vj = v[:, None], v[None, :]
+    less = (ni & ~nj) | (~ni & ~nj & (vi < vj))
+    equal = (ni & nj) | (~ni & ~nj & (vi == vj))
+    np.testing.assert_array_equal(keys[:, None] < keys[None, :], less, err_msg=f"key order, x={v}")
+    np.testing.assert_array_equal(keys[:, None] == keys[None, :], equal, err_msg=f"key ties, x={v}")
+    # Widening bf16/f16 to float32 is exact, so keys equal those of the f32 values.
+    np.testing.assert_array_equal(keys, np.asarray(sel.sortable_key(jnp.asarray(oracle.to_f32(x)))))
+
+
+def test_sortable_key_specials():
+    x = jnp.array([jnp.nan, -jnp.inf, -1.0, -1e-45, -0.0, 0.0, 1e-45, 1.0, jnp.inf], jnp.float32)
+    k = np.asarray(jax.jit(sel.sortable_key)(x)).astype(np.int64)
+    assert k[0] == 0, "NaN must map to key 0 (ranks lowest)"
+    assert k[4] == k[5], "-0.0 and +0.0 must share a key"
+    d = np.diff(np.delete(k, 5))
+    assert np.all(d > 0), f"keys not strictly increasing: {k}"
+
+
+@settings(max_examples=60, **SETTINGS)
+@given(n=st.integers(0, 10**7), s=SPARSITIES)
+def test_keep_count_concrete(n, s):
+    k = sel.keep_count(n, s)
+    assert isinstance(k, int)
+    assert k == int(np.clip(np.round(n * (1 - s)), 0, n))
+
+
+def test_keep_count_concrete_rounds_half_to_even():
+    assert sel.keep_count(10, 0.25) == 8  # 7.5 -> 8
+    assert sel.keep_count(3, 0.5) == 2  # 1.5 -> 2
+    assert sel.keep_count(5, 0.5) == 2  # 2.5 -> 2
+    assert sel.keep_count(7, 0.0) == 7 and sel.keep_count(7, 1.0) == 0
+    assert sel.keep_count(0, 0.3) == 0
+
+
+_KC_TRACED = jax.jit(sel.keep_count)
+
+
+def test_keep_count_traced_matches_float32_semantics():
+    rng = np.random.default_rng(0)
+    n = np.concatenate([np.arange(0, 4100), rng.integers(0, 2**24, 4000)]).astype(np.int32)
+    s = np.concatenate([rng.random(4100), rng.random(4000)]).astype(np.float32)
+    s[:50] = [0.0, 1.0, 0.5, 0.25, 0.75] * 10
+    got = np.asarray(_KC_TRACED(jnp.asarray(n), jnp.asarray(s)))
+    want = np.array([oracle.keep_count(int(a), b, traced=True) for a, b in zip(n, s)])
+    bad = np.nonzero(got != want)[0]
+    assert bad.size == 0, f"n={n[bad[:5]]}, s={s[bad[:5]]}: got {got[bad[:5]]}, want {want[bad[:5]]}"
+
+
+def test_keep_count_traced_is_exact_for_small_n():
+    """keep_count's docstring: a traced sparsity is computed in float32,
+    "exact for n < 2**24". Exact means round(n * (1 - s)) of the float32 s,
+    as numpy computes it in float64. The float32 product rounds first, so it
+    is off by one when n * (1 - s) lies within half an ulp of a half-integer.
+    """
+    rng = np.random.default_rng(0)
+    s = rng.random(300).astype(np.float32)
+    n = np.arange(1, 3000, dtype=np.int64)
+    bad = []
+    for si in s:
+        exact = np.clip(np.round(n * (1.0 - np.float64(si))), 0, n).astype(np.int64)
+        got = np.asarray(_KC_TRACED(jnp.asarray(n, jnp.int32), jnp.full(n.shape, si)))
+        for j in np.nonzero(got != exact)[0][:1]:
+            bad.append((int(n[j]), float(si), int(got[j]), int(exact[j])))
+    assert not bad, (
+        f"{len(bad)} (n, float32 s) pairs with n < 2**24 where the traced keep_count is not "
+        f"round(n * (1 - s)); (n, s, got, exact): {bad[:5]}"
+    )
+
+
+# --------------------------------------------------------------------------
+# Per-leaf and global top-k: property tests
+
+
+@settings(max_examples=40, **SETTINGS)
+@given(data=score_trees(), ss=st.lists(SPARSITIES, min_size=1, max_size=4))
+def test_topk_traced_sparsity(data, ss):
+    _, tree = data
+    for s in ss:
+        check_topk(tree, TOPK(tree, jnp.float32(s)), s, traced=True)
+
+
+@settings(max_examples=40, **SETTINGS)
+@given(data=score_trees(), ss=st.lists(SPARSITIES, min_size=1, max_size=4))
+def test_global_topk_traced_sparsity(data, ss):
+    _, tree = data
+    for s in ss:
+        check_global(tree, GLOBAL(tree, jnp.float32(s)), s, traced=True)
+
+
+# A concrete (Python float) sparsity is a static argument and every value
+# compiles anew, so each function gets one value here (0 and 1 are covered
+# by the traced tests and test_sparsity_zero_and_one_keep_all_and_none).
+
+
+@settings(max_examples=20, **SETTINGS)
+@given(data=score_trees())
+def test_topk_python_float_sparsity(data):
+    _, tree = data
+    check_topk(tree, TOPK_STATIC(tree, 0.3), 0.3, traced=False)
+
+
+@settings(max_examples=20, **SETTINGS)
+@given(data=score_trees())
+def test_global_topk_python_float_sparsity(data):
+    _, tree = data
+    check_global(tree, GLOBAL_STATIC(tree, 0.5), 0.5, traced=False)
+
+
+@st.composite
+def random_shape_leaf(draw):
+    shape = draw(st.one_of(
+        st.lists(st.integers(0, 9), min_size=2, max_size=4).map(tuple),
+        st.sampled_from([(48, 50), (3, 700), (2, 5, 300)]),  # above the sample quota
+    ))
+    dtype = draw(st.sampled_from([F32, BF16, F16]))
+    kind = draw(st.sampled_from(oracle.KINDS))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    return jnp.asarray(oracle.gen_scores(rng, shape, kind, dtype))
+
+
+# Every new shape compiles (~0.7 s of CPU), so few examples.
+@settings(max_examples=4, **SETTINGS)
+@given(x=random_shape_leaf(), ss=st.lists(SPARSITIES, min_size=3, max_size=3))
+def test_random_shapes(x, ss):
+    tree = {"w": x}
+    for s in ss:
+        check_topk(tree, GLOBAL(tree, jnp.float32(s)), s, traced=True)
+
+
+def test_sparsity_zero_and_one_keep_all_and_none():
+    rng = np.random.default_rng(1)
+    tree = TEMPLATES["mixed"](lambda sh, dt: jnp.asarray(oracle.gen_scores(rng, sh, "special", dt)))
+    for fn, s0, s1 in ((TOPK, jnp.float32(0.0), jnp.float32(1.0)), (GLOBAL, jnp.float32(0.0), jnp.float32(1.0))):
+        full, none = fn(tree, s0), fn(tree, s1)
+        for x, a, b in zip(jax.tree.leaves(tree), jax.tree.leaves(full), jax.tree.leaves(none)):
+            if x.ndim >= 2:
+                assert np.asarray(a).shape == x.shape and np.asarray(a).all(), (
+                    "sparsity 0 must keep every entry, NaN included")
+                assert not np.asarray(b).any(), "sparsity 1 must keep no entry"
+
+
+def test_traced_sparsity_out_of_range_is_clipped():
+    # A traced sparsity cannot be validated at trace time; keep_count clips
+    # the count to [0, n] (documented), so < 0 keeps all and > 1 keeps none.
+    rng = np.random.default_rng(2)
+    tree = TEMPLATES["mixed"](lambda sh, dt: jnp.asarray(oracle.gen_scores(rng, sh, "normal", dt)))
+    for s, keep_all in ((-0.5, True), (1.5, False), (-np.inf, True)):
+        for fn in (TOPK, GLOBAL):
+            for x, m in zip(jax.tree.leaves(tree), jax.tree.leaves(fn(tree, jnp.float32(s)))):
+                if x.ndim >= 2:
+                    assert np.asarray(m).shape == x.shape
+                    assert np.all(np.asarray(m) == keep_all), f"sparsity {s}: {fn}"
+
+
+def test_nan_is_pruned_first_and_ties_go_to_lower_index():
+    x = {"w": jnp.array([[jnp.nan, 1.0, -jnp.inf, 1.0], [-0.0, 0.0, jnp.inf, 1.0]], jnp.float32)}
+    # Ranking by hand: inf(6), 1.0(1), 1.0(3), 1.0(7), -0.0(4) == 0.0(5), -inf(2), nan(0).
+    expect = {
+        0: [], 1: [6], 2: [6, 1], 4: [6, 1, 3, 7], 5: [6, 1, 3, 7, 4], 6: [6, 1, 3, 7, 4, 5],
+        7: [6, 1, 3, 7, 4, 5, 2], 8: list(range(8)),
+    }
+    for k, idx in expect.items():
+        m = np.asarray(GLOBAL(x, jnp.float32(1 - k / 8))["w"]).reshape(-1)
+        want = np.zeros(8, bool)
+        want[idx] = True
+        np.testing.assert_array_equal(m, want, err_msg=f"keep {k} of {np.asarray(x['w'])}")
+
+
+def test_global_topk_ties_go_to_earlier_leaf_in_pytree_order():
+    # All scores equal: the kept entries are the first k in tree_leaves order
+    # (dict keys sorted, NamedTuple fields in order), row-major in each leaf.
+    tree = TEMPLATES["mixed"](lambda sh, dt: jnp.full(sh, 2.0, dt))
+    leaves = jax.tree.leaves(tree)
+    sel_leaves = [x for x in leaves if x.ndim >= 2]
+    assert [x.shape for x in sel_leaves] == [(3, 3, 4, 8), (64, 80), (5, 7), (0, 4), (1, 1), (9, 1)]
+    n = sum(x.size for x in sel_leaves)
+    for k in (0, 5, 288, 289, 5408, 5443, 5444, n):
+        masks = jax.tree.leaves(GLOBAL(tree, jnp.float32(1 - k / n)))
+        left = k
+        for x, m in zip(leaves, masks):
+            if x.ndim < 2:
+                continue
+            want = np.arange(x.size).reshape(x.shape) < left
+            np.testing.assert_array_equal(np.asarray(m), want, err_msg=f"k={k}, leaf {x.shape}")
+            left = max(0, left - x.size)
+
+
+def test_many_leaves():
+    rng = np.random.default_rng(3)
+    shapes = [(4, 5), (3, 3), (2,), (1, 7), (6, 2, 2)]
+    dts = [F32, BF16, F16]
+    tree = {
+        f"layer{i:02d}": jnp.asarray(
+            oracle.gen_scores(rng, shapes[i % 5], oracle.KINDS[i % len(oracle.KINDS)], dts[i % 3])
+        )
+        for i in range(30)
+    }
+    tree["layer07"] = jnp.full((3, 3), 0.5, BF16)  # ties across leaves
+    tree["layer21"] = jnp.full((1, 7), 0.5, F32)
+    check_global(tree, GLOBAL_STATIC(tree, 0.37), 0.37, traced=False)
+
+
+def test_large_leaves_heavy_ties_and_sampling_path():
+    # 2**18 entries, far above the sample quota; tied blocks straddle the
+    # threshold for most sparsities.
+    rng = np.random.default_rng(4)
+    tree = {
+        "a": jnp.asarray(rng.integers(0, 7, (512, 256)).astype(np.float32)),
+        "b": jnp.asarray(oracle.gen_scores(rng, (128, 1024), "special", BF16)),
+    }
+    for s in (0.0, 0.123, 0.857, 0.999999):
+        check_global(tree, GLOBAL(tree, jnp.float32(s)), s, traced=True)
+
+
+# --------------------------------------------------------------------------
+# select_groups directly
+
+
+_SELECT = jax.jit(sel.select_groups, static_argnums=1)
+
+
+@settings(max_examples=30, **SETTINGS)
+@given(seed=st.integers(0, 2**32 - 1), kinds=st.lists(st.sampled_from(oracle.KINDS), min_size=4, max_size=4),
+       fracs=st.lists(st.floats(0, 1), min_size=3, max_size=3))
+def test_select_groups_interleaved(seed, kinds, fracs):
+    rng = np.random.default_rng(seed)
+    shapes = [(6, 5), (0, 3), (17,), (4, 4, 3)]
+    groups = (0, 2, 1, 0)  # group 0 = arrays 0 and 3 (in that order); group 1 = array 2
+    arrays = [jnp.asarray(oracle.gen_scores(rng, sh, kd)) for sh, kd in zip(shapes, kinds)]
+    n_g = [30 + 48, 17, 0]
+    keep = [int(round(f * n)) for f, n in zip(fracs, n_g)]
+    masks = _SELECT(arrays, groups, [jnp.int32(k) for k in keep])
+    g0 = oracle.topk_leaf(np.concatenate([oracle.to_f32(arrays[0]).ravel(),
+                                          oracle.to_f32(arrays[3]).ravel()]), keep[0])
+    np.testing.assert_array_equal(np.asarray(masks[0]).ravel(), g0[:30])
+    np.testing.assert_array_equal(np.asarray(masks[3]).ravel(), g0[30:])
+    np.testing.assert_array_equal(np.asarray(masks[2]), oracle.topk_leaf(arrays[2], keep[1]))
+    assert np.asarray(masks[1]).shape == (0, 3)
+    assert int(np.asarray(masks[0]).sum() + np.asarray(masks[3]).sum()) == keep[0]
+
+
+def test_count_true():
+    rng = np.random.default_rng(5)
+    f = jax.jit(sel.count_true)
+    for shape in [(0,), (7,), (8,), (3, 12), (5, 3), (2, 2, 16), ()]:
+        x = rng.random(shape) < 0.4
+        assert int(f(jnp.asarray(x))) == int(np.sum(x)), shape
+
+
+@pytest.mark.parametrize("k", [0, 1, 17, 2047, 2048, 4095, 4096])
+def test_select_groups_all_equal_large(k):
+    # Every score ties: the kept set must be exactly the first k positions.
+    x = jnp.zeros((64, 64), jnp.bfloat16)
+    (m,) = _SELECT([x], (0,), [jnp.int32(k)])
+    want = np.zeros(64 * 64, bool)
+    want[:k] = True
+    np.testing.assert_array_equal(np.asarray(m).ravel(), want)
