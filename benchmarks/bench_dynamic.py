@@ -1,0 +1,172 @@
+"""Training-step overhead of dynamic sparse training (RigL, SET) over dense Adam.
+
+Model: the benchmark MLP 784-2048-2048-10 (about 5.8M parameters, float32),
+a fixed batch of 256 random inputs and labels, softmax cross-entropy,
+Adam(1e-3). Every variant is one ``jax.jit`` train step (grad +
+``tx.update`` + ``optax.apply_updates``, params and optimizer state donated):
+
+* ``dense``       ``optax.adam``;
+* ``keep_masks``  ``optax.chain(adam, jp.keep_masks(m))``: a fixed 90% mask
+  (the floor of any masked step: one ``where(m, u, -p)`` pass);
+* ``set``         ``jp.set_training(adam, 0.9, update_every=100)``;
+* ``rigl``        ``jp.rigl(adam, 0.9, update_every=100, end_step=10**9)``
+  (ERK allocation for both, as in the papers).
+
+Timing: one block = ``--block`` (default 100) consecutive steps, synced once
+at the end, so each block holds exactly one connection update for SET and
+RigL (the step counter is aligned so every block contains one step with
+``count % 100 == 0``). The variants run round-robin (one block each per
+repetition) so load from other processes hits them alike. Reported: min and
+median over ``--reps`` blocks of ms/step (the block mean), and their ratios to
+dense. Also: the connection update alone (``drop_and_grow`` on these
+params, jitted), to see what one update step costs.
+
+Run:
+  python benchmarks/bench_dynamic.py                 # --reps 3 (300 steps each)
+  python benchmarks/bench_dynamic.py --reps 5 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import jaxprune as jp
+from jaxprune.dynamic import drop_and_grow
+
+SIZES = (784, 2048, 2048, 10)
+BATCH = 256
+SPARSITY = 0.9
+UPDATE_EVERY = 100
+
+
+def init_params(key):
+    params = {}
+    for i, (n_in, n_out) in enumerate(zip(SIZES[:-1], SIZES[1:])):
+        key, sub = jax.random.split(key)
+        params[f"layer{i}"] = {
+            "kernel": jax.random.normal(sub, (n_in, n_out)) * jnp.sqrt(2.0 / n_in),
+            "bias": jnp.zeros(n_out),
+        }
+    return params
+
+
+def loss_fn(params, x, y):
+    for i in range(len(SIZES) - 1):
+        layer = params[f"layer{i}"]
+        x = x @ layer["kernel"] + layer["bias"]
+        if i < len(SIZES) - 2:
+            x = jax.nn.relu(x)
+    return optax.softmax_cross_entropy_with_integer_labels(x, y).mean()
+
+
+def make_step(tx):
+    def step(params, opt_state, x, y):
+        grads = jax.grad(loss_fn)(params, x, y)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
+def variants(params):
+    adam = optax.adam(1e-3)
+    masks = jp.dynamic.random_masks(jax.random.key(1), params, SPARSITY, "erk")
+    return {
+        "dense": adam,
+        "keep_masks": optax.chain(adam, jp.keep_masks(jax.tree.map(jnp.copy, masks))),
+        "set": jp.set_training(adam, SPARSITY, update_every=UPDATE_EVERY),
+        "rigl": jp.rigl(adam, SPARSITY, update_every=UPDATE_EVERY, end_step=10**9),
+    }
+
+
+class Runner:
+    def __init__(self, tx, params, x, y):
+        self.step = make_step(tx)
+        self.x, self.y = x, y
+        p = jax.tree.map(jnp.copy, params)
+        self.carry = jax.block_until_ready(self.step(p, tx.init(p), x, y))  # compile; count -> 1
+
+    def block(self, n: int) -> float:
+        t0 = time.perf_counter()
+        carry = self.carry
+        for _ in range(n):
+            carry = self.step(*carry, self.x, self.y)
+        self.carry = jax.block_until_ready(carry)
+        return (time.perf_counter() - t0) * 1e3 / n
+
+
+def count_updates(state) -> int:
+    found = optax.tree_utils.tree_get_all_with_path(state, "count")
+    return int(found[0][1]) if found else -1
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--reps", type=int, default=3, help="timed blocks per variant")
+    ap.add_argument("--block", type=int, default=UPDATE_EVERY, help="steps per block")
+    ap.add_argument("--json", metavar="PATH", help="write all numbers here")
+    args = ap.parse_args(argv)
+    dev = jax.devices()[0]
+    info = dict(
+        date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        platform=dev.platform, device_kind=dev.device_kind, cpus=os.cpu_count(),
+        jax=jax.__version__, python=platform.python_version(), reps=args.reps,
+        block=args.block, loadavg_start=os.getloadavg()[0],
+    )
+    print(f"device: {dev.platform} / {dev.device_kind}, {os.cpu_count()} CPUs, jax "
+          f"{jax.__version__}, load average {os.getloadavg()[0]:.1f}")
+    kx, ky, kp = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(kx, (BATCH, SIZES[0]))
+    y = jax.random.randint(ky, (BATCH,), 0, SIZES[-1])
+    params = init_params(kp)
+    runners = {name: Runner(tx, params, x, y) for name, tx in variants(params).items()}
+    times = {name: [] for name in runners}
+    for rep in range(args.reps):
+        for name, r in runners.items():
+            times[name].append(r.block(args.block))
+        print(f"rep {rep + 1}/{args.reps}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in times.items()))
+    # Every SET/RigL runner went through count % 100 == 0 once per block.
+    for name in ("set", "rigl"):
+        assert count_updates(runners[name].carry[1]) == 1 + args.block * args.reps
+
+    # The connection update alone (drop by |w|, grow by |g|), jitted.
+    masks = jp.dynamic.random_masks(jax.random.key(1), params, SPARSITY, "erk")
+    grads = jax.grad(loss_fn)(params, x, y)
+    upd = jax.jit(lambda p, m, g: drop_and_grow(p, m, jax.tree.map(jnp.abs, g), 0.3))
+    jax.block_until_ready(upd(params, masks, grads))
+    upd_ms = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        jax.block_until_ready(upd(params, masks, grads))
+        upd_ms.append((time.perf_counter() - t0) * 1e3)
+
+    d_min, d_med = min(times["dense"]), float(np.median(times["dense"]))
+    rows = {}
+    print("\n| variant | ms/step min | ms/step median | x dense (min) | x dense (median) |")
+    print("|---|---|---|---|---|")
+    for name, ts in times.items():
+        mn, md = min(ts), float(np.median(ts))
+        rows[name] = dict(min_ms=mn, median_ms=md, ratio_min=mn / d_min, ratio_median=md / d_med,
+                          blocks=ts)
+        print(f"| {name} | {mn:.1f} | {md:.1f} | {mn / d_min:.3f} | {md / d_med:.3f} |")
+    print(f"\nconnection update alone (drop_and_grow, 3 kernels): min {min(upd_ms):.1f} ms")
+    info["loadavg_end"] = os.getloadavg()[0]
+    out = dict(info=info, rows=rows, update_alone_ms=upd_ms)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+    return out
+
+
+if __name__ == "__main__":
+    main()
