@@ -100,16 +100,91 @@ def count_true(pred: jax.Array) -> jax.Array:
 def keep_count(n: int, sparsity: Any) -> Any:
     """How many of ``n`` scores a sparsity keeps: ``round(n * (1 - sparsity))``.
 
-    Rounds half to even, like :func:`numpy.round`. A concrete sparsity is
-    computed in float64 on the host (exact); a traced one in float32 (exact
-    for ``n < 2**24``; otherwise within ``n * 2**-24``). The result is
-    clipped to ``[0, n]``.
+    Rounds half to even, like :func:`numpy.round`, and clips to ``[0, n]``.
+    A concrete sparsity (a Python or NumPy number) is converted on the host
+    in float64. A traced one is rounded to float32 and the count is then
+    computed *exactly* for that float32 value, with integer arithmetic
+    (``n < 2**31``), so a schedule under ``jit`` never drifts by a weight,
+    however large ``n`` is. A traced NaN keeps everything.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> keep_count(10, 0.25), int(jax.jit(lambda s: keep_count(10, s))(0.25))
+      (8, 8)
     """
-    if isinstance(sparsity, (int, float, np.number, np.ndarray)) and np.ndim(sparsity) == 0:
+    concrete_n = isinstance(n, (int, np.integer))
+    if concrete_n and isinstance(sparsity, (int, float, np.number, np.ndarray)) and np.ndim(sparsity) == 0:
         return int(np.clip(np.round(n * (1.0 - float(sparsity))), 0, n))
-    s = jnp.asarray(sparsity, jnp.float32)
-    k = jnp.round(jnp.float32(n) * (1.0 - s))
-    return jnp.clip(k, 0, n).astype(jnp.int32)
+    if concrete_n and not 0 <= n < 2**31:
+        raise ValueError(f"keep_count: n={n} must be in [0, 2**31).")
+    return _keep_count_exact(n, jnp.asarray(sparsity, jnp.float32))
+
+
+def _keep_count_exact(n: Any, s: jax.Array) -> jax.Array:
+    """``round_half_even(n * (1 - s))`` for a float32 ``s``, exactly.
+
+    With ``s = M * 2**-shift`` (``M`` the integer significand), ``n * s =
+    t / 2**shift`` where ``t = n * M < 2**55`` is built from 16-bit limbs in a
+    pair of uint32 words; ``q = floor(n s)`` and the remainder decide the
+    rounding of ``n - n s``.
+    """
+    u32 = jnp.uint32
+    n = jnp.asarray(n, jnp.int32)
+    nu = n.astype(u32)
+    nan = jnp.isnan(s)
+    s = jnp.clip(jnp.where(nan, 0.0, s), 0.0, 1.0)
+    bits = lax.bitcast_convert_type(s, u32)
+    exp = (bits >> 23) & u32(0xFF)
+    frac = bits & u32(0x7FFFFF)
+    m = jnp.where(exp == 0, frac, frac | u32(0x800000))
+    shift = jnp.where(exp == 0, 149, 150 - exp.astype(jnp.int32))  # s = m * 2**-shift
+    n1, n0 = nu >> 16, nu & u32(0xFFFF)
+    m1, m0 = m >> 16, m & u32(0xFFFF)
+    lo0 = n0 * m0
+    mid = n0 * m1 + n1 * m0  # < 2**32
+    t_lo = lo0 + (mid << 16)
+    carry = (t_lo < lo0).astype(u32)
+    t_hi = n1 * m1 + (mid >> 16) + carry
+
+    def shl(x, k):  # k in [0, 31]
+        return x << jnp.clip(k, 0, 31).astype(u32)
+
+    def shr(x, k):
+        return x >> jnp.clip(k, 0, 31).astype(u32)
+
+    def low_bits(x, k):  # x mod 2**k, k in [0, 32]
+        return jnp.where(k >= 32, x, x & (shl(u32(1), k) - u32(1)))
+
+    small = shift < 32  # here shift >= 24 whenever s < 1
+    big = shift >= 64
+    # shift in [24, 32): q = t >> shift, remainder < 2**shift in the low word.
+    q_small = (shl(t_hi, 32 - shift) & jnp.where(shift == 0, u32(0), u32(0xFFFFFFFF))) | shr(t_lo, shift)
+    r_hi_small = u32(0)
+    r_lo_small = low_bits(t_lo, shift)
+    h_hi_small, h_lo_small = u32(0), shl(u32(1), shift - 1)
+    # shift in [32, 64).
+    k2 = shift - 32
+    q_mid = shr(t_hi, k2)
+    r_hi_mid = low_bits(t_hi, k2)
+    r_lo_mid = t_lo
+    h_hi_mid = jnp.where(k2 >= 1, shl(u32(1), k2 - 1), u32(0))
+    h_lo_mid = jnp.where(k2 >= 1, u32(0), u32(0x80000000))
+    q = jnp.where(small, q_small, jnp.where(big, u32(0), q_mid))
+    r_hi = jnp.where(small, r_hi_small, jnp.where(big, t_hi, r_hi_mid))
+    r_lo = jnp.where(small, r_lo_small, jnp.where(big, t_lo, r_lo_mid))
+    h_hi = jnp.where(small, h_hi_small, h_hi_mid)
+    h_lo = jnp.where(small, h_lo_small, h_lo_mid)
+    zero_rem = (r_hi == 0) & (r_lo == 0)
+    below_half = (r_hi < h_hi) | ((r_hi == h_hi) & (r_lo < h_lo))
+    at_half = (r_hi == h_hi) & (r_lo == h_lo)
+    base = n - q.astype(jnp.int32) - 1  # n - ceil(n s) when rem > 0
+    # big shifts: the half point 2**(shift-1) exceeds any t, so below_half.
+    below_half = below_half | big
+    at_half = at_half & ~big
+    rounded = base + below_half.astype(jnp.int32) + (at_half & (base % 2 == 1)).astype(jnp.int32)
+    k = jnp.where(zero_rem, n - q.astype(jnp.int32), rounded)
+    k = jnp.where(s >= 1.0, 0, k)
+    return jnp.where(nan, n, jnp.clip(k, 0, n)).astype(jnp.int32)
 
 
 def _flat_index(shape: Sequence[int]) -> jax.Array:

@@ -140,7 +140,9 @@ def select(tree: PyTree, where: Where = None, *, what: str = "where") -> list[bo
                 "Fix the regular expression (it is searched with re.search)."
             )
         return sel
-    if callable(where) and not isinstance(where, (dict, list, tuple)):
+    # A callable that is itself a pytree node (e.g. an Equinox module used as a
+    # bool filter tree) is a prefix tree, not a function.
+    if callable(where) and jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(where)):
         sel = [bool(where(p, x)) for p, x in zip(names, leaves)]
         if leaves and not any(sel):
             raise ValueError(

@@ -17,14 +17,15 @@ float32 exactly, float64 rounded to float32.
 Keep counts: ``n`` candidates at sparsity ``s`` keep
 ``int(np.clip(np.round(n * (1 - s)), 0, n))`` (half to even) when ``s`` is a
 concrete Python number. When ``s`` is a traced ``jnp.float32`` the library
-computes ``round(float32(n) * (float32(1) - s))`` in float32 arithmetic
+computes ``round(n * (1 - s))`` *exactly* for the float32 value of ``s``
 (:func:`jaxprune.select.keep_count`); :func:`keep_count` with
-``traced=True`` emulates exactly that in numpy float32.
+``traced=True`` computes that with :class:`fractions.Fraction`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from fractions import Fraction
 
 import numpy as np
 
@@ -54,16 +55,20 @@ def keep_count(n: int, s, traced: bool = False) -> int:
     """How many of ``n`` entries sparsity ``s`` keeps.
 
     ``traced=False``: ``round(n * (1 - s))`` in float64 (a Python float ``s``).
-    ``traced=True``: the float32 computation the library does for a traced
-    sparsity, ``round(float32(n) * (float32(1) - float32(s)))``.
+    ``traced=True``: ``round(n * (1 - s32))`` in exact rational arithmetic,
+    ``s32`` the float32 value of ``s`` (what the library computes for a
+    traced sparsity).
     """
     n = int(n)
     if traced:
         s32 = np.float32(s)
-        with np.errstate(all="ignore"):
-            k = np.round(np.float32(n) * (np.float32(1.0) - s32))
-        assert k.dtype == np.float32
-        return int(np.clip(k, 0, n))
+        if np.isnan(s32):
+            return n
+        x = n * (1 - Fraction(float(min(max(s32, np.float32(0)), np.float32(1)))))
+        fl = x.numerator // x.denominator
+        r = x - fl
+        k = fl + 1 if r > Fraction(1, 2) else fl if r < Fraction(1, 2) else fl + (fl % 2)
+        return int(min(max(k, 0), n))
     return int(np.clip(np.round(n * (1.0 - float(s))), 0, n))
 
 

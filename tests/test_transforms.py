@@ -11,9 +11,10 @@ import jaxprune as jp
 
 
 def f32_keep(n, s):
-    """The keep count for a traced (float32) sparsity, as the library computes it."""
-    s32 = np.float32(s)
-    return int(np.clip(np.round(np.float32(n) * (np.float32(1.0) - s32)), 0, n))
+    """The keep count for a traced (float32) sparsity: exact round(n (1 - s32))."""
+    from oracle import keep_count
+
+    return keep_count(n, s, traced=True)
 
 
 def train(tx, params, steps, loss_fn=loss):
