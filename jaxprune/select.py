@@ -394,26 +394,50 @@ def select_groups(
     thresh = ~hi
     exact = f_hi == k
     r = k - f_lo
-    n_eq = f_hi - f_lo
     need_pos = ~exact
 
-    # ---- Phase 2: ties at the threshold, broken by position.
-    def count_pos(ps, active):
-        def leaf_count(i):
-            g = groups[i]
-            local = jnp.clip(ps[g].astype(jnp.int32) - offsets[i], 0, sizes[i])
-            return count_true((keys[i] == thresh[g]) & (_flat_index(keys[i].shape) < local))
-
-        return per_group(leaf_count, active)
+    # ---- Phase 2: ties at the threshold, broken by position, in one pass:
+    # count the ties of every row (last axis) of every leaf, find the row
+    # holding the r-th tie of each group from the (small) cumulative row
+    # counts, then the column within that one row.
+    def as_rows(key):
+        return key.reshape(-1, key.shape[-1]) if key.ndim >= 1 else key.reshape(1, 1)
 
     def tie_search():
-        # f(P) = #{ties with position < P}; f(0) = 0 < r, f(n) = n_eq >= r.
-        lo = jnp.zeros((n_groups,), jnp.uint32)
-        hi = jnp.where(need_pos, n_arr.astype(jnp.uint32), lo)
-        f_hi = jnp.where(need_pos, n_eq, 0)
-        tgt = jnp.where(need_pos, r, 0)
-        _, p, _, _ = _search(count_pos, lo, hi, jnp.zeros_like(f_hi), f_hi, tgt, jnp.zeros((0, n_groups), jnp.uint32))
-        return p.astype(jnp.int32)
+        row_ties = {
+            i: jnp.sum(as_rows(keys[i]) == thresh[groups[i]], axis=1, dtype=jnp.int32)
+            for gi in range(n_groups)
+            for i in members[gi]
+        }
+        cuts = []
+        for gi in range(n_groups):
+            mem = members[gi]
+            cut = n_arr[gi]
+            if not mem:
+                cuts.append(cut)
+                continue
+            cums = jnp.cumsum(jnp.concatenate([row_ties[i] for i in mem]))
+            j = jnp.sum(cums < r[gi], dtype=jnp.int32)  # the row with the r-th tie
+            before = jnp.where(j > 0, cums[jnp.maximum(j - 1, 0)], 0)
+            c = r[gi] - before  # the c-th tie of that row is the last one kept
+            row_off = 0
+            for i in mem:
+                rows = as_rows(keys[i])
+                n_rows, n_cols = rows.shape
+                local = jnp.clip(j - row_off, 0, n_rows - 1)
+                # The ties of row `local`, by a masked reduction over rows (a
+                # dynamic slice would gather a sharded leaf; this reduces per
+                # shard and moves one row).
+                row_iota = lax.broadcasted_iota(jnp.int32, rows.shape, 0)
+                hit = (rows == thresh[gi]) & (row_iota == local)
+                tie_row = jnp.sum(hit, axis=0, dtype=jnp.int32)
+                prefix = jnp.cumsum(tie_row, dtype=jnp.int32)
+                col = jnp.sum(prefix < c, dtype=jnp.int32)
+                here = (j >= row_off) & (j < row_off + n_rows)
+                cut = jnp.where(here, offsets[i] + local * n_cols + col + 1, cut)
+                row_off += n_rows
+            cuts.append(cut)
+        return jnp.stack(cuts)
 
     if n_groups:
         pos = lax.cond(jnp.any(need_pos), tie_search, lambda: n_arr)
