@@ -126,7 +126,13 @@ def validate_params(params: PyTree, where: Any, what: str) -> None:
             f"{what} needs the parameters: call tx.update(grads, opt_state, params) "
             "(and in a chain, every transform receives them)."
         )
-    _masks._selected(params, where, "params")
+    paths, leaves, _, sel = _masks._selected(params, where, "params")
+    for p, x, s in zip(paths, leaves, sel):
+        if s and jnp.ndim(x) == 0:
+            raise ValueError(
+                f"{what}: where= selects the scalar leaf {p!r}; a scalar cannot be pruned "
+                "(its mask would be the 'not pruned' scalar True). Exclude it from where=."
+            )
 
 
 def require_params(params: PyTree, what: str) -> None:

@@ -373,3 +373,9 @@ def test_equinox_style_module():
     model = optax.apply_updates(model, u)
     assert int(jnp.sum(model[0].weight != 0)) == 12
     assert jp.tree.paths(model) == ["0/weight", "0/bias"]
+
+
+def test_error_scalar_leaf_selected():
+    tx = jp.prune(optax.adam(1e-3), sparsity=0.5, where="w|scale")
+    with pytest.raises(ValueError, match=r"scalar leaf 'scale'"):
+        tx.init({"w": jnp.ones((2, 2)), "scale": jnp.ones(())})
