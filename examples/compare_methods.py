@@ -1,4 +1,4 @@
-"""Head-to-head study: ten ways to train a sparse 1-D CNN on MNIST-1D.
+"""Head-to-head study: eleven ways to train a sparse 1-D CNN on MNIST-1D.
 
 One model, one data set, one training budget; only the sparsification
 method changes:
@@ -16,15 +16,20 @@ movement       gradual pruning scored by movement ``-sum w * g`` (Sanh et al.
                2020)
 set            SET (``jp.set_training``; Mocanu et al. 2018)
 rigl           RigL (``jp.rigl``; Evci et al. 2020)
-ste            straight-through training (``jp.ste`` + ``jp.straight_through``)
+ste            straight-through training (``jp.ste`` + ``jp.straight_through``),
+               dense weights, magnitude mask on the same cubic schedule as gmp
+ste_fixed      the same at the final sparsity from step 0
 =============  ==============================================================
 
 Every method prunes the same kernels (all but the first convolution, which
 has only ``5 * 32`` weights) with the same per-kernel ("uniform") allocation,
 at 80%, 90% and 95% sparsity, with Adam and a cosine learning-rate decay.
 For each method, all (sparsity, seed) runs are ``jax.vmap``-ed together and
-trained by one jitted ``lax.scan``. The gradual methods reach the final
-sparsity at 60% of training; RigL stops exchanging connections at 75%.
+trained by one jitted ``lax.scan``. The gradual methods (gmp, saliency,
+taylor, movement, ste) follow the cubic schedule from 10% to 60% of
+training; SET and RigL exchange connections every ``steps // 40`` steps
+(RigL until 75% of training); the masks of the pruning methods are updated
+every ``steps // 40`` steps, STE's every ``steps // 200``.
 
 The data come from ``mnist1d.data.make_dataset`` (generated locally, no
 download). Reported: test accuracy (mean +- std over seeds) of the final
@@ -49,7 +54,10 @@ from jax import lax
 
 import jaxprune as jp
 
-METHODS = ("dense", "random", "gmp", "snip", "saliency", "taylor", "movement", "set", "rigl", "ste")
+METHODS = (
+    "dense", "random", "gmp", "snip", "saliency", "taylor", "movement", "set", "rigl", "ste",
+    "ste_fixed",
+)
 WHERE = r"^(conv2|conv3|dense)/kernel$"  # the first conv stays dense
 
 
@@ -159,6 +167,8 @@ def make_run(method: str, cfg: dict, data):
             tx = jp.rigl(adam, s, drop_fraction=0.3, update_every=cfg["dst_every"],
                          end_step=int(0.75 * steps), allocation=alloc, where=WHERE, seed=seed)
         elif method == "ste":
+            tx = jp.ste(adam, gradual(s), update_every=cfg["ste_every"], allocation=alloc, where=WHERE)
+        elif method == "ste_fixed":
             tx = jp.ste(adam, s, update_every=cfg["ste_every"], allocation=alloc, where=WHERE)
         else:
             raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
@@ -167,7 +177,7 @@ def make_run(method: str, cfg: dict, data):
         def step(carry, key):
             p, st = carry
             i = jax.random.randint(key, (bs,), 0, xtr.shape[0])
-            if method == "ste":
+            if method.startswith("ste"):
                 g = jax.grad(lambda q: loss_fn(jp.straight_through(q, jp.get_masks(st)), (xtr[i], ytr[i])))(p)
             else:
                 g = jax.grad(loss_fn)(p, (xtr[i], ytr[i]))
