@@ -452,7 +452,9 @@ def channels(
 
 def _check_same_structure(a: PyTree, b: PyTree, a_name: str, b_name: str) -> None:
     sa, sb = jax.tree_util.tree_structure(a), jax.tree_util.tree_structure(b)
-    if sa != sb:
+    # Trees match if their leaf paths match, whatever containers hold them (an
+    # NNX State of Param vs. one of OptVariable, a pure dict vs. a State).
+    if sa != sb and _tree.paths(a) != _tree.paths(b):
         pa, pb = set(_tree.paths(a)), set(_tree.paths(b))
         only_a, only_b = sorted(pa - pb)[:5], sorted(pb - pa)[:5]
         raise ValueError(

@@ -327,7 +327,10 @@ def keep_masks(masks: PyTree) -> optax.GradientTransformationExtraArgs:
 
     def init_fn(params):
         _masks._check_same_structure(params, masks, "params", "masks")
-        return KeepMasksState(masks=jax.tree.map(lambda m: jnp.asarray(m, jnp.bool_), masks))
+        # Re-home the masks in the parameters' containers (e.g. NNX Params).
+        leaves = [jnp.asarray(m, jnp.bool_) for m in jax.tree_util.tree_leaves(masks)]
+        treedef = jax.tree_util.tree_structure(params)
+        return KeepMasksState(masks=jax.tree_util.tree_unflatten(treedef, leaves))
 
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args

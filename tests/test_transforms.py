@@ -379,3 +379,33 @@ def test_error_scalar_leaf_selected():
     tx = jp.prune(optax.adam(1e-3), sparsity=0.5, where="w|scale")
     with pytest.raises(ValueError, match=r"scalar leaf 'scale'"):
         tx.init({"w": jnp.ones((2, 2)), "scale": jnp.ones(())})
+
+
+def test_nnx_keep_masks_and_apply_masks_accept_other_containers():
+    from flax import nnx
+
+    class MLP(nnx.Module):
+        def __init__(self, rngs):
+            self.l1 = nnx.Linear(8, 16, rngs=rngs)
+            self.l2 = nnx.Linear(16, 4, rngs=rngs)
+
+        def __call__(self, x):
+            return self.l2(jax.nn.relu(self.l1(x)))
+
+    model = MLP(nnx.Rngs(0))
+    params = nnx.state(model, nnx.Param)
+    masks = jp.masks.topk(jp.scores.magnitude(params), 0.5)
+    pure = nnx.to_pure_dict(masks)  # a plain dict: other containers, same paths
+    pruned = jp.apply_masks(params, pure)
+    assert jp.sparsity(pruned) == 0.5
+    opt = nnx.Optimizer(model, optax.chain(optax.adam(1e-2), jp.keep_masks(pure)), wrt=nnx.Param)
+    x = jax.random.normal(jax.random.key(1), (16, 8))
+
+    @nnx.jit
+    def step(model, opt):
+        grads = nnx.grad(lambda m: jnp.sum(m(x) ** 2))(model)
+        opt.update(model, grads)
+
+    step(model, opt)
+    assert int(jnp.sum(model.l1.kernel[...] != 0)) == 64
+    assert int(jnp.sum(model.l2.kernel[...] != 0)) == 32
