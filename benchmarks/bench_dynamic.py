@@ -12,14 +12,14 @@ Adam(1e-3). Every variant is one ``jax.jit`` train step (grad +
 * ``rigl``        ``jp.rigl(adam, 0.9, update_every=100, end_step=10**9)``
   (ERK allocation for both, as in the papers).
 
-Timing: one block = ``--block`` (default 100) consecutive steps, synced once
-at the end, so each block holds exactly one connection update for SET and
-RigL (the step counter is aligned so every block contains one step with
-``count % 100 == 0``). The variants run round-robin (one block each per
-repetition) so load from other processes hits them alike. Reported: min and
-median over ``--reps`` blocks of ms/step (the block mean), and their ratios to
-dense. Also: the connection update alone (``drop_and_grow`` on these
-params, jitted), to see what one update step costs.
+Timing: one block = ``--block`` (default 100) steps of every variant,
+interleaved step by step (one synced step of each variant in turn), so that
+load from other processes hits all variants alike; each block holds exactly
+one connection update for SET and RigL (the step counter is aligned so every
+block contains one step with ``count % 100 == 0``). Reported: min and median
+over ``--reps`` blocks of ms/step (the block mean, update step included),
+and their ratios to dense. Also: the connection update alone
+(``drop_and_grow`` on these params, jitted), to see what one update costs.
 
 Run:
   python benchmarks/bench_dynamic.py                 # --reps 3 (300 steps each)
@@ -96,13 +96,21 @@ class Runner:
         p = jax.tree.map(jnp.copy, params)
         self.carry = jax.block_until_ready(self.step(p, tx.init(p), x, y))  # compile; count -> 1
 
-    def block(self, n: int) -> float:
+    def one(self) -> float:
+        """One step, synced; returns its time in ms."""
         t0 = time.perf_counter()
-        carry = self.carry
-        for _ in range(n):
-            carry = self.step(*carry, self.x, self.y)
-        self.carry = jax.block_until_ready(carry)
-        return (time.perf_counter() - t0) * 1e3 / n
+        self.carry = jax.block_until_ready(self.step(*self.carry, self.x, self.y))
+        return (time.perf_counter() - t0) * 1e3
+
+
+def interleaved_block(runners: dict, n: int) -> dict:
+    """``n`` steps of every variant, interleaved step by step (A B C D A B ...),
+    so that load changes hit all variants alike; returns ms/step per variant."""
+    total = dict.fromkeys(runners, 0.0)
+    for _ in range(n):
+        for name, r in runners.items():
+            total[name] += r.one()
+    return {name: t / n for name, t in total.items()}
 
 
 def count_updates(state) -> int:
@@ -132,8 +140,8 @@ def main(argv=None) -> dict:
     runners = {name: Runner(tx, params, x, y) for name, tx in variants(params).items()}
     times = {name: [] for name in runners}
     for rep in range(args.reps):
-        for name, r in runners.items():
-            times[name].append(r.block(args.block))
+        for name, ms in interleaved_block(runners, args.block).items():
+            times[name].append(ms)
         print(f"rep {rep + 1}/{args.reps}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in times.items()))
     # Every SET/RigL runner went through count % 100 == 0 once per block.
     for name in ("set", "rigl"):
