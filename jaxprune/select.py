@@ -54,7 +54,8 @@ __all__ = [
 ]
 
 _U32_MAX = np.uint32(0xFFFFFFFF)
-_SAMPLE_QUOTA = 2048
+_I32_MAX = np.int32(2**31 - 1)
+_SAMPLE_QUOTA = 8192
 
 
 def sortable_key(x: jax.Array) -> jax.Array:
@@ -95,6 +96,30 @@ def count_true(pred: jax.Array) -> jax.Array:
         words = lax.bitcast_convert_type(u8, jnp.uint32)
         return jnp.sum(lax.population_count(words), dtype=jnp.int32)
     return jnp.sum(pred, dtype=jnp.int32)
+
+
+def _count_rows(pred: jax.Array) -> jax.Array:
+    """Per-row ``True`` counts of a 2-D bool array (packed popcount)."""
+    rows, cols = pred.shape
+    if cols % 4 == 0 and cols:
+        u8 = pred.astype(jnp.uint8).reshape(rows, cols // 4, 4)
+        words = lax.bitcast_convert_type(u8, jnp.uint32)
+        return jnp.sum(lax.population_count(words), axis=1, dtype=jnp.int32)
+    return jnp.sum(pred, axis=1, dtype=jnp.int32)
+
+
+def _one_row(pred: jax.Array, row: jax.Array) -> jax.Array:
+    """Row ``row`` of a 2-D bool array, as int32 0/1, by a masked reduction over
+    rows on packed words (a dynamic slice would gather a sharded array; this
+    reduces per shard and moves one row)."""
+    rows, cols = pred.shape
+    sel = lax.broadcasted_iota(jnp.int32, (rows, 1), 0) == row
+    if cols % 4 == 0 and cols:
+        u8 = pred.astype(jnp.uint8).reshape(rows, cols // 4, 4)
+        words = lax.bitcast_convert_type(u8, jnp.uint32)
+        words = jnp.max(jnp.where(sel, words, jnp.uint32(0)), axis=0)
+        return lax.bitcast_convert_type(words, jnp.uint8).reshape(cols).astype(jnp.int32)
+    return jnp.sum(pred & sel, axis=0, dtype=jnp.int32)
 
 
 def keep_count(n: int, sparsity: Any) -> Any:
@@ -240,16 +265,23 @@ def _search(count_fn, lo, hi, f_lo, f_hi, target, first_guesses):
         return jnp.any(~done(s))
 
     def body(s):
-        lo, hi, f_lo, f_hi, it, width_prev = s
+        lo, hi, f_lo, f_hi, it, w1, w2, g1, g2, side, c_lo, c_hi = s
         width = hi - lo
-        # Interpolation guess.
-        frac = (target - f_lo).astype(jnp.float32) / jnp.maximum(f_hi - f_lo, 1).astype(jnp.float32)
+        gap = f_hi - f_lo
+        # Illinois-style regula falsi: an end that stays put for consecutive
+        # steps has its count's distance to the target halved each time, so
+        # the guesses close in from both sides.
+        d_lo = (target - f_lo).astype(jnp.float32) * c_lo
+        d_hi = (f_hi - target).astype(jnp.float32) * c_hi
+        frac = d_lo / jnp.maximum(d_lo + d_hi, 1e-30)
         step = jnp.floor(frac * width.astype(jnp.float32))
         step = jnp.clip(step, 1.0, jnp.float32(4294967040.0)).astype(jnp.uint32)
         interp = lo + jnp.minimum(step, width - 1)
         bisect = lo + width // 2
-        # Bisect whenever the previous step did not halve the bracket.
-        use_bisect = width > width_prev // 2
+        # Safeguard: bisect (in key space) when two steps halved neither the
+        # bracket nor the count gap f_hi - f_lo. Either halving ends the search
+        # within ~32 halvings, so at most ~190 passes on adversarial data.
+        use_bisect = (width > w2 // 2) & (gap > g2 // 2)
         guess = jnp.where(use_bisect, bisect, interp)
         if n_first:
             fg = first_guesses[jnp.minimum(it, n_first - 1)]
@@ -263,12 +295,27 @@ def _search(count_fn, lo, hi, f_lo, f_hi, target, first_guesses):
         new_fhi = jnp.where(up, f_g, f_hi)
         new_lo = jnp.where(down, guess, lo)
         new_flo = jnp.where(down, f_g, f_lo)
+        new_side = jnp.where(up, 2, jnp.where(down, 1, side))
+        # The end that moved is fresh; the other is halved if it stayed twice.
+        c_hi = jnp.where(down, jnp.where(side == 1, c_hi * 0.5, c_hi), 1.0)
+        c_lo = jnp.where(up, jnp.where(side == 2, c_lo * 0.5, c_lo), 1.0)
+        c_hi = jnp.where(up | down, c_hi, 1.0)
+        c_lo = jnp.where(up | down, c_lo, 1.0)
         # Sample guesses do not count as failed interpolation steps.
-        new_wprev = jnp.where(it < n_first, _U32_MAX, width)
-        return new_lo, new_hi, new_flo, new_fhi, it + 1, new_wprev
+        first_phase = it < n_first
+        new_w2 = jnp.where(first_phase, _U32_MAX, w1)
+        new_w1 = jnp.where(first_phase, _U32_MAX, width)
+        new_g2 = jnp.where(first_phase, _I32_MAX, g1)
+        new_g1 = jnp.where(first_phase, _I32_MAX, gap)
+        return (new_lo, new_hi, new_flo, new_fhi, it + 1, new_w1, new_w2, new_g1, new_g2,
+                new_side, c_lo, c_hi)
 
-    state = (lo, hi, f_lo, f_hi, jnp.zeros((), jnp.int32), jnp.full_like(lo, _U32_MAX))
-    lo, hi, f_lo, f_hi, _, _ = lax.while_loop(cond, body, state)
+    big = jnp.full_like(lo, _U32_MAX)
+    ones = jnp.ones(lo.shape, jnp.float32)
+    side0 = jnp.zeros(lo.shape, jnp.int32)
+    gbig = jnp.full(lo.shape, _I32_MAX, jnp.int32)
+    state = (lo, hi, f_lo, f_hi, jnp.zeros((), jnp.int32), big, big, gbig, gbig, side0, ones, ones)
+    lo, hi, f_lo, f_hi = lax.while_loop(cond, body, state)[:4]
     return lo, hi, f_lo, f_hi
 
 
@@ -279,14 +326,16 @@ def _initial_guesses(keys, sizes, groups, n_group, k) -> jax.Array:
     n_groups = len(n_group)
     if n_groups == 0:
         return jnp.zeros((0, 0), jnp.uint32)
-    quota = max(64, min(_SAMPLE_QUOTA, (32 * _SAMPLE_QUOTA) // n_groups))
+    quota = max(64, min(_SAMPLE_QUOTA, (8 * _SAMPLE_QUOTA) // n_groups))
     samples = [[] for _ in range(n_groups)]
     weights = [[] for _ in range(n_groups)]
     for i, key in enumerate(keys):
         if sizes[i] == 0:
             continue
         g = groups[i]
-        smp = _sample_keys(key, max(8, int(quota * sizes[i] / n_group[g])))
+        # At most 1/32 of a leaf: a sample of a sharded leaf crosses devices.
+        want = min(int(quota * sizes[i] / n_group[g]), max(64, sizes[i] // 32))
+        smp = _sample_keys(key, max(8, want))
         samples[g].append(smp)
         weights[g].append(jnp.full(smp.shape, sizes[i] / smp.shape[0], jnp.float32))
     width = max([sum(int(x.shape[0]) for x in s) for s in samples] + [1])
@@ -307,7 +356,7 @@ def _initial_guesses(keys, sizes, groups, n_group, k) -> jax.Array:
     kf = k.astype(jnp.float32)
     i_est = jnp.sum(cw < kf[:, None], axis=1).astype(jnp.int32)
     q = kf / jnp.maximum(jnp.asarray(n_group, jnp.float32), 1.0)
-    margin = (3.0 * jnp.sqrt(m * q * (1.0 - q)) + 1.0).astype(jnp.int32)
+    margin = (2.0 * jnp.sqrt(m * q * (1.0 - q)) + 1.0).astype(jnp.int32)
     top = jnp.maximum(m - 1, 0)
     ia = jnp.clip(i_est - margin, 0, top)
     ib = jnp.clip(i_est + margin, 0, top)
@@ -405,7 +454,7 @@ def select_groups(
 
     def tie_search():
         row_ties = {
-            i: jnp.sum(as_rows(keys[i]) == thresh[groups[i]], axis=1, dtype=jnp.int32)
+            i: _count_rows(as_rows(keys[i]) == thresh[groups[i]])
             for gi in range(n_groups)
             for i in members[gi]
         }
@@ -428,9 +477,7 @@ def select_groups(
                 # The ties of row `local`, by a masked reduction over rows (a
                 # dynamic slice would gather a sharded leaf; this reduces per
                 # shard and moves one row).
-                row_iota = lax.broadcasted_iota(jnp.int32, rows.shape, 0)
-                hit = (rows == thresh[gi]) & (row_iota == local)
-                tie_row = jnp.sum(hit, axis=0, dtype=jnp.int32)
+                tie_row = _one_row(rows == thresh[gi], local)
                 prefix = jnp.cumsum(tie_row, dtype=jnp.int32)
                 col = jnp.sum(prefix < c, dtype=jnp.int32)
                 here = (j >= row_off) & (j < row_off + n_rows)
