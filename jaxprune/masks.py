@@ -76,7 +76,7 @@ def check_sparsity(value: Any, what: str = "sparsity", path: str | None = None) 
     if np.any(np.isnan(arr)) or np.any(arr < 0) or np.any(arr > 1):
         raise ValueError(
             f"{what}{where} must be in [0, 1] (the fraction of weights set to zero), "
-            f"got {value!r}. Pass e.g. {what}=0.9 to keep 10% of the weights."
+            f"got {value!r}. For example 0.9 prunes 90% and keeps 10% of the weights."
         )
 
 

@@ -69,9 +69,12 @@ def check_schedule(sparsity: Any, what: str = "sparsity") -> None:
     if callable(sparsity):
         for step in _PROBE_STEPS:
             try:
-                val = sparsity(step)
-            except Exception:  # noqa: BLE001 - opaque user schedules are allowed
-                return
+                val = sparsity(jnp.asarray(step, jnp.int32))
+            except Exception as e:  # noqa: BLE001 - report any failure clearly
+                raise ValueError(
+                    f"{what} schedule failed when called on step {step} (an int32 array, "
+                    f"as under jit): {type(e).__name__}: {e}"
+                ) from e
             try:
                 _masks.check_sparsity(val, f"{what}(step={step})")
             except ValueError as e:

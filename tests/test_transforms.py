@@ -409,3 +409,11 @@ def test_nnx_keep_masks_and_apply_masks_accept_other_containers():
     step(model, opt)
     assert int(jnp.sum(model.l1.kernel[...] != 0)) == 64
     assert int(jnp.sum(model.l2.kernel[...] != 0)) == 32
+
+
+def test_error_schedule_that_fails():
+    def broken(step):
+        raise RuntimeError("boom")
+
+    with pytest.raises(ValueError, match=r"sparsity schedule failed when called on step 0.*boom"):
+        jp.prune(optax.adam(1e-3), sparsity=broken)
