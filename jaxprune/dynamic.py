@@ -351,8 +351,7 @@ def _dynamic(
         count = state.count
         frac = jnp.asarray(frac_at(count), jnp.float32)
 
-        def exchange(operand):
-            key_data, inner_state = operand
+        def exchange(key_data):
             key, sub = jax.random.split(jax.random.wrap_key_data(key_data))
             if growth == "random":
                 gs = _scores.random(sub, params)
@@ -360,18 +359,22 @@ def _dynamic(
                 gs = jax.tree.map(lambda g: jnp.abs(g.astype(jnp.float32)), grads)
             new, grown = drop_and_grow(params, state.masks, gs, frac)
             train = jax.tree.map(lambda n, g: n & ~g, new, grown)
-            inner_state = zero_state_outside(inner_state, params, train)
-            return new, train, jax.random.key_data(key), inner_state
+            return new, train, jax.random.key_data(key)
 
-        def keep(operand):
-            key_data, inner_state = operand
-            return state.masks, state.masks, key_data, inner_state
+        def keep(key_data):
+            return state.masks, state.masks, key_data
 
         is_update = (count > 0) & (count % update_every == 0)
         if end_step is not None:
             is_update = is_update & (count < end_step)
-        masks, train, key_data, inner_state = lax.cond(
-            is_update, exchange, keep, (state.key, state.inner_state)
+        # Only the (small) masks go through the first cond; the optimizer
+        # state goes through its own cond, whose identity branch XLA can alias.
+        masks, train, key_data = lax.cond(is_update, exchange, keep, state.key)
+        inner_state = lax.cond(
+            is_update,
+            lambda s: zero_state_outside(s, params, train),
+            lambda s: s,
+            state.inner_state,
         )
         g = mask_grads(grads, train)
         u, inner_state = inner.update(g, inner_state, params, **extra_args)
