@@ -40,33 +40,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+# The benchmark MLP (784-2048-2048-10) and its loss, shared with bench_step.py.
+from bench_step import BATCH, SIZES, init_params, loss_fn  # noqa: E402
+
 import jaxprune as jp
 from jaxprune.dynamic import drop_and_grow
 
-SIZES = (784, 2048, 2048, 10)
-BATCH = 256
 SPARSITY = 0.9
 UPDATE_EVERY = 100
-
-
-def init_params(key):
-    params = {}
-    for i, (n_in, n_out) in enumerate(zip(SIZES[:-1], SIZES[1:])):
-        key, sub = jax.random.split(key)
-        params[f"layer{i}"] = {
-            "kernel": jax.random.normal(sub, (n_in, n_out)) * jnp.sqrt(2.0 / n_in),
-            "bias": jnp.zeros(n_out),
-        }
-    return params
-
-
-def loss_fn(params, x, y):
-    for i in range(len(SIZES) - 1):
-        layer = params[f"layer{i}"]
-        x = x @ layer["kernel"] + layer["bias"]
-        if i < len(SIZES) - 2:
-            x = jax.nn.relu(x)
-    return optax.softmax_cross_entropy_with_integer_labels(x, y).mean()
 
 
 def make_step(tx):
