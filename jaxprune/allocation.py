@@ -21,7 +21,7 @@ Example:
   >>> params = {"a": jnp.ones((100, 100)), "b": jnp.ones((10, 100))}
   >>> s = jp.allocation.erk(params, 0.9)
   >>> round(float(s["a"]), 3), round(float(s["b"]), 3)
-  (0.909, 0.818)
+  (0.929, 0.61)
 
 References:
   Evci et al., "Rigging the lottery: making all tickets winners", ICML 2020;

@@ -68,12 +68,12 @@ from jaxprune import scores as _scores
 from jaxprune import select as _select
 from jaxprune import tree as _tree
 from jaxprune.transforms import (
+    PruneState,
     apply_mask_to_updates,
     check_schedule,
-    initial_masks,
     mask_grads,
     require_params,
-    schedule_value,
+    scheduled_masks,
     validate_params,
 )
 
@@ -561,23 +561,9 @@ def straight_through(params: PyTree, masks: PyTree) -> PyTree:
     return jax.tree.map(one, params, masks)
 
 
-class STEState(NamedTuple):
-    """State of :func:`ste`.
-
-    Attributes:
-      count: number of updates so far (int32); the mask is recomputed when
-        ``count % update_every == 0``.
-      masks: bool mask tree for the forward pass (``straight_through``).
-      score_state: accumulators of the score (empty for magnitude).
-      key: PRNG key data for random scores.
-      inner_state: the wrapped optimizer's state.
-    """
-
-    count: jax.Array
-    masks: PyTree
-    score_state: PyTree
-    key: jax.Array
-    inner_state: optax.OptState
+# The state of :func:`ste` is that of :func:`jaxprune.prune` (count, masks,
+# score_state, key, inner_state): both run the same mask schedule.
+STEState = PruneState
 
 
 def ste(
@@ -639,44 +625,9 @@ def ste(
       N:M fine-grained structured sparse neural networks from scratch", ICLR
       2021; Lin et al., "Dynamic model pruning with feedback", ICLR 2020.
     """
-    check_schedule(sparsity)
     _check_positive_int(update_every, "ste", "update_every")
-    scorer = _scores.get_scorer(score)
-    _alloc.check(allocation)
-    inner = optax.with_extra_args_support(inner)
-
-    def init_fn(params):
-        validate_params(params, where, "ste")
-        _alloc.check(allocation, params, where)
-        return STEState(
-            count=jnp.zeros((), jnp.int32),
-            masks=initial_masks(params, where),
-            score_state=scorer.init(params),
-            key=jax.random.key_data(jax.random.key(seed)),
-            inner_state=inner.init(params),
-        )
-
-    def update_fn(updates, state, params=None, **extra_args):
-        require_params(params, "ste")
-        score_state = scorer.update(state.score_state, params, updates)
-        s_now = schedule_value(sparsity, state.count)
-
-        def recompute(key_data):
-            key, sub = jax.random.split(jax.random.wrap_key_data(key_data))
-            sc = scorer.score(score_state, params, updates, sub)
-            new = _alloc.compute_masks(sc, s_now, allocation, where, params, state.count)
-            return new, jax.random.key_data(key)
-
-        masks, key_data = lax.cond(
-            (state.count % update_every) == 0, recompute, lambda k: (state.masks, k), state.key
-        )
-        u, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
-        return u, STEState(
-            count=optax.safe_increment(state.count),
-            masks=masks,
-            score_state=score_state,
-            key=key_data,
-            inner_state=inner_state,
-        )
-
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return scheduled_masks(
+        inner, sparsity=sparsity, score=score, allocation=allocation,
+        update_every=update_every, where=where, nested=False, seed=seed,
+        apply=False, name="ste",
+    )

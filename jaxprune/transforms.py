@@ -237,6 +237,30 @@ def prune(
       pruning for model compression", 2017; Han et al., "Learning both weights
       and connections for efficient neural networks", NeurIPS 2015.
     """
+    return scheduled_masks(
+        inner, sparsity=sparsity, score=score, allocation=allocation,
+        update_every=update_every, where=where, nested=nested, seed=seed,
+        apply=True, name="prune",
+    )
+
+
+def scheduled_masks(
+    inner: optax.GradientTransformation,
+    *,
+    sparsity: float | Schedule,
+    score: Any,
+    allocation: Any,
+    update_every: Any,
+    where: Any,
+    nested: bool,
+    seed: int,
+    apply: bool,
+    name: str,
+) -> optax.GradientTransformationExtraArgs:
+    """The engine of :func:`prune` and :func:`jaxprune.ste`: masks recomputed on
+    a schedule and kept in a :class:`PruneState`. With ``apply=True`` they are
+    applied to gradients and updates (pruning); with ``apply=False`` the
+    weights stay dense and the model applies the masks (straight-through)."""
     check_schedule(sparsity)
     scorer = _scores.get_scorer(score)
     _alloc.check(allocation)
@@ -245,7 +269,7 @@ def prune(
     inner = optax.with_extra_args_support(inner)
 
     def init_fn(params):
-        validate_params(params, where, "prune")
+        validate_params(params, where, name)
         _alloc.check(allocation, params, where)
         return PruneState(
             count=jnp.zeros((), jnp.int32),
@@ -256,7 +280,7 @@ def prune(
         )
 
     def update_fn(updates, state, params=None, **extra_args):
-        require_params(params, "prune")
+        require_params(params, name)
         grads = updates
         score_state = scorer.update(state.score_state, params, grads)
         s_now = schedule_value(sparsity, state.count)
@@ -277,9 +301,12 @@ def prune(
         masks, key_data = lax.cond(
             is_update, recompute, lambda k: (state.masks, k), state.key
         )
-        g = mask_grads(grads, masks)
-        u, inner_state = inner.update(g, state.inner_state, params, **extra_args)
-        u = apply_mask_to_updates(u, params, masks)
+        if apply:
+            g = mask_grads(grads, masks)
+            u, inner_state = inner.update(g, state.inner_state, params, **extra_args)
+            u = apply_mask_to_updates(u, params, masks)
+        else:  # straight-through: dense weights, the model applies the masks
+            u, inner_state = inner.update(grads, state.inner_state, params, **extra_args)
         return u, PruneState(
             count=optax.safe_increment(state.count),
             masks=masks,
