@@ -130,6 +130,52 @@ def test_set_regrows_at_random_inactive_positions_with_seed():
     assert not all(np.array_equal(x, y) for x, y in zip(a, c))
 
 
+def test_random_keys_distinct_deterministic_and_balanced():
+    params = {"a": jnp.zeros((256, 256)), "b": jnp.zeros((3,)), "c": jnp.zeros(())}
+    k1 = jp.dynamic.random_keys(jax.random.key(0), params)
+    k2 = jp.dynamic.random_keys(jax.random.key(0), params)
+    k3 = jp.dynamic.random_keys(jax.random.key(1), params)
+    a = np.asarray(k1["a"]).ravel()
+    assert k1["a"].dtype == jnp.uint32 and k1["c"].shape == ()
+    assert len(np.unique(a)) == a.size  # a keyed bijection of the index
+    assert np.array_equal(a, np.asarray(k2["a"]).ravel())
+    assert np.mean(a == np.asarray(k3["a"]).ravel()) < 1e-3
+    # Every bit is set in half the entries (65536 draws: 5 sd is 0.0098).
+    bits = (a[:, None] >> np.arange(32, dtype=np.uint32)) & 1
+    assert np.all(np.abs(bits.mean(axis=0) - 0.5) < 0.0098), bits.mean(axis=0)
+
+
+def test_set_growth_is_uniform_over_inactive_positions():
+    # One SET exchange per key: 32 of 128 inactive positions grow. Over 400
+    # keys each inactive position grows about 100 times (sd 8.7); none of the
+    # active ones ever does.
+    p = {"w": jnp.linspace(1.0, 2.0, 256).reshape(16, 16)}
+    m = {"w": (jnp.arange(256) < 128).reshape(16, 16)}
+
+    @jax.jit
+    def grown(key):
+        return drop_and_grow(p, m, jp.dynamic.random_keys(key, p), 0.25)[1]["w"]
+
+    counts = sum(np.asarray(grown(jax.random.key(i)), np.int64) for i in range(400)).ravel()
+    assert counts[:128].sum() == 0
+    assert counts[128:].sum() == 400 * 32
+    assert np.all(np.abs(counts[128:] - 100) < 5 * 8.7), counts[128:]
+
+
+def test_drop_and_grow_stores_no_score_sized_temporary():
+    # Drop and grow keys are recomputed inside each counting pass (LazyScores),
+    # so one exchange allocates far less than a key per weight (4 MiB here).
+    p = {"w": jax.random.normal(jax.random.key(0), (1024, 1024))}
+    m = {"w": jax.random.uniform(jax.random.key(1), (1024, 1024)) < 0.1}
+    g = {"w": jax.random.normal(jax.random.key(2), (1024, 1024))}
+    f = jax.jit(lambda p, m, g: drop_and_grow(p, m, g, 0.3))
+    temp = f.lower(p, m, g).compile().memory_analysis().temp_size_in_bytes
+    assert temp < 1024 * 1024 * 4 // 8, f"temp {temp} bytes"
+    rk = jax.jit(lambda p, m, key: drop_and_grow(p, m, jp.dynamic._random_keys_lazy(key, p), 0.3))
+    temp = rk.lower(p, m, jax.random.key(3)).compile().memory_analysis().temp_size_in_bytes
+    assert temp < 1024 * 1024 * 4 // 8, f"temp {temp} bytes (random growth)"
+
+
 def test_erk_initial_masks_are_exact_per_leaf():
     params = _params()
     tx = jp.set_training(optax.sgd(0.1), 0.8)  # allocation="erk"

@@ -42,6 +42,16 @@ class Params(NamedTuple):
 # order (tree_leaves): conv/bias, conv/kernel, dense.w, dense.b, dense.emb,
 # seq/0, seq/1/0, seq/1/1/0, seq/2. Default where=None selects ndim >= 2.
 TEMPLATES = {
+    # Shapes for every packing path of select.count_true and the tie phase:
+    # rows % 32 == 0 (words across rows), last axis % 32 == 0 (words along a
+    # row, also used per row for ties), both, and neither.
+    "packed": lambda mk: {
+        "rows": mk((64, 5), F32),
+        "cols": mk((3, 96), BF16),
+        "both": mk((32, 64), F32),
+        "deep": mk((2, 3, 32), F16),
+        "odd": mk((7, 9), F32),
+    },
     "mixed": lambda mk: {
         "conv": {"kernel": mk((3, 3, 4, 8), F32), "bias": mk((8,), F32)},
         "dense": Params(w=mk((64, 80), BF16), b=mk((80,), BF16), emb=mk((5, 7), F16)),
@@ -385,9 +395,79 @@ def test_select_groups_interleaved(seed, kinds, fracs):
 def test_count_true():
     rng = np.random.default_rng(5)
     f = jax.jit(sel.count_true)
-    for shape in [(0,), (7,), (8,), (3, 12), (5, 3), (2, 2, 16), ()]:
-        x = rng.random(shape) < 0.4
-        assert int(f(jnp.asarray(x))) == int(np.sum(x)), shape
+    shapes = [(0,), (7,), (8,), (32,), (96,), (3, 12), (5, 3), (2, 2, 16), (), (64, 5),
+              (3, 96), (32, 64), (2, 16, 3), (4, 3, 32), (33, 31), (0, 32)]
+    for shape in shapes:
+        for p in (0.0, 0.4, 1.0):
+            x = rng.random(shape) < p
+            assert int(f(jnp.asarray(x))) == int(np.sum(x)), (shape, p)
+
+
+@pytest.mark.parametrize("shape", [(5, 64), (3, 7), (33, 32), (1, 96), (4, 0)])
+def test_count_rows_and_one_row(shape):
+    rng = np.random.default_rng(6)
+    x = rng.random(shape) < 0.3
+    rows = jax.jit(sel._count_rows)(jnp.asarray(x))
+    np.testing.assert_array_equal(np.asarray(rows), x.sum(axis=1))
+    one = jax.jit(sel._one_row)
+    for r in range(shape[0]):
+        np.testing.assert_array_equal(np.asarray(one(jnp.asarray(x), jnp.int32(r))), x[r])
+
+
+@settings(max_examples=30, **SETTINGS)
+@given(data=score_trees(("packed",)), ss=st.lists(SPARSITIES, min_size=1, max_size=3))
+def test_packing_paths_topk_and_global(data, ss):
+    _, tree = data
+    for s in ss:
+        check_topk(tree, TOPK(tree, jnp.float32(s)), s, traced=True)
+        check_global(tree, GLOBAL(tree, jnp.float32(s)), s, traced=True)
+
+
+def _lazy_where(x, m):
+    return jnp.where(m, x.astype(jnp.float32), -jnp.inf)
+
+
+_SELECT_LAZY = jax.jit(
+    lambda xs, ms, keep: sel.select_groups(
+        [sel.LazyScores(_lazy_where, (x, m)) for x, m in zip(xs, ms)], [0, 1, 0], keep))
+_SELECT_EAGER = jax.jit(
+    lambda xs, ms, keep: sel.select_groups([_lazy_where(x, m) for x, m in zip(xs, ms)],
+                                           [0, 1, 0], keep))
+
+
+@settings(max_examples=30, **SETTINGS)
+@given(seed=st.integers(0, 2**32 - 1), kinds=st.lists(st.sampled_from(oracle.KINDS), min_size=3,
+                                                       max_size=3),
+       fracs=st.lists(st.floats(0, 1), min_size=2, max_size=2))
+def test_lazy_scores_equal_materialised_scores(seed, kinds, fracs):
+    # LazyScores recompute the keys inside each pass; the masks must equal the
+    # selection on the stored scores and the numpy oracle, ties included.
+    rng = np.random.default_rng(seed)
+    shapes = [(64, 40), (3, 96), (5, 7)]
+    xs = [jnp.asarray(oracle.gen_scores(rng, sh, kd, BF16)) for sh, kd in zip(shapes, kinds)]
+    ms = [jnp.asarray(rng.random(sh) < 0.5) for sh in shapes]
+    n = [64 * 40 + 35, 3 * 96]
+    keep = [jnp.int32(int(f * k)) for f, k in zip(fracs, n)]
+    lazy = _SELECT_LAZY(xs, ms, keep)
+    eager = _SELECT_EAGER(xs, ms, keep)
+    for a, b in zip(lazy, eager):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    scores = [np.where(np.asarray(m), oracle.to_f32(x), -np.inf) for x, m in zip(xs, ms)]
+    g0 = oracle.topk_leaf(np.concatenate([scores[0].ravel(), scores[2].ravel()]), int(keep[0]))
+    np.testing.assert_array_equal(np.asarray(lazy[0]).ravel(), g0[: 64 * 40])
+    np.testing.assert_array_equal(np.asarray(lazy[2]).ravel(), g0[64 * 40:])
+    np.testing.assert_array_equal(np.asarray(lazy[1]), oracle.topk_leaf(scores[1], int(keep[1])))
+
+
+def test_lazy_scores_store_no_key_sized_temporary():
+    # The point of LazyScores: a selection over scores computed from existing
+    # arrays allocates far less than one key per score (here 4 MiB of keys).
+    x = jnp.ones((1024, 1024), jnp.float32)
+    m = jnp.ones((1024, 1024), jnp.bool_)
+    lazy = jax.jit(lambda x, m: sel.select_groups([sel.LazyScores(_lazy_where, (x, m))], [0],
+                                                  [jnp.int32(1000)]))
+    temp = lazy.lower(x, m).compile().memory_analysis().temp_size_in_bytes
+    assert temp < x.size * 4 // 8, f"temp {temp} bytes for {x.size} scores"
 
 
 @pytest.mark.parametrize("k", [0, 1, 17, 2047, 2048, 4095, 4096])
