@@ -18,8 +18,13 @@ load from other processes hits all variants alike; each block holds exactly
 one connection update for SET and RigL (the step counter is aligned so every
 block contains one step with ``count % 100 == 0``). Reported: min and median
 over ``--reps`` blocks of ms/step (the block mean, update step included),
-and their ratios to dense. Also: the connection update alone
-(``drop_and_grow`` on these params, jitted), to see what one update costs.
+and their ratios to dense (wall clock, and process CPU time), and the minor
+page faults per step (a step whose XLA temp buffer is above glibc's 32 MiB
+mmap threshold maps and faults it in afresh every step). Also: the
+connection update alone
+(``drop_and_grow`` on these params, jitted), to see what one update costs,
+each step's XLA scratch buffer (``memory_analysis``), and SET's random
+growth keys (``jp.dynamic.random_keys``) against ``jax.random.bits``.
 
 Run:
   python benchmarks/bench_dynamic.py                 # --reps 3 (300 steps each)
@@ -33,6 +38,7 @@ import datetime
 import json
 import os
 import platform
+import resource
 import time
 
 import jax
@@ -77,21 +83,62 @@ class Runner:
         p = jax.tree.map(jnp.copy, params)
         self.carry = jax.block_until_ready(self.step(p, tx.init(p), x, y))  # compile; count -> 1
 
-    def one(self) -> float:
-        """One step, synced; returns its time in ms."""
-        t0 = time.perf_counter()
+    def temp_mib(self) -> float:
+        """XLA's scratch buffer for one step (``memory_analysis``), in MiB."""
+        compiled = self.step.lower(*self.carry, self.x, self.y).compile()
+        return compiled.memory_analysis().temp_size_in_bytes / 2**20
+
+    def one(self) -> tuple[float, float, int]:
+        """One step, synced; returns its wall and process CPU time in ms and
+        the minor page faults it caused."""
+        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        t0, c0 = time.perf_counter(), time.process_time()
         self.carry = jax.block_until_ready(self.step(*self.carry, self.x, self.y))
-        return (time.perf_counter() - t0) * 1e3
+        t1, c1 = time.perf_counter(), time.process_time()
+        f1 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        return (t1 - t0) * 1e3, (c1 - c0) * 1e3, f1 - f0
 
 
 def interleaved_block(runners: dict, n: int) -> dict:
     """``n`` steps of every variant, interleaved step by step (A B C D A B ...),
-    so that load changes hit all variants alike; returns ms/step per variant."""
-    total = dict.fromkeys(runners, 0.0)
+    so that load changes hit all variants alike; returns per variant the
+    (wall ms/step, CPU ms/step, page faults/step) of the block."""
+    total = {name: np.zeros(3) for name in runners}
     for _ in range(n):
         for name, r in runners.items():
             total[name] += r.one()
-    return {name: t / n for name, t in total.items()}
+    return {name: tuple(float(v) for v in t / n) for name, t in total.items()}
+
+
+def random_growth_keys(reps: int, shape=(2048, 2048)) -> dict:
+    """SET's random regrowth keys for one 2048x2048 kernel, consumed by one
+    count (as a selection pass would): ``jax.random.bits`` (threefry) against
+    ``jp.dynamic.random_keys`` (a keyed hash of the position). Returns, per
+    method, the min ms over ``reps`` and XLA's scratch buffer in MiB."""
+    mask = jax.random.uniform(jax.random.key(1), shape) < 0.1
+    params = {"w": jnp.zeros(shape)}
+
+    def threefry(key):
+        return jax.random.bits(key, shape, jnp.uint32)
+
+    def hashed(key):
+        return jp.dynamic.random_keys(key, params)["w"]
+
+    out = {}
+    for name, gen in (("jax.random.bits", threefry), ("random_keys", hashed)):
+        fn = jax.jit(lambda key, m, gen=gen: jp.select.count_true(
+            jnp.where(m, jnp.uint32(0), gen(key)) >= jnp.uint32(0xF0000000)))
+        key = jax.random.key(0)
+        temp = fn.lower(key, mask).compile().memory_analysis().temp_size_in_bytes / 2**20
+        jax.block_until_ready(fn(key, mask))
+        ts = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(key, mask))
+            ts.append((time.perf_counter() - t0) * 1e3)
+        out[name] = dict(min_ms=min(ts), temp_mib=temp)
+        print(f"random growth keys, 2048x2048, {name}: min {min(ts):.1f} ms, scratch {temp:.1f} MiB")
+    return out
 
 
 def count_updates(state) -> int:
@@ -119,10 +166,17 @@ def main(argv=None) -> dict:
     y = jax.random.randint(ky, (BATCH,), 0, SIZES[-1])
     params = init_params(kp)
     runners = {name: Runner(tx, params, x, y) for name, tx in variants(params).items()}
-    times = {name: [] for name in runners}
+    temp = {name: r.temp_mib() for name, r in runners.items()}
+    print("XLA scratch buffer per step (MiB): " + ", ".join(f"{k} {v:.1f}" for k, v in temp.items()))
+    rng = random_growth_keys(reps=5)
+    times = {name: [] for name in runners}  # wall ms/step per block
+    cpu = {name: [] for name in runners}  # CPU ms/step per block
+    faults = {name: [] for name in runners}  # page faults/step per block
     for rep in range(args.reps):
-        for name, ms in interleaved_block(runners, args.block).items():
+        for name, (ms, cms, flt) in interleaved_block(runners, args.block).items():
             times[name].append(ms)
+            cpu[name].append(cms)
+            faults[name].append(flt)
         print(f"rep {rep + 1}/{args.reps}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in times.items()))
     # Every SET/RigL runner went through count % 100 == 0 once per block.
     for name in ("set", "rigl"):
@@ -140,17 +194,23 @@ def main(argv=None) -> dict:
         upd_ms.append((time.perf_counter() - t0) * 1e3)
 
     d_min, d_med = min(times["dense"]), float(np.median(times["dense"]))
+    c_med = float(np.median(cpu["dense"]))
     rows = {}
-    print("\n| variant | ms/step min | ms/step median | x dense (min) | x dense (median) |")
-    print("|---|---|---|---|---|")
+    print("\n| variant | wall ms/step min | median | x dense (min) | x dense (median) "
+          "| x dense (CPU, median) | page faults/step |")
+    print("|---|---|---|---|---|---|---|")
     for name, ts in times.items():
         mn, md = min(ts), float(np.median(ts))
+        cr = float(np.median(cpu[name])) / c_med
+        fl = float(np.median(faults[name]))
         rows[name] = dict(min_ms=mn, median_ms=md, ratio_min=mn / d_min, ratio_median=md / d_med,
-                          blocks=ts)
-        print(f"| {name} | {mn:.1f} | {md:.1f} | {mn / d_min:.3f} | {md / d_med:.3f} |")
+                          cpu_ratio_median=cr, page_faults_median=fl, blocks=ts,
+                          cpu_blocks=cpu[name])
+        print(f"| {name} | {mn:.1f} | {md:.1f} | {mn / d_min:.3f} | {md / d_med:.3f} | {cr:.3f} "
+              f"| {fl:.0f} |")
     print(f"\nconnection update alone (drop_and_grow, 3 kernels): min {min(upd_ms):.1f} ms")
     info["loadavg_end"] = os.getloadavg()[0]
-    out = dict(info=info, rows=rows, update_alone_ms=upd_ms)
+    out = dict(info=info, rows=rows, update_alone_ms=upd_ms, temp_mib=temp, random_keys=rng)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)

@@ -34,6 +34,7 @@ median over ``--reps`` blocks of ms/step (the block's mean), their ratios to
 dense, and for case b the mask-update step against the nine other steps of
 its block.
 
+Also printed: each step's XLA scratch buffer (``memory_analysis()``).
 The ``faults/step`` column counts minor page faults per step
 (``getrusage``). On Linux/glibc, XLA:CPU allocates each execution's temp
 buffer with ``malloc``; a buffer over glibc's largest mmap threshold (32 MiB)
@@ -204,6 +205,11 @@ class Runner:
         params = jax.tree.map(jnp.copy, params)
         self.carry = (params, tx.init(params))
 
+    def temp_mib(self) -> float:
+        """XLA's scratch buffer for one step (``memory_analysis``), in MiB."""
+        compiled = self.step.lower(*self.carry, self.x, self.y).compile()
+        return compiled.memory_analysis().temp_size_in_bytes / 2**20
+
     def one(self) -> tuple[float, float, int]:
         """Runs one step (synced); returns its wall and process CPU time in ms
         and the minor page faults it caused."""
@@ -284,6 +290,8 @@ def main(argv=None) -> dict:
         runners[name] = r = Runner(tx, params, x, y)
         for _ in range(BLOCK):  # compile; step 0 (a mask update in the pruned variants) + 9
             r.one()
+    temp = {name: r.temp_mib() for name, r in runners.items()}
+    print("XLA scratch buffer per step (MiB): " + ", ".join(f"{k} {v:.1f}" for k, v in temp.items()))
     # times[clock][name][rep] = the BLOCK step times of that block, in ms.
     times = {clock: {name: [] for name in runners} for clock in ("wall", "cpu")}
     faults = {name: [] for name in runners}  # minor page faults of every step
@@ -347,7 +355,7 @@ def main(argv=None) -> dict:
                   f"{np.median(ts[:, 0]):.1f} ms, cpu min {ts[:, 1].min():.1f} / median "
                   f"{np.median(ts[:, 1]):.1f} ms")
     info["loadavg_end"] = os.getloadavg()[0]
-    result = dict(info=info, rows=rows, case_b_steps=split, mask_update=mask_update,
+    result = dict(info=info, rows=rows, case_b_steps=split, mask_update=mask_update, temp_mib=temp,
                   step_times_ms=times)  # [clock][variant][block][step]
     if args.json:
         with open(args.json, "w") as f:
