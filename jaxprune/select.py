@@ -63,6 +63,8 @@ __all__ = [
 _U32_MAX = np.uint32(0xFFFFFFFF)
 _I32_MAX = np.int32(2**31 - 1)
 _SAMPLE_QUOTA = 8192
+_STORE_KEYS_BELOW = 1 << 16  # elements: a leaf this small stores its keys
+_STORED_KEYS_MAX = 1 << 21  # elements of stored keys per selection, at most
 
 
 def sortable_key(x: jax.Array) -> jax.Array:
@@ -478,6 +480,16 @@ def select_groups(
     def key_of(i, z=zero):
         s = lazy[i].fn(*[_touch(jnp.asarray(a), z) for a in lazy[i].args])
         return s if s.dtype == jnp.uint32 else sortable_key(s)
+
+    # Small leaves store their keys once (a few KiB each, at most
+    # _STORED_KEYS_MAX in all): their passes then only compare, which keeps
+    # the many small fusions of a many-leaf selection cheap to compile.
+    budget = _STORED_KEYS_MAX
+    for i in range(len(lazy)):
+        size = int(np.prod(jax.eval_shape(lambda i=i: key_of(i)).shape))
+        if 0 < size <= _STORE_KEYS_BELOW and size <= budget:
+            lazy[i] = LazyScores(_identity, (key_of(i),))
+            budget -= size
 
     shapes = [jax.eval_shape(lambda i=i: key_of(i)).shape for i in range(len(lazy))]
     sizes = [int(np.prod(sh)) for sh in shapes]

@@ -441,12 +441,15 @@ _SELECT_EAGER = jax.jit(
        fracs=st.lists(st.floats(0, 1), min_size=2, max_size=2))
 def test_lazy_scores_equal_materialised_scores(seed, kinds, fracs):
     # LazyScores recompute the keys inside each pass; the masks must equal the
-    # selection on the stored scores and the numpy oracle, ties included.
+    # selection on the stored scores and the numpy oracle, ties included. The
+    # first leaf is above select._STORE_KEYS_BELOW, so its keys stay lazy;
+    # the small ones store theirs.
+    assert 320 * 224 > sel._STORE_KEYS_BELOW
     rng = np.random.default_rng(seed)
-    shapes = [(64, 40), (3, 96), (5, 7)]
+    shapes = [(320, 224), (3, 96), (5, 7)]
     xs = [jnp.asarray(oracle.gen_scores(rng, sh, kd, BF16)) for sh, kd in zip(shapes, kinds)]
     ms = [jnp.asarray(rng.random(sh) < 0.5) for sh in shapes]
-    n = [64 * 40 + 35, 3 * 96]
+    n = [320 * 224 + 35, 3 * 96]
     keep = [jnp.int32(int(f * k)) for f, k in zip(fracs, n)]
     lazy = _SELECT_LAZY(xs, ms, keep)
     eager = _SELECT_EAGER(xs, ms, keep)
@@ -454,8 +457,8 @@ def test_lazy_scores_equal_materialised_scores(seed, kinds, fracs):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     scores = [np.where(np.asarray(m), oracle.to_f32(x), -np.inf) for x, m in zip(xs, ms)]
     g0 = oracle.topk_leaf(np.concatenate([scores[0].ravel(), scores[2].ravel()]), int(keep[0]))
-    np.testing.assert_array_equal(np.asarray(lazy[0]).ravel(), g0[: 64 * 40])
-    np.testing.assert_array_equal(np.asarray(lazy[2]).ravel(), g0[64 * 40:])
+    np.testing.assert_array_equal(np.asarray(lazy[0]).ravel(), g0[: 320 * 224])
+    np.testing.assert_array_equal(np.asarray(lazy[2]).ravel(), g0[320 * 224:])
     np.testing.assert_array_equal(np.asarray(lazy[1]), oracle.topk_leaf(scores[1], int(keep[1])))
 
 
@@ -478,3 +481,20 @@ def test_select_groups_all_equal_large(k):
     want = np.zeros(64 * 64, bool)
     want[:k] = True
     np.testing.assert_array_equal(np.asarray(m).ravel(), want)
+
+
+@pytest.mark.parametrize("stored_max", [0, 300, 1 << 21])
+def test_stored_and_lazy_keys_mix(monkeypatch, stored_max):
+    # Small leaves store their keys until the budget is spent; the rest stay
+    # lazy. Any mix gives the oracle's masks (ties included: a bf16 leaf).
+    monkeypatch.setattr(sel, "_STORED_KEYS_MAX", stored_max)
+    rng = np.random.default_rng(9)
+    specs = [((16, 16), "dup", BF16), ((7, 9), "special", F32), ((4, 64), "normal", F32)]
+    xs = [jnp.asarray(oracle.gen_scores(rng, sh, kind, dt)) for sh, kind, dt in specs]
+    keep = [jnp.int32(100), jnp.int32(40)]
+    masks = jax.jit(lambda xs: sel.select_groups(xs, [0, 1, 0], keep))(xs)
+    both = np.concatenate([oracle.to_f32(xs[0]).ravel(), oracle.to_f32(xs[2]).ravel()])
+    g0 = oracle.topk_leaf(both, 100)
+    np.testing.assert_array_equal(np.asarray(masks[0]).ravel(), g0[:256])
+    np.testing.assert_array_equal(np.asarray(masks[2]).ravel(), g0[256:])
+    np.testing.assert_array_equal(np.asarray(masks[1]), oracle.topk_leaf(xs[1], 40))
