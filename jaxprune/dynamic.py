@@ -36,8 +36,9 @@ Example:
   >>> tx = jp.rigl(optax.adam(1e-2), sparsity=0.9, update_every=5, allocation="uniform")
   >>> state = tx.init(params)
   >>> loss = lambda p: jnp.sum((p["w"] - 1.0) ** 2)
+  >>> update = jax.jit(tx.update)
   >>> for _ in range(12):
-  ...     u, state = tx.update(jax.grad(loss)(params), state, params)
+  ...     u, state = update(jax.grad(loss)(params), state, params)
   ...     params = optax.apply_updates(params, u)
   >>> int((params["w"] != 0).sum()) <= 26, int(jp.get_masks(state)["w"].sum())
   (True, 26)
@@ -586,8 +587,9 @@ def rigl(
       ...              allocation="uniform")
       >>> state = tx.init(params)
       >>> grad = jax.grad(lambda p: jnp.sum((p["w"] - 1.0) ** 2))
+      >>> update = jax.jit(tx.update)
       >>> for _ in range(5):
-      ...     u, state = tx.update(grad(params), state, params)
+      ...     u, state = update(grad(params), state, params)
       ...     params = optax.apply_updates(params, u)
       >>> int(jp.get_masks(state)["w"].sum())
       16
