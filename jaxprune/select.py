@@ -547,42 +547,77 @@ def select_groups(
     # ---- Phase 2: ties at the threshold, broken by position, in one pass:
     # count the ties of every row (last axis) of every leaf, find the row
     # holding the r-th tie of each group from the (small) cumulative row
-    # counts, then the column within that one row.
-    def tie_search():
-        row_ties = {
-            i: _count_rows(_rows_view(key_of(i, z_out)) == thresh[groups[i]])
-            for gi in range(n_groups)
-            for i in members[gi]
-        }
-        cuts = []
-        for gi in range(n_groups):
-            mem = members[gi]
-            cut = n_arr[gi]
-            if not mem:
-                cuts.append(cut)
-                continue
-            cums = jnp.cumsum(jnp.concatenate([row_ties[i] for i in mem]))
-            j = jnp.sum(cums < r[gi], dtype=jnp.int32)  # the row with the r-th tie
-            before = jnp.where(j > 0, cums[jnp.maximum(j - 1, 0)], 0)
-            c = r[gi] - before  # the c-th tie of that row is the last one kept
-            row_off = 0
-            for i in mem:
-                rows = _rows_view(key_of(i, z_out))
-                n_rows, n_cols = rows.shape
-                local = jnp.clip(j - row_off, 0, n_rows - 1)
-                # The ties of row `local`, by a masked reduction over rows (a
-                # dynamic slice would gather a sharded leaf; this reduces per
-                # shard and moves one row).
-                tie_row = _one_row(rows == thresh[gi], local)
-                prefix = jnp.cumsum(tie_row, dtype=jnp.int32)
-                col = jnp.sum(prefix < c, dtype=jnp.int32)
-                here = (j >= row_off) & (j < row_off + n_rows)
-                cut = jnp.where(here, offsets[i] + local * n_cols + col + 1, cut)
-                row_off += n_rows
-            cuts.append(cut)
-        return jnp.stack(cuts)
+    # counts, then the column within that one row. Per leaf this is two
+    # fused reductions; everything after them runs on small vectors holding
+    # all groups at once (segments at static offsets), so the branch compiles
+    # to a few kernels per leaf, not a few per group.
+    order = [i for gi in range(n_groups) for i in members[gi]]
 
-    if n_groups:
+    def tie_search():
+        views = [_rows_view(key_of(i, z_out)) for i in order]
+        ties = [v == thresh[groups[i]] for v, i in zip(views, order)]
+        n_rows = np.array([v.shape[0] for v in views], np.int64)
+        n_cols = np.array([v.shape[1] for v in views], np.int64)
+        grp = np.array([groups[i] for i in order], np.int64)
+
+        def layout(sizes):
+            # Per group [start, end) of its members' segments in a flat vector,
+            # each member's start within its group, and each entry's group.
+            start_g = np.zeros(n_groups, np.int64)
+            end_g = np.zeros(n_groups, np.int64)
+            within = np.zeros(len(order), np.int64)
+            pos = 0
+            for gi in range(n_groups):
+                start_g[gi] = pos
+                for m in np.flatnonzero(grp == gi):
+                    within[m] = pos - start_g[gi]
+                    pos += int(sizes[m])
+                end_g[gi] = pos
+            return start_g, end_g, within, np.repeat(grp, sizes)
+
+        def rank_in_groups(counts, start_g, end_g, entry_grp, target):
+            # For every group: how many of its entries have an in-group
+            # cumulative count below ``target``, and that in-group cumulative
+            # count at each entry.
+            cums = jnp.cumsum(counts, dtype=jnp.int32)
+            zc = jnp.concatenate([jnp.zeros((1,), jnp.int32), cums])
+            inside = cums - zc[start_g][entry_grp]
+            below = jnp.concatenate([jnp.zeros((1,), jnp.int32),
+                                     jnp.cumsum((inside < target[entry_grp]).astype(jnp.int32))])
+            return below[end_g] - below[start_g], inside
+
+        # The row holding each group's r-th tie: j rows of the group before it.
+        rs, re_, row_off, row_grp = layout(n_rows)
+        row_ties = jnp.concatenate([_count_rows(t) for t in ties])
+        j, inside = rank_in_groups(row_ties, rs, re_, row_grp, r)
+        prev = jnp.clip(jnp.asarray(rs) + j - 1, 0, max(int(n_rows.sum()) - 1, 0))
+        c = r - jnp.where(j > 0, inside[prev], 0)  # the c-th tie of that row
+        # That row's ties, zero in every member but the one holding it.
+        segs = []
+        for m, t in enumerate(ties):
+            jm = j[grp[m]]
+            here = (jm >= row_off[m]) & (jm < row_off[m] + n_rows[m])
+            local = jnp.clip(jm - int(row_off[m]), 0, int(n_rows[m]) - 1)
+            # A masked reduction over rows (a dynamic slice would gather a
+            # sharded leaf; this reduces per shard and moves one row).
+            segs.append(jnp.where(here, _one_row(t, local), 0))
+        cs, ce, col_off, col_grp = layout(n_cols)
+        at, _ = rank_in_groups(jnp.concatenate(segs), cs, ce, col_grp, c)  # column in the group
+        # The member holding that column, and the flat position after it.
+        first = np.searchsorted(grp, np.arange(n_groups))
+        held = jnp.asarray(col_off) <= at[grp]
+        count = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(held.astype(jnp.int32))])
+        last = np.searchsorted(grp, np.arange(n_groups), side="right")
+        m = jnp.clip(jnp.asarray(first) + count[last] - count[first] - 1, 0, len(order) - 1)
+
+        def static(v):
+            return jnp.asarray(np.asarray(v, np.int64), jnp.int32)[m]
+
+        offs = [offsets[i] for i in order]
+        cut = static(offs) + (j - static(row_off)) * static(n_cols) + (at - static(col_off)) + 1
+        return jnp.where(jnp.asarray(last > first), cut, n_arr)
+
+    if order:
         pos = lax.cond(jnp.any(need_pos), tie_search, lambda: n_arr)
         pos = jnp.where(need_pos, pos, n_arr)
     else:
