@@ -275,6 +275,15 @@ class LazyScores(NamedTuple):
     loop, so a selection needs no score- or key-sized temporary. ``fn`` returns
     float scores or ready-made ``uint32`` keys; it must be cheap and
     elementwise (it runs once per pass).
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> w = jnp.array([[0.5, -3.0, 2.0, 0.1]])
+      >>> m = jnp.array([[True, True, False, True]])
+      >>> kept = lambda w, m: jnp.where(m, jnp.abs(w), -jnp.inf)  # |w| of active weights
+      >>> (mask,) = jax.jit(lambda w, m: select_groups([LazyScores(kept, (w, m))], [0], [2]))(w, m)
+      >>> mask.tolist()
+      [[True, True, False, False]]
     """
 
     fn: Callable[..., jax.Array]
