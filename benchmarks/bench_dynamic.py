@@ -38,7 +38,6 @@ import datetime
 import json
 import os
 import platform
-import resource
 import time
 
 import jax
@@ -48,21 +47,13 @@ import optax
 
 # The benchmark MLP (784-2048-2048-10) and its loss, shared with bench_step.py.
 from bench_step import BATCH, SIZES, init_params, loss_fn  # noqa: E402
+from bench_step import Runner as StepRunner  # noqa: E402
 
 import jaxprune as jp
 from jaxprune.dynamic import drop_and_grow
 
 SPARSITY = 0.9
 UPDATE_EVERY = 100
-
-
-def make_step(tx):
-    def step(params, opt_state, x, y):
-        grads = jax.grad(loss_fn)(params, x, y)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state
-
-    return jax.jit(step, donate_argnums=(0, 1))
 
 
 def variants(params):
@@ -76,27 +67,13 @@ def variants(params):
     }
 
 
-class Runner:
+class Runner(StepRunner):
+    """bench_step's runner (its jitted step, ``temp_mib`` and ``one``), with one
+    step taken at construction: it compiles and moves the count to 1."""
+
     def __init__(self, tx, params, x, y):
-        self.step = make_step(tx)
-        self.x, self.y = x, y
-        p = jax.tree.map(jnp.copy, params)
-        self.carry = jax.block_until_ready(self.step(p, tx.init(p), x, y))  # compile; count -> 1
-
-    def temp_mib(self) -> float:
-        """XLA's scratch buffer for one step (``memory_analysis``), in MiB."""
-        compiled = self.step.lower(*self.carry, self.x, self.y).compile()
-        return compiled.memory_analysis().temp_size_in_bytes / 2**20
-
-    def one(self) -> tuple[float, float, int]:
-        """One step, synced; returns its wall and process CPU time in ms and
-        the minor page faults it caused."""
-        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        t0, c0 = time.perf_counter(), time.process_time()
-        self.carry = jax.block_until_ready(self.step(*self.carry, self.x, self.y))
-        t1, c1 = time.perf_counter(), time.process_time()
-        f1 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        return (t1 - t0) * 1e3, (c1 - c0) * 1e3, f1 - f0
+        super().__init__(tx, params, x, y)
+        self.one()
 
 
 def interleaved_block(runners: dict, n: int) -> dict:
