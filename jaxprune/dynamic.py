@@ -275,8 +275,8 @@ def random_keys(key: jax.Array, params: PyTree) -> PyTree:
     flat index (two rounds of the ``murmur3`` 32-bit finaliser, keyed by two
     32-bit words drawn from ``key``, a different pair per leaf). It is one
     elementwise pass that XLA fuses into its consumer, where
-    :func:`jax.random.bits` (threefry) on XLA:CPU costs about 18x the time and
-    a temporary 4x the output. Use it for random *rankings* (SET's regrowth);
+    :func:`jax.random.bits` (threefry) on XLA:CPU costs about 30x the time and
+    a temporary 4x the output (``benchmarks/bench_dynamic.py`` prints both). Use it for random *rankings* (SET's regrowth);
     use :mod:`jax.random` where statistical guarantees matter.
 
     Example:

@@ -481,7 +481,7 @@ def select_groups(
         raise ValueError("select_groups: scores and groups differ in length.")
     zero = jnp.zeros((), jnp.uint32)
 
-    # Keys are recomputed (fused) wherever they are used, never stored: in the
+    # Keys are recomputed (fused) wherever they are used, not stored: in the
     # search loop from args touched by a loop-varying zero (so XLA cannot
     # hoist them out of the loop and store them), elsewhere from other zeros.
     lazy = [s if isinstance(s, LazyScores) else LazyScores(_identity, (s,)) for s in scores]
@@ -490,18 +490,16 @@ def select_groups(
         s = lazy[i].fn(*[_touch(jnp.asarray(a), z) for a in lazy[i].args])
         return s if s.dtype == jnp.uint32 else sortable_key(s)
 
-    # Small leaves store their keys once (a few KiB each, at most
-    # _STORED_KEYS_MAX in all): their passes then only compare, which keeps
-    # the many small fusions of a many-leaf selection cheap to compile.
+    shapes = [jax.eval_shape(lambda i=i: key_of(i)).shape for i in range(len(lazy))]
+    sizes = [int(np.prod(sh)) for sh in shapes]
+    # Except for small leaves: they store their keys once (at most
+    # _STORED_KEYS_MAX in all), so their passes only compare, which keeps the
+    # many small fusions of a many-leaf selection cheap to compile.
     budget = _STORED_KEYS_MAX
-    for i in range(len(lazy)):
-        size = int(np.prod(jax.eval_shape(lambda i=i: key_of(i)).shape))
+    for i, size in enumerate(sizes):
         if 0 < size <= _STORE_KEYS_BELOW and size <= budget:
             lazy[i] = LazyScores(_identity, (key_of(i),))
             budget -= size
-
-    shapes = [jax.eval_shape(lambda i=i: key_of(i)).shape for i in range(len(lazy))]
-    sizes = [int(np.prod(sh)) for sh in shapes]
     n_group = [0] * n_groups
     offsets = []
     for sz, g in zip(sizes, groups):
