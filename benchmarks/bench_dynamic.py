@@ -34,10 +34,8 @@ Run:
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import time
 
 import jax
@@ -46,7 +44,13 @@ import numpy as np
 import optax
 
 # The benchmark MLP (784-2048-2048-10) and its loss, shared with bench_step.py.
-from bench_step import BATCH, SIZES, init_params, loss_fn  # noqa: E402
+from bench_step import (  # noqa: E402
+    BATCH,
+    SIZES,
+    init_params,
+    loss_fn,
+    run_info,  # noqa: E402
+)
 from bench_step import Runner as StepRunner  # noqa: E402
 
 import jaxprune as jp
@@ -130,12 +134,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--json", metavar="PATH", help="write all numbers here")
     args = ap.parse_args(argv)
     dev = jax.devices()[0]
-    info = dict(
-        date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        platform=dev.platform, device_kind=dev.device_kind, cpus=os.cpu_count(),
-        jax=jax.__version__, python=platform.python_version(), reps=args.reps,
-        block=args.block, loadavg_start=os.getloadavg()[0],
-    )
+    info = run_info(reps=args.reps, block=args.block)
     print(f"device: {dev.platform} / {dev.device_kind}, {os.cpu_count()} CPUs, jax "
           f"{jax.__version__}, load average {os.getloadavg()[0]:.1f}")
     kx, ky, kp = jax.random.split(jax.random.key(0), 3)

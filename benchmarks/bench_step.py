@@ -248,6 +248,20 @@ def git_commit() -> str | None:
     return head + ("+dirty" if dirty else "")
 
 
+def run_info(**extra) -> dict:
+    """Where and when a benchmark ran: date, device, versions, load, malloc
+    environment and git commit, plus ``extra``."""
+    dev = jax.devices()[0]
+    return dict(
+        date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        platform=dev.platform, device_kind=dev.device_kind, cpus=os.cpu_count(),
+        jax=jax.__version__, python=platform.python_version(),
+        loadavg_start=os.getloadavg()[0],
+        malloc_env={k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
+        commit=git_commit(), **extra,
+    )
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=20, help="timed blocks of 10 steps per variant")
@@ -258,14 +272,7 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
 
     dev = jax.devices()[0]
-    info = dict(
-        date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        platform=dev.platform, device_kind=dev.device_kind, cpus=os.cpu_count(),
-        jax=jax.__version__, python=platform.python_version(), reps=args.reps,
-        loadavg_start=os.getloadavg()[0],
-        malloc_env={k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
-        commit=git_commit(),
-    )
+    info = run_info(reps=args.reps)
     print(f"device: {dev.platform} / {dev.device_kind}, {os.cpu_count()} CPUs, "
           f"jax {jax.__version__}, load average {os.getloadavg()[0]:.1f}, "
           f"malloc env {info['malloc_env'] or 'default'}")

@@ -256,7 +256,7 @@ def _grow_lazy(g: Any, m: jax.Array) -> _select.LazyScores:
     if isinstance(g, _select.LazyScores):
         inner_fn, inner_args = g.fn, tuple(g.args)
     else:
-        inner_fn, inner_args = (lambda x: x), (jnp.asarray(g),)
+        inner_fn, inner_args = _select._identity, (jnp.asarray(g),)
 
     def fn(m, *args):
         v = inner_fn(*args)
