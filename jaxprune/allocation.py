@@ -1,11 +1,13 @@
 """Per-leaf sparsity budgets: uniform, global, ERK, regex maps, callables.
 
-An *allocation* turns one overall sparsity into masks:
+An *allocation* turns one overall sparsity into per-leaf sparsities
+(:func:`sparsities`) and masks (:func:`masks`):
 
-* ``"uniform"``: every selected leaf at the same sparsity (:func:`masks.topk`).
+* ``"uniform"``: every selected leaf at the same sparsity, per-leaf top-k
+  (:func:`jaxprune.masks.topk`).
 * ``"global"``: one threshold over all selected leaves
-  (:func:`masks.global_topk`); layers end up at whatever sparsity their
-  scores dictate.
+  (:func:`jaxprune.masks.global_topk`); layers end up at whatever sparsity
+  their scores dictate, so it has masks but no per-leaf sparsities.
 * ``"erk"``: Erdos-Renyi-Kernel (Evci et al. 2020): the density of a layer is
   proportional to ``sum(shape) / prod(shape)``, scaled so the total kept
   count matches the overall sparsity; layers that would exceed density 1 are
@@ -15,13 +17,19 @@ An *allocation* turns one overall sparsity into masks:
   the overall sparsity. The first matching key wins.
 * a callable ``(params, sparsity) -> tree of per-leaf sparsities``.
 
+Every function here takes ``(tree, sparsity, allocation, *, where=None,
+...)`` in that order.
+
 Example:
   >>> import jax.numpy as jnp
   >>> import jaxprune as jp
-  >>> params = {"a": jnp.ones((100, 100)), "b": jnp.ones((10, 100))}
-  >>> s = jp.allocation.erk(params, 0.9)
-  >>> round(float(s["a"]), 3), round(float(s["b"]), 3)
+  >>> params = {"a": jnp.ones((100, 100)), "c": jnp.ones((10, 100))}
+  >>> s = jp.allocation.sparsities(params, 0.9, "erk")
+  >>> round(float(s["a"]), 3), round(float(s["c"]), 3)
   (0.929, 0.61)
+  >>> m = jp.allocation.masks(jp.scores.magnitude(params), 0.9, "erk")
+  >>> int(m["c"].sum()) == round(1000 * (1 - float(s["c"])))
+  True
 
 References:
   Evci et al., "Rigging the lottery: making all tickets winners", ICML 2020;
@@ -32,19 +40,29 @@ References:
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxprune import deprecation as _deprecation
 from jaxprune import masks as _masks
+from jaxprune import scores as _scores
 from jaxprune import tree as _tree
 
 PyTree = Any
 
-__all__ = ["NAMES", "check", "compute_masks", "erk", "per_leaf"]
+__all__ = [
+    "NAMES",
+    "check",
+    "compute_masks",
+    "erk",
+    "masks",
+    "per_leaf",
+    "random_masks",
+    "sparsities",
+]
 
 NAMES = ("uniform", "global", "erk")
 
@@ -70,7 +88,7 @@ def check(allocation: Any, params: PyTree | None = None, where: Any = None) -> N
                 _masks.check_sparsity(v, f"allocation[{k!r}]")
         if params is not None:
             paths = _tree.paths(params)
-            sel = _tree.select(params, where)
+            sel = _tree.flags(params, where)
             chosen = [p for p, s in zip(paths, sel) if s]
             for k in allocation:
                 if not any(re.search(k, p) for p in chosen):
@@ -90,7 +108,8 @@ def check(allocation: Any, params: PyTree | None = None, where: Any = None) -> N
 def erk(params: PyTree, sparsity: Any, where: Any = None, power: float = 1.0) -> PyTree:
     """Erdos-Renyi-Kernel per-leaf sparsities for an overall ``sparsity``.
 
-    Works with a traced ``sparsity``. Unselected leaves get ``0.0``.
+    Works with a traced ``sparsity``. Unselected leaves get ``0.0``. The same
+    as ``sparsities(params, sparsity, "erk", where=where)`` (with ``power=1``).
 
     Args:
       params: parameter pytree (only shapes are used).
@@ -100,9 +119,15 @@ def erk(params: PyTree, sparsity: Any, where: Any = None, power: float = 1.0) ->
 
     Returns:
       A tree of float32 scalars: the sparsity of each leaf.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> s = erk({"a": jnp.ones((10, 10)), "c": jnp.ones((10, 2))}, 0.5)
+      >>> round(float(s["a"]), 3), float(s["c"])
+      (0.6, 0.0)
     """
     paths, leaves, treedef = _tree.flatten(params)
-    sel = _tree.select(params, where)
+    sel = _tree.flags(params, where)
     idx = [i for i, s in enumerate(sel) if s]
     sizes = np.array([np.size(leaves[i]) for i in idx], np.float64)
     scales = np.array(
@@ -132,68 +157,142 @@ def erk(params: PyTree, sparsity: Any, where: Any = None, power: float = 1.0) ->
     return _tree.unflatten(treedef, out)
 
 
-def per_leaf(
-    allocation: Any,
-    params: PyTree,
-    sparsity: Any,
-    where: Any = None,
-    count: Any = None,
-) -> list[Any] | None:
-    """Per-leaf sparsities (a list in leaf order) or ``None`` for "global"."""
+def _per_leaf(params: PyTree, sparsity: Any, allocation: Any, where: Any, step: Any) -> list[Any]:
+    """Per-leaf sparsities in leaf order (``0.0`` for unselected leaves)."""
     paths, leaves, _ = _tree.flatten(params)
-    sel = _tree.select(params, where)
-    if allocation == "global":
-        return None
-    if allocation == "uniform":
-        return [sparsity] * len(leaves)
-    if allocation == "erk":
-        return jax.tree_util.tree_leaves(erk(params, sparsity, where))
-    if isinstance(allocation, dict):
-        out = []
-        for p, s in zip(paths, sel):
-            val = sparsity
-            if s:
-                for k, v in allocation.items():
-                    if re.search(k, p):
-                        val = v(count) if callable(v) else v
-                        break
-            out.append(val)
-        return out
-    if callable(allocation):
-        tree_s = allocation(params, sparsity)
-        return _masks._per_leaf_sparsity(tree_s, params, paths, sel)
+    sel = _tree.flags(params, where)
     check(allocation)
-    raise AssertionError("unreachable")
+    if allocation == "global":
+        raise ValueError(
+            "allocation 'global' has no per-leaf sparsities: one threshold over all "
+            "selected leaves decides them from the scores. Use jp.allocation.masks(scores, "
+            "sparsity, 'global'), or 'uniform' / 'erk' for sparsities known in advance."
+        )
+    if allocation == "uniform":
+        out = [sparsity] * len(leaves)
+    elif allocation == "erk":
+        out = jax.tree_util.tree_leaves(erk(params, sparsity, where))
+    elif isinstance(allocation, dict):
+        out = [_regex_value(allocation, p, sparsity, step) if s else sparsity
+               for p, s in zip(paths, sel)]
+    else:  # a callable (check() accepted nothing else)
+        out = _masks.per_leaf_sparsity(allocation(params, sparsity), params, paths, sel)
+    return [v if s else 0.0 for v, s in zip(out, sel)]
 
 
-def compute_masks(
-    scores: PyTree,
-    sparsity: Any,
-    allocation: Any = "uniform",
-    where: Any = None,
-    params: PyTree | None = None,
-    count: Any = None,
-) -> PyTree:
+def _regex_value(allocation: dict, path: str, sparsity: Any, step: Any) -> Any:
+    for k, v in allocation.items():
+        if re.search(k, path):
+            return v(step) if callable(v) else v
+    return sparsity
+
+
+def sparsities(params: PyTree, sparsity: Any, allocation: Any = "uniform", *,
+               where: Any = None, step: Any = None) -> PyTree:
+    """Per-leaf sparsities of an allocation, for an overall ``sparsity``.
+
+    Args:
+      params: the parameters (shapes, paths and structure are used).
+      sparsity: overall fraction of zeros among the selected weights (a
+        number or a traced scalar).
+      allocation: ``"uniform"``, ``"erk"``, a dict ``{path regex: sparsity}``
+        or a callable (see the module docstring); not ``"global"``, whose
+        per-leaf sparsities depend on the scores.
+      where: which leaves are pruned (others get ``0.0``).
+      step: the step, for schedules inside a dict allocation.
+
+    Returns:
+      A tree with the structure of ``params``: each leaf's sparsity.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> p = {"a": {"kernel": jnp.ones((4, 4))}, "c": {"kernel": jnp.ones((4, 4))}}
+      >>> sparsities(p, 0.5, {"^c": 0.9})
+      {'a': {'kernel': 0.5}, 'c': {'kernel': 0.9}}
+    """
+    values = _per_leaf(params, sparsity, allocation, where, step)
+    return _tree.unflatten(jax.tree_util.tree_structure(params), values)
+
+
+def masks(scores: PyTree, sparsity: Any, allocation: Any = "uniform", *, where: Any = None,
+          params: PyTree | None = None, step: Any = None) -> PyTree:
     """Masks for ``scores`` at an overall ``sparsity`` under an allocation.
+
+    ``"uniform"`` and the per-leaf allocations run :func:`jaxprune.masks.topk`
+    at each leaf's sparsity; ``"global"`` runs
+    :func:`jaxprune.masks.global_topk`.
 
     Args:
       scores: score tree (structure of the parameters).
       sparsity: overall sparsity (number or traced scalar).
       allocation: see the module docstring.
-      where: which leaves are pruned.
-      params: the parameters (for shape-based allocations; defaults to scores).
-      count: the step, for schedules inside a dict allocation.
+      where: which leaves are pruned, decided on ``params``.
+      params: the parameters (for shape-based allocations and for
+        ``where=``; defaults to ``scores``).
+      step: the step, for schedules inside a dict allocation.
 
     Returns:
       A mask tree.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> s = {"a": jnp.array([[1.0, 2.0], [3.0, 4.0]]), "c": jnp.array([[5.0, 6.0], [7.0, 8.0]])}
+      >>> m = masks(s, 0.5, "global")
+      >>> int(m["a"].sum()), int(m["c"].sum())
+      (0, 4)
     """
     params = scores if params is None else params
-    sp = per_leaf(allocation, params, sparsity, where, count)
-    if sp is None:
-        return _masks.global_topk(scores, sparsity, where)
+    _tree.check_same_structure(params, scores, "params", "scores")
+    sel = _masks.selection(params, where, "params")[3]
     treedef = jax.tree_util.tree_structure(scores)
-    return _masks.topk(scores, _tree.unflatten(treedef, _fill(sp)), where)
+    chosen = _tree.unflatten(treedef, sel)
+    if allocation == "global":
+        return _masks.global_topk(scores, sparsity, where=chosen)
+    sp = _per_leaf(params, sparsity, allocation, where, step)
+    return _masks.topk(scores, _tree.unflatten(treedef, sp), where=chosen)
 
 
-def _fill(sp: Sequence[Any]) -> list[Any]:
-    return [0.0 if v is None else v for v in sp]
+def random_masks(key: jax.Array, params: PyTree, sparsity: Any, allocation: Any = "uniform", *,
+                 where: Any = None) -> PyTree:
+    """Random masks at the per-leaf sparsities of an allocation.
+
+    Each selected leaf keeps exactly the count its allocation gives it
+    (``round(n_l * (1 - s_l))``), chosen uniformly at random (random scores,
+    exact selection).
+
+    Args:
+      key: a PRNG key.
+      params: the parameters (shapes and structure are used).
+      sparsity: overall fraction of zeros among the selected weights.
+      allocation: ``"uniform"`` (default), ``"erk"``, ``"global"``, a dict or
+        a callable.
+      where: which leaves to prune.
+
+    Returns:
+      A mask tree.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> m = random_masks(jax.random.key(0), {"w": jnp.ones((4, 5))}, 0.5)
+      >>> int(m["w"].sum())
+      10
+    """
+    return masks(_scores.random(params, key=key), sparsity, allocation, where=where,
+                 params=params)
+
+
+def per_leaf(allocation: Any, params: PyTree, sparsity: Any, where: Any = None,
+             count: Any = None) -> list[Any] | None:
+    """Deprecated: use :func:`sparsities`. Per-leaf sparsities as a list in
+    leaf order, or ``None`` for ``"global"``."""
+    _deprecation.warn("jaxprune.allocation.per_leaf", "jaxprune.allocation.sparsities")
+    if allocation == "global":
+        return None
+    return _per_leaf(params, sparsity, allocation, where, count)
+
+
+def compute_masks(scores: PyTree, sparsity: Any, allocation: Any = "uniform", where: Any = None,
+                  params: PyTree | None = None, count: Any = None) -> PyTree:
+    """Deprecated: use :func:`masks` (same arguments, ``count`` is ``step``)."""
+    _deprecation.warn("jaxprune.allocation.compute_masks", "jaxprune.allocation.masks")
+    return masks(scores, sparsity, allocation, where=where, params=params, step=count)

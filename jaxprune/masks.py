@@ -2,13 +2,14 @@
 
 A mask tree has the structure of its parameters. Selected leaves hold a
 ``bool`` array of the leaf's shape (``True`` = keep); leaves that are not
-selected hold a scalar ``True``, which broadcasts, so
-:func:`apply_masks` leaves them untouched.
+selected (and leaves that are not arrays) hold a scalar ``True``, which
+broadcasts, so :func:`apply_masks` leaves them untouched.
 
 All selections are exact: a sparsity ``s`` over ``n`` candidates keeps
 ``round(n * (1 - s))`` of them (half to even), ties broken by position (lower
 flat index first, leaves in pytree order) and NaN ranked lowest. They run
-under :func:`jax.jit`, with a traced sparsity too.
+under :func:`jax.jit`, with a traced sparsity too. :func:`topk` and
+:func:`global_topk` also take exact keep counts (``keep=``) instead.
 
 Example:
   >>> import jax.numpy as jnp
@@ -31,30 +32,39 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
+from jaxprune import deprecation as _deprecation
 from jaxprune import select as _select
 from jaxprune import tree as _tree
 
 PyTree = Any
 
 __all__ = [
+    "REDUCTIONS",
     "PackedMask",
     "Summary",
     "apply_masks",
+    "apply_masks_ste",
     "block",
     "channels",
     "global_topk",
     "n_of_m",
     "pack",
+    "random_like",
     "sparsity",
+    "sparsity_of",
     "summary",
     "topk",
     "unpack",
 ]
 
+REDUCTIONS = ("l1", "l2", "mean", "max")
+"""How :func:`block` and :func:`channels` reduce a group of scores to one."""
+
 
 # --------------------------------------------------------------------------
-# Validation helpers
+# Validation helpers (shared by the package)
 
 
 def _is_concrete(x: Any) -> bool:
@@ -89,14 +99,20 @@ def _check_float(path: str, leaf: Any, what: str = "scores") -> None:
         )
 
 
-def _selected(scores: PyTree, where: Any, what: str = "scores"):
-    paths, leaves, treedef = _tree.flatten(scores)
-    sel = _tree.select(scores, where)
+def selection(tree: PyTree, where: Any = None, what: str = "scores"):
+    """``(paths, leaves, treedef, flags)`` of ``tree`` under ``where=``.
+
+    Raises ``ValueError`` if nothing is selected and ``TypeError`` if a
+    selected leaf is not floating.
+    """
+    paths, leaves, treedef = _tree.flatten(tree)
+    sel = _tree.flags(tree, where)
     if leaves and not any(sel):
         raise ValueError(
             f"where={where!r} selects no leaf of {what} (paths: {paths[:20]}). With "
-            "where=None only floating leaves with ndim >= 2 are selected; pass a regex "
-            "or a callable to choose others."
+            "where=None only kernels are selected (jp.tree.is_kernel: floating leaves "
+            "with two axes longer than 1, not named like a bias, norm or embedding); "
+            "pass a regex or a callable to choose others."
         )
     for p, leaf, s in zip(paths, leaves, sel):
         if s:
@@ -104,116 +120,151 @@ def _selected(scores: PyTree, where: Any, what: str = "scores"):
     return paths, leaves, treedef, sel
 
 
-def _per_leaf_sparsity(sparsity: Any, scores: PyTree, paths: Sequence[str], sel) -> list[Any]:
-    """A sparsity per leaf: a number (broadcast) or a tree/prefix of numbers."""
-    if isinstance(sparsity, (int, float, np.number)) or (
-        hasattr(sparsity, "shape") and np.ndim(sparsity) == 0
-    ):
+def per_leaf_sparsity(sparsity: Any, tree: PyTree, paths: Sequence[str], sel) -> list[Any]:
+    """A sparsity per leaf: a number (broadcast) or a tree/prefix of numbers,
+    checked on the selected leaves."""
+    if _is_scalar(sparsity):
         check_sparsity(sparsity)
         return [sparsity] * len(paths)
-    try:
-        prefix_leaves, prefix_def = jax.tree_util.tree_flatten(sparsity)
-        subtrees = prefix_def.flatten_up_to(scores)
-    except (ValueError, TypeError) as e:
-        raise ValueError(
-            "sparsity must be a number or a tree (or prefix tree) of numbers matching "
-            f"the scores; it does not match: {e}"
-        ) from e
-    out: list[Any] = []
-    for val, sub in zip(prefix_leaves, subtrees):
-        out.extend([val] * len(jax.tree_util.tree_leaves(sub)))
-    for p, v, s in zip(paths, out, sel):
+    values = _tree.broadcast_values(sparsity, tree, "sparsity")
+    for p, v, s in zip(paths, values, sel):
         if s:
             if v is None:
                 raise ValueError(f"sparsity for selected leaf {p!r} is None.")
             check_sparsity(v, "sparsity", p)
-    return out
+    return values
 
 
 def _unselected_mask() -> jax.Array:
     return jnp.ones((), jnp.bool_)
 
 
+def _is_scalar(x: Any) -> bool:
+    # A tree (or list) is not a scalar: np.ndim({...}) == 0, so test the type.
+    return isinstance(x, (int, float, np.number)) or (hasattr(x, "shape") and np.ndim(x) == 0)
+
+
+def _keep_value(k: Any, n: int, path: str) -> Any:
+    """A checked keep count for a leaf (or group) of ``n`` entries."""
+    if isinstance(k, jax.core.Tracer) or (isinstance(k, jax.Array) and not _is_concrete(k)):
+        if not jnp.issubdtype(k.dtype, jnp.integer) or k.ndim:
+            raise TypeError(f"keep for {path} must be an integer scalar, got {k.dtype}{k.shape}.")
+        return jnp.clip(k, 0, n).astype(jnp.int32)
+    if isinstance(k, (np.ndarray, jax.Array)) and k.ndim == 0 and k.dtype.kind in "iu":
+        k = int(k)
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+        raise TypeError(
+            f"keep for {path} must be an int (a count of entries to keep), got {k!r} "
+            f"({type(k).__name__}). Pass sparsity= for a fraction."
+        )
+    if not 0 <= k <= n:
+        raise ValueError(f"keep={k} for {path} must be in [0, {n}] (its number of entries).")
+    return int(k)
+
+
+def _one_of(sparsity: Any, keep: Any, fn: str) -> None:
+    if (sparsity is None) == (keep is None):
+        raise TypeError(
+            f"{fn} takes either sparsity (a fraction of zeros) or keep= (counts of kept "
+            f"entries), exactly one; got sparsity={sparsity!r}, keep={keep!r}."
+        )
+
+
 # --------------------------------------------------------------------------
 # Top-k masks
 
 
-def topk(scores: PyTree, sparsity: Any, where: Any = None) -> PyTree:
+def topk(scores: PyTree, sparsity: Any = None, where: Any = None, *, keep: Any = None) -> PyTree:
     """Per-leaf top-k masks: each selected leaf keeps its largest scores.
 
     Each selected leaf with ``n`` entries keeps ``round(n * (1 - s))`` of
     them, where ``s`` is ``sparsity`` or, if ``sparsity`` is a tree, that
-    leaf's entry.
+    leaf's entry; or exactly ``keep`` of them. This is allocation
+    ``"uniform"`` of :mod:`jaxprune.allocation`.
 
     Args:
       scores: a pytree of float scores (e.g. :func:`jaxprune.scores.magnitude`).
       sparsity: fraction of zeros in ``[0, 1]``: a number (traced is fine) or a
         (prefix) tree of numbers with one value per leaf.
       where: which leaves to prune (see :mod:`jaxprune.tree`).
+      keep: instead of ``sparsity``, the number of entries each selected leaf
+        keeps: an int, a traced integer, or a (prefix) tree of them.
 
     Returns:
       A mask tree: bool arrays for selected leaves, scalar ``True`` elsewhere.
 
     Example:
       >>> import jax.numpy as jnp
-      >>> topk({"w": jnp.array([[1.0, 3.0, 2.0, 0.0]])}, 0.5)["w"].tolist()
-      [[False, True, True, False]]
+      >>> s = {"w": jnp.array([[1.0, 3.0], [2.0, 0.0]])}
+      >>> topk(s, 0.5)["w"].tolist(), topk(s, keep=1)["w"].tolist()
+      ([[False, True], [True, False]], [[False, True], [False, False]])
 
     References:
       Han et al., "Learning both weights and connections for efficient neural
       networks", NeurIPS 2015.
     """
-    paths, leaves, treedef, sel = _selected(scores, where)
-    sp = _per_leaf_sparsity(sparsity, scores, paths, sel)
+    _one_of(sparsity, keep, "topk")
+    paths, leaves, treedef, sel = selection(scores, where)
     idx = [i for i, s in enumerate(sel) if s]
     arrays = [jnp.asarray(leaves[i]) for i in idx]
-    keep = [_select.keep_count(int(a.size), sp[i]) for i, a in zip(idx, arrays)]
-    masks = _select.select_groups(arrays, list(range(len(idx))), keep)
+    if keep is None:
+        sp = per_leaf_sparsity(sparsity, scores, paths, sel)
+        counts = [_select.keep_count(int(a.size), sp[i]) for i, a in zip(idx, arrays)]
+    else:
+        ks = _tree.broadcast_values(keep, scores, "keep")
+        counts = [_keep_value(ks[i], int(a.size), f"leaf {paths[i]!r}") for i, a in zip(idx, arrays)]
+    masks = _select.select_groups(arrays, list(range(len(idx))), counts)
     return _assemble(treedef, len(leaves), idx, masks)
 
 
-def global_topk(scores: PyTree, sparsity: Any, where: Any = None) -> PyTree:
+def global_topk(scores: PyTree, sparsity: Any = None, where: Any = None, *,
+                keep: Any = None) -> PyTree:
     """Global top-k masks: one threshold over all selected leaves.
 
-    Keeps the ``round(n * (1 - sparsity))`` largest scores among the ``n``
-    entries of all selected leaves together; ties go to the leaf earlier in
-    pytree order, then to the lower flat index. Sharded leaves are never
-    gathered: only per-shard counts cross devices.
+    Keeps the ``round(n * (1 - sparsity))`` (or exactly ``keep``) largest
+    scores among the ``n`` entries of all selected leaves together; ties go
+    to the leaf earlier in pytree order, then to the lower flat index.
+    Sharded leaves are never gathered: only per-shard counts cross devices.
+    This is allocation ``"global"`` of :mod:`jaxprune.allocation`.
 
     Args:
       scores: a pytree of float scores.
       sparsity: fraction of zeros in ``[0, 1]`` (a number; traced is fine).
       where: which leaves take part (see :mod:`jaxprune.tree`).
+      keep: instead of ``sparsity``, how many entries to keep in all (an int
+        or a traced integer).
 
     Returns:
       A mask tree: bool arrays for selected leaves, scalar ``True`` elsewhere.
 
     Example:
       >>> import jax.numpy as jnp
-      >>> m = global_topk({"a": jnp.array([[1.0, 4.0]]), "b": jnp.array([[3.0, 2.0]])}, 0.5)
-      >>> m["a"].tolist(), m["b"].tolist()
-      ([[False, True]], [[True, False]])
+      >>> m = global_topk({"w1": jnp.array([[1.0, 4.0], [0.0, 0.0]]),
+      ...                  "w2": jnp.array([[3.0, 2.0], [0.0, 0.0]])}, keep=3)
+      >>> m["w1"].tolist(), m["w2"].tolist()
+      ([[False, True], [False, False]], [[True, True], [False, False]])
 
     References:
       Frankle & Carbin, "The lottery ticket hypothesis", ICLR 2019 (global
       magnitude pruning); Blalock et al., "What is the state of neural network
       pruning?", MLSys 2020.
     """
-    # A tree (or list) is not a scalar: np.ndim({...}) == 0, so test the type.
-    if not (
-        isinstance(sparsity, (int, float, np.number))
-        or (hasattr(sparsity, "shape") and np.ndim(sparsity) == 0)
-    ):
+    _one_of(sparsity, keep, "global_topk")
+    value = sparsity if keep is None else keep
+    if not _is_scalar(value):
         raise ValueError(
-            f"global_topk takes one sparsity for all selected leaves, got {sparsity!r}. "
-            "Use topk for per-leaf sparsities."
+            f"global_topk takes one {'sparsity' if keep is None else 'keep'} for all "
+            f"selected leaves, got {value!r}. Use topk for per-leaf values."
         )
-    check_sparsity(sparsity)
-    paths, leaves, treedef, sel = _selected(scores, where)
+    if keep is None:
+        check_sparsity(sparsity)
+    paths, leaves, treedef, sel = selection(scores, where)
     idx = [i for i, s in enumerate(sel) if s]
     arrays = [jnp.asarray(leaves[i]) for i in idx]
     n = int(sum(a.size for a in arrays))
-    masks = _select.select_groups(arrays, [0] * len(idx), [_select.keep_count(n, sparsity)])
+    count = (_select.keep_count(n, sparsity) if keep is None
+             else _keep_value(keep, n, "the selected leaves together"))
+    masks = _select.select_groups(arrays, [0] * len(idx), [count])
     return _assemble(treedef, len(leaves), idx, masks)
 
 
@@ -222,6 +273,45 @@ def _assemble(treedef, n_leaves: int, idx: Sequence[int], masks: Sequence[jax.Ar
     for i, m in zip(idx, masks):
         out[i] = m
     return _tree.unflatten(treedef, out)
+
+
+def random_like(key: jax.Array, masks: PyTree) -> PyTree:
+    """A random mask with the same number of kept entries in every leaf.
+
+    Each array leaf of ``masks`` keeps exactly as many entries as it does in
+    ``masks``, at positions chosen uniformly at random: the library's exact
+    selection on random ``uint32`` keys (no sort). Scalar leaves (not
+    pruned) are returned as they are. This is the "random pruning" control
+    of the lottery-ticket experiments: same per-layer sparsity, no
+    information from training.
+
+    Args:
+      key: a PRNG key.
+      masks: a mask tree (e.g. a ticket's, :func:`jaxprune.get_masks`).
+
+    Returns:
+      A mask tree with the same per-leaf kept counts. Works under ``jit``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> m = {"w": jnp.arange(12).reshape(3, 4) < 5}
+      >>> int(random_like(jax.random.key(0), m)["w"].sum())
+      5
+
+    References:
+      Frankle & Carbin, "The lottery ticket hypothesis", ICLR 2019 (random
+      pruning control).
+    """
+    leaves, treedef = jax.tree_util.tree_flatten(masks)
+    idx = [i for i, m in enumerate(leaves) if _tree.is_array(m) and np.ndim(m) and np.size(m)]
+    bits = [jax.random.bits(jax.random.fold_in(key, i), np.shape(leaves[i]), jnp.uint32)
+            for i in idx]
+    counts = [_select.count_true(jnp.asarray(leaves[i], jnp.bool_)) for i in idx]
+    chosen = _select.select_groups(bits, list(range(len(idx))), counts) if idx else []
+    out = [jnp.asarray(m, jnp.bool_) if _tree.is_array(m) else m for m in leaves]
+    for i, m in zip(idx, chosen):
+        out[i] = m
+    return jax.tree_util.tree_unflatten(treedef, out)
 
 
 # --------------------------------------------------------------------------
@@ -260,16 +350,18 @@ def n_of_m(scores: PyTree, n: int = 2, m: int = 4, axis: int = -2, where: Any = 
     """N:M structured sparsity: in every group of ``m`` consecutive entries along
     ``axis``, keep the ``n`` with the largest scores.
 
-    The default ``axis=-2`` is the reduction (input) axis of a Dense kernel
-    ``(in, out)`` and of a conv kernel ``(h, w, in, out)``, which is the
-    layout sparse tensor cores (2:4) accelerate. Ties go to the lower index;
-    NaN ranks lowest.
+    ``axis`` is the axis along which entries compete, as in
+    :func:`channels`: here the ``m`` entries of a group. The default
+    ``axis=-2`` is the reduction (input) axis of a Dense kernel ``(in, out)``
+    and of a conv kernel ``(h, w, in, out)``, the layout sparse tensor cores
+    (2:4) accelerate; :func:`channels` defaults to ``-1`` because its units
+    are output features. Ties go to the lower index; NaN ranks lowest.
 
     Args:
       scores: a pytree of float scores.
       n: entries kept per group, ``0 <= n <= m``.
       m: group size; must divide the length of ``axis`` in every selected leaf.
-      axis: the axis along which groups are formed.
+      axis: the axis along which entries compete (groups of ``m``).
       where: which leaves to prune.
 
     Returns:
@@ -277,7 +369,7 @@ def n_of_m(scores: PyTree, n: int = 2, m: int = 4, axis: int = -2, where: Any = 
 
     Example:
       >>> import jax.numpy as jnp
-      >>> s = {"w": jnp.array([[4.0], [1.0], [3.0], [2.0]])}
+      >>> s = {"w": jnp.array([[4.0, 0.0], [1.0, 1.0], [3.0, 3.0], [2.0, 2.0]])}
       >>> n_of_m(s, 2, 4)["w"][:, 0].tolist()
       [True, False, True, False]
 
@@ -290,7 +382,7 @@ def n_of_m(scores: PyTree, n: int = 2, m: int = 4, axis: int = -2, where: Any = 
         raise ValueError(f"n_of_m: m must be a positive int, got m={m!r}.")
     if not (isinstance(n, (int, np.integer)) and 0 <= n <= m):
         raise ValueError(f"n_of_m: n must be an int in [0, m={m}], got n={n!r}.")
-    paths, leaves, treedef, sel = _selected(scores, where)
+    paths, leaves, treedef, sel = selection(scores, where)
     out = []
     for p, leaf, s in zip(paths, leaves, sel):
         out.append(_nm_leaf(jnp.asarray(leaf), int(n), int(m), axis, p) if s else _unselected_mask())
@@ -299,6 +391,48 @@ def n_of_m(scores: PyTree, n: int = 2, m: int = 4, axis: int = -2, where: Any = 
 
 # --------------------------------------------------------------------------
 # Block masks
+
+
+def _reduce(x: jax.Array, axes: tuple[int, ...], reduce: str) -> jax.Array:
+    """One score per group: ``l1`` sum |x|, ``l2`` sqrt(sum x^2), ``mean``,
+    ``max`` over ``axes`` (float32)."""
+    x = x.astype(jnp.float32)
+    if reduce == "l1":
+        return jnp.sum(jnp.abs(x), axis=axes)
+    if reduce == "l2":
+        return jnp.sqrt(jnp.sum(x * x, axis=axes))
+    if reduce == "mean":
+        return jnp.mean(x, axis=axes)
+    return jnp.max(x, axis=axes)
+
+
+def _check_reduce(reduce: Any, fn: str) -> None:
+    if reduce not in REDUCTIONS:
+        raise ValueError(
+            f"{fn}: reduce must be one of {list(REDUCTIONS)} (how a group of scores "
+            f"becomes one score), got {reduce!r}."
+        )
+
+
+def _block_tiles(x: jax.Array, b0: int, b1: int, reduce: str, p: str) -> jax.Array:
+    if x.ndim < 2:
+        raise ValueError(
+            f"block: leaf {p!r} has shape {x.shape}; block masks need ndim >= 2. "
+            "Exclude it with where=."
+        )
+    r, c = x.shape[-2:]
+    if b0 > r or b1 > c:
+        raise ValueError(
+            f"block: block_shape {(b0, b1)} is larger than the last two axes {(r, c)} "
+            f"of leaf {p!r}. Use a smaller block or exclude the leaf with where=."
+        )
+    if r % b0 or c % b1:
+        raise ValueError(
+            f"block: the last two axes {(r, c)} of leaf {p!r} do not divide into "
+            f"{(b0, b1)} tiles. Use a block shape that divides them."
+        )
+    t = x.reshape(*x.shape[:-2], r // b0, b0, c // b1, b1)
+    return _reduce(t, (-3, -1), reduce)
 
 
 def block(
@@ -310,17 +444,19 @@ def block(
 ) -> PyTree:
     """Block sparsity: prune whole ``b0 x b1`` tiles of the last two axes.
 
-    Each tile is scored by the ``mean`` or ``max`` of its scores; every
-    selected leaf keeps ``round(t * (1 - sparsity))`` of its ``t`` tiles
-    (tiles of all leading indices, e.g. conv spatial positions, compete
-    together), with the usual tie and NaN rules on the tile scores.
+    Each tile is scored by ``reduce`` over its scores (see :data:`REDUCTIONS`:
+    ``"l1"`` sum of magnitudes, ``"l2"`` root of the sum of squares,
+    ``"mean"``, ``"max"``); every selected leaf keeps ``round(t * (1 -
+    sparsity))`` of its ``t`` tiles (tiles of all leading indices, e.g. conv
+    spatial positions, compete together), with the usual tie and NaN rules
+    on the tile scores.
 
     Args:
       scores: a pytree of float scores.
       sparsity: fraction of tiles (and so of weights) set to zero; a number
         or a per-leaf tree.
       block_shape: ``b`` for ``b x b`` tiles, or ``(b0, b1)``.
-      reduce: ``"mean"`` or ``"max"``.
+      reduce: ``"l1"``, ``"l2"``, ``"mean"`` (default) or ``"max"``.
       where: which leaves to prune (they need ``ndim >= 2``).
 
     Returns:
@@ -337,43 +473,18 @@ def block(
       Narang et al., "Block-sparse recurrent neural networks", 2017.
     """
     b0, b1 = (block_shape, block_shape) if isinstance(block_shape, int) else tuple(block_shape)
-    if reduce not in ("mean", "max"):
-        raise ValueError(f"block: reduce must be 'mean' or 'max', got {reduce!r}.")
+    _check_reduce(reduce, "block")
     if b0 < 1 or b1 < 1:
         raise ValueError(f"block: block_shape must be positive, got {block_shape!r}.")
-    paths, leaves, treedef, sel = _selected(scores, where)
-    sp = _per_leaf_sparsity(sparsity, scores, paths, sel)
-    tile_scores, idx, shapes = [], [], []
-    for i, (p, leaf, s) in enumerate(zip(paths, leaves, sel)):
-        if not s:
-            continue
-        x = jnp.asarray(leaf)
-        if x.ndim < 2:
-            raise ValueError(
-                f"block: leaf {p!r} has shape {x.shape}; block masks need ndim >= 2. "
-                "Exclude it with where=."
-            )
-        r, c = x.shape[-2:]
-        if b0 > r or b1 > c:
-            raise ValueError(
-                f"block: block_shape {(b0, b1)} is larger than the last two axes {(r, c)} "
-                f"of leaf {p!r}. Use a smaller block or exclude the leaf with where=."
-            )
-        if r % b0 or c % b1:
-            raise ValueError(
-                f"block: the last two axes {(r, c)} of leaf {p!r} do not divide into "
-                f"{(b0, b1)} tiles. Use a block shape that divides them."
-            )
-        t = x.astype(jnp.float32).reshape(*x.shape[:-2], r // b0, b0, c // b1, b1)
-        t = jnp.mean(t, axis=(-3, -1)) if reduce == "mean" else jnp.max(t, axis=(-3, -1))
-        tile_scores.append(t)
-        idx.append(i)
-        shapes.append(x.shape)
-    keep = [_select.keep_count(int(t.size), sp[i]) for i, t in zip(idx, tile_scores)]
-    tmasks = _select.select_groups(tile_scores, list(range(len(idx))), keep)
+    paths, leaves, treedef, sel = selection(scores, where)
+    sp = per_leaf_sparsity(sparsity, scores, paths, sel)
+    idx = [i for i, s in enumerate(sel) if s]
+    tiles = [_block_tiles(jnp.asarray(leaves[i]), b0, b1, reduce, paths[i]) for i in idx]
+    keep = [_select.keep_count(int(t.size), sp[i]) for i, t in zip(idx, tiles)]
+    tmasks = _select.select_groups(tiles, list(range(len(idx))), keep)
     masks = [
-        jnp.repeat(jnp.repeat(tm, b0, axis=-2), b1, axis=-1).reshape(shape)
-        for tm, shape in zip(tmasks, shapes)
+        jnp.repeat(jnp.repeat(tm, b0, axis=-2), b1, axis=-1).reshape(np.shape(leaves[i]))
+        for tm, i in zip(tmasks, idx)
     ]
     return _assemble(treedef, len(leaves), idx, masks)
 
@@ -382,26 +493,39 @@ def block(
 # Channel (structured) masks
 
 
+def _unit_scores(x: jax.Array, axis: int, reduce: str, p: str) -> jax.Array:
+    if x.ndim == 0 or not (-x.ndim <= axis < x.ndim):
+        raise ValueError(f"channels: axis={axis} is out of range for leaf {p!r} of shape {x.shape}.")
+    ax = axis % x.ndim
+    return _reduce(x, tuple(a for a in range(x.ndim) if a != ax), reduce)
+
+
 def channels(
     scores: PyTree,
     sparsity: Any,
     axis: int = -1,
-    norm: str = "l1",
+    reduce: str = "l1",
     where: Any = None,
+    *,
+    norm: str | None = None,
 ) -> PyTree:
     """Structured masks that keep or remove whole units along ``axis``.
 
-    A unit (a Dense output neuron, a conv filter with the default
-    ``axis=-1``) is scored by the L1 or L2 norm of its scores over all other
-    axes; each selected leaf keeps ``round(u * (1 - sparsity))`` of its ``u``
-    units, ties to the lower index.
+    ``axis`` is the axis along which entries compete: here the units (a
+    Dense output neuron, a conv filter with the default ``axis=-1``), each
+    scored by ``reduce`` of its scores over all other axes (``"l1"``, the
+    default, ``"l2"``, ``"mean"`` or ``"max"``; see :data:`REDUCTIONS`).
+    Each selected leaf keeps ``round(u * (1 - sparsity))`` of its ``u``
+    units, ties to the lower index. (In :func:`n_of_m` the competing entries
+    are groups of ``m`` along the reduction axis, hence its default ``-2``.)
 
     Args:
       scores: a pytree of float scores.
       sparsity: fraction of units removed; a number or a per-leaf tree.
       axis: the unit axis (``-1``: output features / filters).
-      norm: ``"l1"`` or ``"l2"``.
+      reduce: how a unit's scores become one score.
       where: which leaves to prune.
+      norm: deprecated name of ``reduce``.
 
     Returns:
       A mask tree; masks are constant along every axis but ``axis``.
@@ -417,31 +541,21 @@ def channels(
       Molchanov et al., "Importance estimation for neural network pruning",
       CVPR 2019.
     """
-    if norm not in ("l1", "l2"):
-        raise ValueError(f"channels: norm must be 'l1' or 'l2', got {norm!r}.")
-    paths, leaves, treedef, sel = _selected(scores, where)
-    sp = _per_leaf_sparsity(sparsity, scores, paths, sel)
-    unit_scores, idx, info = [], [], []
-    for i, (p, leaf, s) in enumerate(zip(paths, leaves, sel)):
-        if not s:
-            continue
-        x = jnp.asarray(leaf).astype(jnp.float32)
-        if x.ndim == 0 or not (-x.ndim <= axis < x.ndim):
-            raise ValueError(
-                f"channels: axis={axis} is out of range for leaf {p!r} of shape {x.shape}."
-            )
-        ax = axis % x.ndim
-        others = tuple(a for a in range(x.ndim) if a != ax)
-        u = jnp.sum(jnp.abs(x), axis=others) if norm == "l1" else jnp.sqrt(jnp.sum(x * x, axis=others))
-        unit_scores.append(u)
-        idx.append(i)
-        info.append((x.shape, ax))
-    keep = [_select.keep_count(int(u.size), sp[i]) for i, u in zip(idx, unit_scores)]
-    umasks = _select.select_groups(unit_scores, list(range(len(idx))), keep)
+    if norm is not None:
+        _deprecation.warn("channels(norm=...)", "channels(reduce=...)")
+        reduce = norm
+    _check_reduce(reduce, "channels")
+    paths, leaves, treedef, sel = selection(scores, where)
+    sp = per_leaf_sparsity(sparsity, scores, paths, sel)
+    idx = [i for i, s in enumerate(sel) if s]
+    units = [_unit_scores(jnp.asarray(leaves[i]), axis, reduce, paths[i]) for i in idx]
+    keep = [_select.keep_count(int(u.size), sp[i]) for i, u in zip(idx, units)]
+    umasks = _select.select_groups(units, list(range(len(idx))), keep)
     masks = []
-    for um, (shape, ax) in zip(umasks, info):
+    for um, i in zip(umasks, idx):
+        shape = np.shape(leaves[i])
         bshape = [1] * len(shape)
-        bshape[ax] = shape[ax]
+        bshape[axis % len(shape)] = shape[axis % len(shape)]
         masks.append(jnp.broadcast_to(um.reshape(bshape), shape))
     return _assemble(treedef, len(leaves), idx, masks)
 
@@ -450,67 +564,121 @@ def channels(
 # Applying and measuring masks
 
 
-def _check_same_structure(a: PyTree, b: PyTree, a_name: str, b_name: str) -> None:
-    sa, sb = jax.tree_util.tree_structure(a), jax.tree_util.tree_structure(b)
-    # Trees match if their leaf paths match, whatever containers hold them (an
-    # NNX State of Param vs. one of OptVariable, a pure dict vs. a State).
-    if sa != sb and _tree.paths(a) != _tree.paths(b):
-        pa, pb = set(_tree.paths(a)), set(_tree.paths(b))
-        only_a, only_b = sorted(pa - pb)[:5], sorted(pb - pa)[:5]
-        raise ValueError(
-            f"{a_name} and {b_name} have different tree structures. Leaves only in "
-            f"{a_name}: {only_a}; only in {b_name}: {only_b}. Build {b_name} from the "
-            f"same pytree as {a_name} (e.g. scores = jp.scores.magnitude(params))."
-            + ("" if (only_a or only_b) else f" Structures: {sa} vs {sb}.")
-        )
+def apply_mask(x: Any, m: Any) -> Any:
+    """One leaf: ``where(m, x, 0)`` with ``x``'s dtype; ``x`` itself where the
+    mask is a scalar ``True`` or ``x`` is not an array. The one place the
+    package zeroes pruned entries (parameters, gradients, optimizer state,
+    rewound snapshots)."""
+    if not _tree.is_array(x) or not _tree.is_array(m):
+        return x
+    m = jnp.asarray(m)
+    if m.ndim == 0 and m.dtype == jnp.bool_ and _is_concrete(m) and bool(m):
+        return x
+    return jnp.where(m, x, jnp.zeros((), jnp.result_type(x)))
+
+
+def _check_mask_shapes(params: PyTree, masks: PyTree, fn: str) -> tuple[list, list, Any]:
+    _tree.check_same_structure(params, masks, "params", "masks")
+    paths, p_leaves, treedef = _tree.flatten(params)
+    m_leaves = _tree.leaves_like(params, masks)
+    for path, p, m in zip(paths, p_leaves, m_leaves):
+        if _tree.is_array(p) and _tree.is_array(m) and np.ndim(m) and np.shape(m) != np.shape(p):
+            raise ValueError(
+                f"{fn}: the mask for leaf {path!r} has shape {np.shape(m)} but the parameter "
+                f"has shape {np.shape(p)}. Pass the masks of these parameters "
+                "(e.g. jp.get_masks(opt_state))."
+            )
+    return p_leaves, m_leaves, treedef
 
 
 def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
     """Zeroes the pruned entries: ``where(mask, param, 0)``, dtypes kept.
 
     Args:
-      params: a parameter pytree.
+      params: a parameter pytree (leaves that are not arrays pass through).
       masks: a mask tree of the same structure (scalar ``True`` leaves pass
         the parameter through).
 
     Returns:
       The masked parameters.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> apply_masks({"w": jnp.array([1.0, 2.0])}, {"w": jnp.array([True, False])})["w"].tolist()
+      [1.0, 0.0]
     """
-    _check_same_structure(params, masks, "params", "masks")
-    paths, p_leaves, treedef = _tree.flatten(params)
-    m_leaves = jax.tree_util.tree_leaves(masks)
-    out = []
-    for path, p, m in zip(paths, p_leaves, m_leaves):
-        m = jnp.asarray(m)
-        if m.ndim and m.shape != np.shape(p):
-            raise ValueError(
-                f"mask for leaf {path!r} has shape {m.shape} but the parameter has shape "
-                f"{np.shape(p)}."
-            )
-        out.append(jnp.where(m, p, jnp.zeros((), jnp.result_type(p))))
-    return _tree.unflatten(treedef, out)
+    p_leaves, m_leaves, treedef = _check_mask_shapes(params, masks, "apply_masks")
+    return _tree.unflatten(treedef, [apply_mask(p, m) for p, m in zip(p_leaves, m_leaves)])
 
 
-def _zero_count(x: jax.Array) -> jax.Array:
+def apply_masks_ste(params: PyTree, masks: PyTree) -> PyTree:
+    """Masked weights in the forward pass, dense gradients in the backward pass.
+
+    Returns ``p + stop_gradient(where(m, p, 0) - p)`` per leaf: the value is
+    exactly ``where(m, p, 0)``, the gradient with respect to ``p`` is the
+    gradient with respect to the masked weight, for *every* entry, so pruned
+    weights keep learning and can re-enter the mask (the straight-through
+    estimator). Leaves with a scalar mask are returned unchanged. Call it
+    inside the loss, with the masks of :func:`jaxprune.ste_training`.
+
+    Args:
+      params: the dense parameters.
+      masks: a mask tree, e.g. ``jp.get_masks(opt_state)``.
+
+    Returns:
+      Parameters to run the model with.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> p = {"w": jnp.array([[1.0, 2.0]])}
+      >>> m = {"w": jnp.array([[True, False]])}
+      >>> loss = lambda p: jnp.sum(apply_masks_ste(p, m)["w"] * jnp.array([[3.0, 4.0]]))
+      >>> float(loss(p)), jax.grad(loss)(p)["w"].tolist()
+      (3.0, [[3.0, 4.0]])
+
+    References:
+      Bengio et al., "Estimating or propagating gradients through stochastic
+      neurons for conditional computation", 2013; Zhou et al., "Learning N:M
+      fine-grained structured sparse neural networks from scratch", ICLR 2021.
+    """
+    p_leaves, m_leaves, treedef = _check_mask_shapes(params, masks, "apply_masks_ste")
+
+    def one(p, m):
+        masked = apply_mask(p, m)
+        return p if masked is p else p + lax.stop_gradient(masked - p)
+
+    return _tree.unflatten(treedef, [one(p, m) for p, m in zip(p_leaves, m_leaves)])
+
+
+def _zero_count(x: jax.Array, axis: Any = None) -> jax.Array:
     x = jnp.asarray(x)
-    if x.dtype == jnp.bool_:
-        return _select.count_true(~x)
-    return _select.count_true(x == 0)
+    zero = ~x if x.dtype == jnp.bool_ else x == 0
+    if axis is None:
+        return _select.count_true(zero)
+    return jnp.sum(zero, axis=axis, dtype=jnp.int32)
 
 
-def sparsity(tree: PyTree, where: Any = None) -> Any:
+def sparsity_of(tree: PyTree, where: Any = None) -> Any:
     """Fraction of zeros (or ``False``) among the selected entries.
 
     Works on parameters (counts exact zeros) and on masks (counts ``False``).
     Returns a Python float when called eagerly, a traced scalar under ``jit``.
+    Leaves that are not arrays are never counted.
+
+    Args:
+      tree: parameters or masks.
+      where: which leaves count (default: :func:`jaxprune.tree.is_kernel`).
+
+    Returns:
+      ``zeros / selected entries`` (0.0 if nothing is selected).
 
     Example:
       >>> import jax.numpy as jnp
-      >>> sparsity({"w": jnp.array([[0.0, 1.0], [0.0, 2.0]])})
+      >>> sparsity_of({"w": jnp.array([[0.0, 1.0], [0.0, 2.0]])})
       0.5
     """
-    paths, leaves, _ = _tree.flatten(tree)
-    sel = _tree.select(tree, where)
+    _, leaves, _ = _tree.flatten(tree)
+    sel = _tree.flags(tree, where)
     zeros, total = jnp.zeros((), jnp.int32), 0
     for leaf, s in zip(leaves, sel):
         if s and np.size(leaf):
@@ -523,14 +691,19 @@ def sparsity(tree: PyTree, where: Any = None) -> Any:
     return int(zeros) / total
 
 
+sparsity = _deprecation.alias(sparsity_of, "jaxprune.sparsity", "jaxprune.sparsity_of")
+
+
 @dataclass(frozen=True)
 class Summary:
     """Per-leaf pruning summary. ``str(summary)`` is a printable table.
 
     Attributes:
-      rows: one dict per selected leaf with ``path``, ``shape``, ``size``,
-        ``kept`` and ``sparsity``.
-      total: the same for all selected leaves together.
+      rows: one dict per selected leaf (or per layer of a stacked leaf, see
+        ``layers=`` of :func:`summary`) with ``path``, ``shape``, ``size``,
+        ``kept`` and ``sparsity``, in natural order of the paths.
+      total: ``path``, ``size``, ``kept`` and ``sparsity`` of all selected
+        leaves together.
     """
 
     rows: tuple[dict, ...]
@@ -546,8 +719,9 @@ class Summary:
         w = max([len(r["path"]) for r in self.rows] + [5])
         lines = [f"{'leaf':<{w}}  {'shape':>18}  {'kept':>12}  {'size':>12}  {'sparsity':>8}"]
         for r in (*self.rows, self.total):
+            shape = str(r["shape"]) if "shape" in r else ""
             lines.append(
-                f"{r['path']:<{w}}  {str(r['shape']):>18}  {r['kept']:>12,}  {r['size']:>12,}  "
+                f"{r['path']:<{w}}  {shape:>18}  {r['kept']:>12,}  {r['size']:>12,}  "
                 f"{r['sparsity']:>8.2%}"
             )
         return "\n".join(lines)
@@ -555,31 +729,56 @@ class Summary:
     __repr__ = __str__
 
 
-def summary(tree: PyTree, where: Any = None) -> Summary:
+def _row(path: str, shape: tuple, size: int, zeros: int) -> dict:
+    return dict(path=path, shape=shape, size=size, kept=size - zeros,
+                sparsity=zeros / size if size else 0.0)
+
+
+def _leaf_rows(path: str, leaf: Any, per_layer: bool) -> list[dict]:
+    shape, size = tuple(np.shape(leaf)), int(np.size(leaf))
+    if not (per_layer and len(shape) >= 1):
+        return [_row(path, shape, size, int(_zero_count(leaf)) if size else 0)]
+    zeros = np.asarray(_zero_count(leaf, tuple(range(1, len(shape))))) if size else [0] * shape[0]
+    per = size // shape[0] if shape[0] else 0
+    return [_row(f"{path}[{i}]", shape[1:], per, int(z)) for i, z in enumerate(zeros)]
+
+
+def summary(tree: PyTree, where: Any = None, *, layers: Any = None) -> Summary:
     """Per-leaf table of kept entries and sparsity (of params or masks).
+
+    On unpruned parameters it lists exactly the leaves ``where=`` selects:
+    what a transform with the same ``where=`` will prune.
+
+    Args:
+      tree: parameters or masks.
+      where: which leaves to list (default: :func:`jaxprune.tree.is_kernel`).
+      layers: a ``where=``-style selection of stacked leaves (scan over
+        layers) whose axis 0 is the layer axis: each gets one row per layer,
+        ``path[0]``, ``path[1]``, ...
+
+    Returns:
+      A :class:`Summary`; rows in natural order of the paths (``Block_2``
+      before ``Block_10``).
 
     Example:
       >>> import jax.numpy as jnp
       >>> s = summary({"w": jnp.array([[0.0, 1.0], [0.0, 2.0]])})
       >>> s.to_dict()["w"]["kept"], s.total["sparsity"]
       (2, 0.5)
+      >>> [r["path"] for r in summary({"w": jnp.eye(2)}, layers="w").rows]
+      ['w[0]', 'w[1]']
     """
     paths, leaves, _ = _tree.flatten(tree)
-    sel = _tree.select(tree, where)
+    sel = _tree.flags(tree, where)
+    stacked = _tree.flags(tree, layers, what="layers") if layers is not None else [False] * len(sel)
     rows = []
-    tk, ts = 0, 0
-    for p, leaf, s in zip(paths, leaves, sel):
-        if not s:
-            continue
-        size = int(np.size(leaf))
-        zeros = int(_zero_count(leaf)) if size else 0
-        rows.append(
-            dict(path=p, shape=tuple(np.shape(leaf)), size=size, kept=size - zeros,
-                 sparsity=zeros / size if size else 0.0)
-        )
-        tk += size - zeros
-        ts += size
-    total = dict(path="total", shape=(), size=ts, kept=tk, sparsity=(ts - tk) / ts if ts else 0.0)
+    for p, leaf, s, st in zip(paths, leaves, sel, stacked):
+        if s:
+            rows += _leaf_rows(p, leaf, st)
+    rows.sort(key=lambda r: _tree.natural_key(r["path"]))
+    size, kept = sum(r["size"] for r in rows), sum(r["kept"] for r in rows)
+    total = dict(path="total", size=size, kept=kept,
+                 sparsity=(size - kept) / size if size else 0.0)
     return Summary(tuple(rows), total)
 
 

@@ -2,8 +2,16 @@
 
 A score tree has the structure of the parameters; larger means more
 important. Scores are computed for every floating leaf (``where=`` is applied
-later, by the mask functions); integer leaves get a zero score of dtype
-``float32`` so that trees always line up.
+later, by the mask functions); other leaves (integer arrays, an Equinox
+module's activation functions) pass through unchanged, so trees always line
+up and selecting such a leaf for pruning is an error.
+
+Every score function has one calling convention, :class:`ScoreFn`:
+``fn(params, grads=None, *, key=None) -> scores``: :func:`magnitude` uses
+neither ``grads`` nor ``key``, :func:`saliency` needs ``grads``,
+:func:`random` needs ``key``. Scores that accumulate over training steps
+(Taylor, movement) are :class:`Scorer` objects, used by the transforms'
+``score=``.
 
 Example:
   >>> import jax, jax.numpy as jnp
@@ -13,21 +21,26 @@ Example:
   [[1.0, 3.0]]
   >>> jp.scores.saliency(params, {"w": jnp.array([[2.0, 0.1]])})["w"].tolist()
   [[2.0, 0.30000001192092896]]
+  >>> jp.scores.random(params, key=jax.random.key(0))["w"].shape
+  (1, 2)
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
 
+from jaxprune import deprecation as _deprecation
 from jaxprune import tree as _tree
 
 PyTree = Any
 
 __all__ = [
+    "ScoreFn",
     "Scorer",
     "get",
     "get_scorer",
@@ -43,69 +56,121 @@ __all__ = [
 ]
 
 
-def _score_leaf(fn, *leaves):
-    x = leaves[0]
-    if not _tree.is_float(x):
-        return jnp.zeros(jnp.shape(x), jnp.float32)
-    return fn(*leaves)
+class ScoreFn(Protocol):
+    """The calling convention of every score function in jaxprune.
+
+    ``fn(params, grads=None, *, key=None) -> scores``: ``params`` the
+    parameter pytree, ``grads`` gradients of the loss with its structure
+    (for gradient scores), ``key`` a PRNG key (for random scores); the
+    result is a score tree with the structure of ``params``, larger meaning
+    more important. A function that needs an argument it did not get raises
+    ``TypeError``.
+    """
+
+    def __call__(self, params: PyTree, grads: PyTree | None = None, *,
+                 key: jax.Array | None = None) -> PyTree: ...
 
 
-def magnitude(params: PyTree) -> PyTree:
-    """Magnitude score ``|w|``.
+def _score_leaf(fn, w, *rest):
+    """``fn(w, *rest)`` on floating leaves; other leaves pass through."""
+    return fn(w, *rest) if _tree.is_float(w) else w
+
+
+def _map(fn, params: PyTree, grads: PyTree | None = None) -> PyTree:
+    """``fn`` per leaf of ``params`` (and of ``grads``, checked to match; a
+    ``None`` gradient, as ``eqx.filter_grad`` gives non-array leaves, leaves
+    the leaf as it is)."""
+    if grads is None:
+        return jax.tree.map(lambda w: _score_leaf(fn, w), params)
+    _tree.check_same_structure(params, grads, "params", "grads")
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    g_leaves = _tree.leaves_like(params, grads)
+    out = [w if g is None else _score_leaf(fn, w, g) for w, g in zip(leaves, g_leaves)]
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _need_grads(grads: PyTree | None, fn: str) -> None:
+    if grads is None:
+        raise TypeError(
+            f"{fn} is a gradient score: call {fn}(params, grads) with the gradients of the "
+            "loss (same structure as params)."
+        )
+
+
+def magnitude(params: PyTree, grads: PyTree | None = None, *, key: jax.Array | None = None) -> PyTree:
+    """Magnitude score ``|w|`` (``grads`` and ``key`` are not used).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> magnitude({"w": jnp.array([-2.0, 1.0])})["w"].tolist()
+      [2.0, 1.0]
 
     References:
       Han et al., "Learning both weights and connections for efficient neural
       networks", NeurIPS 2015; Zhu & Gupta, "To prune, or not to prune", 2017.
     """
-    return jax.tree.map(lambda w: _score_leaf(jnp.abs, w), params)
+    del grads, key
+    return _map(jnp.abs, params)
 
 
-def random(key: jax.Array, params: PyTree) -> PyTree:
-    """Uniform random scores in ``[0, 1)``, independent per leaf.
+def _is_prng_key(x: Any) -> bool:
+    if not isinstance(x, jax.Array):
+        return False
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+        return True
+    return x.dtype == jnp.uint32 and x.shape == (2,)
 
-    The same ``key`` gives the same scores; each leaf draws from
-    ``jax.random.fold_in(key, leaf_index)``.
+
+def random(params: PyTree, grads: PyTree | None = None, *, key: jax.Array | None = None) -> PyTree:
+    """Uniform random scores in ``[0, 1)`` (float32), independent per leaf.
+
+    The same ``key`` gives the same scores; leaf ``i`` (in pytree order)
+    draws from ``jax.random.fold_in(key, i)``. ``grads`` is not used. The
+    old argument order ``random(key, params)`` still works, with a
+    ``DeprecationWarning``.
 
     Example:
       >>> import jax, jax.numpy as jnp
-      >>> s = random(jax.random.key(0), {"w": jnp.zeros((2, 2))})
+      >>> s = random({"w": jnp.zeros((2, 2))}, key=jax.random.key(0))
       >>> s["w"].shape
       (2, 2)
     """
+    if key is None and grads is not None and _is_prng_key(params):
+        _deprecation.warn("jaxprune.scores.random(key, params)",
+                          "jaxprune.scores.random(params, key=key)")
+        params, key = grads, params
+    if key is None:
+        raise TypeError("random needs a PRNG key: call random(params, key=jax.random.key(0)).")
     leaves, treedef = jax.tree_util.tree_flatten(params)
     out = [
-        jax.random.uniform(jax.random.fold_in(key, i), jnp.shape(x), jnp.float32)
+        _score_leaf(lambda x, i=i: jax.random.uniform(
+            jax.random.fold_in(key, i), jnp.shape(x), jnp.float32), x)
         for i, x in enumerate(leaves)
     ]
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def saliency(params: PyTree, grads: PyTree) -> PyTree:
+def saliency(params: PyTree, grads: PyTree | None = None, *, key: jax.Array | None = None) -> PyTree:
     """Connection sensitivity ``|w * g|`` (first-order change of the loss if
     the weight is removed), computed in float32.
 
     Args:
       params: the parameters.
       grads: gradients of the loss with the structure of ``params``.
+      key: not used.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> saliency({"w": jnp.array([2.0, -1.0])}, {"w": jnp.array([0.5, 3.0])})["w"].tolist()
+      [1.0, 3.0]
 
     References:
       Lee et al., "SNIP: Single-shot network pruning based on connection
       sensitivity", ICLR 2019; Mozer & Smolensky, "Skeletonization", 1989.
     """
-    _check_same(params, grads, "params", "grads")
-    return jax.tree.map(
-        lambda w, g: _score_leaf(
-            lambda w, g: jnp.abs(w.astype(jnp.float32) * g.astype(jnp.float32)), w, g
-        ),
-        params,
-        grads,
-    )
-
-
-def _check_same(a: PyTree, b: PyTree, an: str, bn: str) -> None:
-    from jaxprune.masks import _check_same_structure
-
-    _check_same_structure(a, b, an, bn)
+    del key
+    _need_grads(grads, "saliency")
+    return _map(lambda w, g: jnp.abs(_wg(w, g)), params, grads)
 
 
 class Scorer(NamedTuple):
@@ -127,8 +192,19 @@ class Scorer(NamedTuple):
     score: Callable[[PyTree, PyTree, PyTree, jax.Array], PyTree]
 
 
-def _stateless(fn: Callable[[PyTree, PyTree, PyTree, jax.Array], PyTree]) -> Scorer:
-    return Scorer(init=lambda params: (), update=lambda s, p, g: s, score=lambda s, p, g, k: fn(p, g, k))
+def stateless(fn: Callable[..., PyTree]) -> Scorer:
+    """A :class:`Scorer` with an empty state from a :class:`ScoreFn` (or a
+    callable ``(params, grads) -> scores`` that takes no ``key``)."""
+    try:
+        takes_key = any(p.name == "key" or p.kind == inspect.Parameter.VAR_KEYWORD
+                        for p in inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        takes_key = False
+    if takes_key:
+        return Scorer(init=lambda params: (), update=lambda s, p, g: s,
+                      score=lambda s, p, g, k: fn(p, g, key=k))
+    return Scorer(init=lambda params: (), update=lambda s, p, g: s,
+                  score=lambda s, p, g, k: fn(p, g))
 
 
 _REGISTRY: dict[str, Callable[..., PyTree]] = {
@@ -137,15 +213,11 @@ _REGISTRY: dict[str, Callable[..., PyTree]] = {
     "saliency": saliency,
 }
 
-_SCORERS: dict[str, Scorer] = {
-    "magnitude": _stateless(lambda p, g, k: magnitude(p)),
-    "random": _stateless(lambda p, g, k: random(k, p)),
-    "saliency": _stateless(lambda p, g, k: saliency(p, g)),
-}
+_SCORERS: dict[str, Scorer] = {name: stateless(fn) for name, fn in _REGISTRY.items()}
 
 
 def register(name: str, scorer: Scorer, fn: Callable[..., PyTree] | None = None) -> None:
-    """Registers a :class:`Scorer` (and optionally a pure function) by name."""
+    """Registers a :class:`Scorer` (and optionally a pure :class:`ScoreFn`) by name."""
     _SCORERS[name] = scorer
     if fn is not None:
         _REGISTRY[name] = fn
@@ -157,7 +229,7 @@ def names() -> list[str]:
 
 
 def get(name: str) -> Callable[..., PyTree]:
-    """The pure score function registered under ``name``.
+    """The pure score function (:class:`ScoreFn`) registered under ``name``.
 
     Raises:
       ValueError: for an unknown name, listing the known ones.
@@ -174,7 +246,8 @@ def get_scorer(score: str | Callable[..., PyTree] | Scorer) -> Scorer:
 
     Args:
       score: a registered name (see :func:`names`), a :class:`Scorer`, or a
-        callable ``(params, grads) -> scores``.
+        :class:`ScoreFn` ``(params, grads=None, *, key=None) -> scores`` (a
+        callable ``(params, grads) -> scores`` without ``key`` works too).
 
     Raises:
       ValueError: for an unknown name; TypeError for anything else.
@@ -189,7 +262,7 @@ def get_scorer(score: str | Callable[..., PyTree] | Scorer) -> Scorer:
             )
         return _SCORERS[score]
     if callable(score):
-        return _stateless(lambda p, g, k: score(p, g))
+        return stateless(score)
     raise TypeError(
         f"score must be a name ({names()}), a Scorer or a callable (params, grads) -> "
         f"scores; got {type(score).__name__}."
@@ -208,7 +281,8 @@ def _zeros_f32(params: PyTree) -> PyTree:
     return jax.tree.map(lambda w: jnp.zeros(jnp.shape(w), jnp.float32), params)
 
 
-def taylor_importance(params: PyTree, grads: PyTree, squared: bool = False) -> PyTree:
+def taylor_importance(params: PyTree, grads: PyTree | None = None, *, key: jax.Array | None = None,
+                      squared: bool = False) -> PyTree:
     """First-order Taylor importance of one batch: ``|w * g|`` or ``(w * g)**2``.
 
     This is the one-step form of :func:`taylor` (its registered pure
@@ -225,13 +299,14 @@ def taylor_importance(params: PyTree, grads: PyTree, squared: bool = False) -> P
       Molchanov et al., "Importance estimation for neural network pruning",
       CVPR 2019.
     """
-    _check_same(params, grads, "params", "grads")
+    del key
+    _need_grads(grads, "taylor_importance")
 
     def one(w, g):
         wg = _wg(w, g)
         return wg * wg if squared else jnp.abs(wg)
 
-    return jax.tree.map(lambda w, g: _score_leaf(one, w, g), params, grads)
+    return _map(one, params, grads)
 
 
 def taylor(decay: float = 0.9, squared: bool = False) -> Scorer:
@@ -294,7 +369,8 @@ def taylor(decay: float = 0.9, squared: bool = False) -> Scorer:
     return Scorer(init=_zeros_f32, update=update, score=score)
 
 
-def movement_importance(params: PyTree, grads: PyTree) -> PyTree:
+def movement_importance(params: PyTree, grads: PyTree | None = None, *,
+                        key: jax.Array | None = None) -> PyTree:
     """One-step movement score ``-w * g`` (float32): positive when the step
     moves ``w`` away from zero.
 
@@ -307,8 +383,9 @@ def movement_importance(params: PyTree, grads: PyTree) -> PyTree:
       Sanh et al., "Movement pruning: adaptive sparsity by fine-tuning",
       NeurIPS 2020.
     """
-    _check_same(params, grads, "params", "grads")
-    return jax.tree.map(lambda w, g: _score_leaf(lambda w, g: -_wg(w, g), w, g), params, grads)
+    del key
+    _need_grads(grads, "movement_importance")
+    return _map(lambda w, g: -_wg(w, g), params, grads)
 
 
 def movement() -> Scorer:
