@@ -1,4 +1,8 @@
-"""Pruning at initialisation by connection sensitivity (SNIP).
+"""Pruning at initialisation: SNIP (connection sensitivity).
+
+:func:`snip` scores the initial weights by ``|w * dL/dw|`` on a few batches
+and keeps the largest; :func:`snip_scores` returns the scores. (``jp.snip``
+is the function; this module is ``jp.at_init``.)
 
 Example:
   >>> import jax, jax.numpy as jnp
@@ -12,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -38,6 +43,28 @@ def _batches(batch: Any) -> list[Any]:
     return [batch]
 
 
+def _check_loss_fn(loss_fn: Any, params: PyTree, batch: Any) -> None:
+    """``loss_fn`` must accept ``(params, batch)``: checked on its signature,
+    so a TypeError raised inside the model is not mistaken for this."""
+    if not callable(loss_fn):
+        raise TypeError(
+            f"snip: loss_fn must be a callable (params, batch) -> loss, got "
+            f"{type(loss_fn).__name__}."
+        )
+    try:
+        sig = inspect.signature(loss_fn)
+    except (TypeError, ValueError):
+        return  # no signature to check (a builtin): call it and see
+    try:
+        sig.bind(params, batch)
+    except TypeError as e:
+        raise TypeError(
+            f"snip: loss_fn{sig} cannot be called as loss_fn(params, batch): {e}. loss_fn "
+            "must take (params, batch) and return a scalar loss; pass several batches as "
+            "a Python list."
+        ) from None
+
+
 def snip_scores(loss_fn: Callable[[PyTree, Any], jax.Array], params: PyTree, batch: Any) -> PyTree:
     """Connection sensitivity ``mean_b |w * dL_b/dw|`` (float32).
 
@@ -59,18 +86,12 @@ def snip_scores(loss_fn: Callable[[PyTree, Any], jax.Array], params: PyTree, bat
       Lee et al., "SNIP: Single-shot network pruning based on connection
       sensitivity", ICLR 2019.
     """
+    batches = _batches(batch)
+    _check_loss_fn(loss_fn, params, batches[0])
     grad_fn = jax.jit(jax.grad(loss_fn))
     acc = None
-    batches = _batches(batch)
     for b in batches:
-        try:
-            g = grad_fn(params, b)
-        except TypeError as e:
-            raise TypeError(
-                f"snip: loss_fn(params, batch) failed: {e}. loss_fn must take (params, batch) "
-                "and return a scalar loss; pass several batches as a Python list."
-            ) from e
-        s = _scores.saliency(params, g)
+        s = _scores.saliency(params, grad_fn(params, b))
         acc = s if acc is None else jax.tree.map(jnp.add, acc, s)
     n = float(len(batches))
     return jax.tree.map(lambda a: a / n, acc)
@@ -100,7 +121,7 @@ def snip(
       sparsity: fraction of zeros in ``[0, 1]`` among the selected weights.
       allocation: ``"global"`` (default), ``"uniform"``, ``"erk"``, a dict
         ``{regex: sparsity}`` or a callable.
-      where: which leaves to prune (default: float leaves with ndim >= 2).
+      where: which leaves to prune (default: :func:`jaxprune.tree.is_kernel`).
 
     Returns:
       A mask tree (bool arrays for selected leaves, scalar ``True`` elsewhere).
@@ -124,13 +145,9 @@ def snip(
       Lee et al., "SNIP: Single-shot network pruning based on connection
       sensitivity", ICLR 2019.
     """
-    if not callable(loss_fn):
-        raise TypeError(
-            f"snip: loss_fn must be a callable (params, batch) -> loss, got "
-            f"{type(loss_fn).__name__}."
-        )
+    _check_loss_fn(loss_fn, params, _batches(batch)[0])
     _masks.check_sparsity(sparsity, "snip: sparsity")
     _alloc.check(allocation, params, where)
-    _masks._selected(params, where, "params")
+    _masks.selection(params, where, "params")
     scores = snip_scores(loss_fn, params, batch)
-    return _alloc.compute_masks(scores, sparsity, allocation, where, params)
+    return _alloc.masks(scores, sparsity, allocation, where=where, params=params)

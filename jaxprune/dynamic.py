@@ -16,18 +16,19 @@ leaf keeps exactly ``k`` weights at every step. A just-dropped weight cannot
 regrow in the same update, so exactly ``d`` connections leave and ``d`` new
 ones arrive (``d`` is capped at the number of inactive positions). Regrown
 weights start at exactly zero, and their optimizer moments are reset: on an
-update step every leaf of the inner optimizer state that mirrors the
-parameters (a subtree with the parameters' tree structure and leaf shapes,
-e.g. Adam's ``mu`` and ``nu``, momentum traces, ``MultiSteps`` accumulators)
-is zeroed at every position outside ``old_mask & new_mask``, before the inner
-update, and the gradients of those positions are zeroed for this step.
-Pruned weights are exactly zero after every step (the updates are
-``where(mask, u, -p)``, as in :func:`jaxprune.prune`). Mask updates run under
-:func:`jax.lax.cond`, so other steps cost what a masked step costs.
+update step every copy of the parameters inside the inner optimizer state
+(found by :func:`optax.tree_utils.tree_map_params`: Adam's ``mu`` and
+``nu``, momentum traces, ``MultiSteps`` accumulators) is zeroed at every
+position outside ``old_mask & new_mask``, before the inner update, and the
+gradients of those positions are zeroed for this step. Pruned weights are
+exactly zero after every step (the updates are ``where(mask, u, -p)``, as in
+:func:`jaxprune.prune`). Mask updates run under :func:`jax.lax.cond`, so
+other steps cost what a masked step costs.
 
-:func:`ste` instead keeps dense weights and recomputes a mask from them;
-the model applies it in its forward pass with :func:`straight_through`, so
-gradients reach pruned weights and they can come back.
+:func:`ste_training` instead keeps dense weights and recomputes a mask from
+them; the model applies it in its forward pass with
+:func:`jaxprune.apply_masks_ste`, so gradients reach pruned weights and they
+can come back.
 
 Example:
   >>> import jax, jax.numpy as jnp, optax
@@ -66,19 +67,13 @@ import optax
 from jax import lax
 
 from jaxprune import allocation as _alloc
+from jaxprune import deprecation as _deprecation
 from jaxprune import masks as _masks
 from jaxprune import scores as _scores
 from jaxprune import select as _select
+from jaxprune import transform_base as _base
 from jaxprune import tree as _tree
-from jaxprune.transforms import (
-    PruneState,
-    apply_mask_to_updates,
-    check_schedule,
-    mask_grads,
-    require_params,
-    scheduled_masks,
-    validate_params,
-)
+from jaxprune.transforms import PruneState, scheduled_masks
 
 PyTree = Any
 Schedule = Callable[[Any], Any]
@@ -92,85 +87,22 @@ __all__ = [
     "rigl",
     "set_training",
     "ste",
+    "ste_training",
     "straight_through",
     "zero_state_outside",
 ]
 
 
 # --------------------------------------------------------------------------
-# Argument checks
-
-
-def _is_traced(x: Any) -> bool:
-    return isinstance(x, jax.core.Tracer)
-
-
-def _check_fixed_sparsity(sparsity: Any, what: str) -> None:
-    if callable(sparsity):
-        raise TypeError(
-            f"{what}: sparsity must be a number (dynamic sparse training keeps a fixed "
-            f"sparsity), got the callable {sparsity!r}. For a sparsity schedule use "
-            "jp.prune(..., sparsity=optax.polynomial_schedule(...))."
-        )
-    _masks.check_sparsity(sparsity, "sparsity")
-
-
-def _check_fraction(value: Any, what: str, name: str = "drop_fraction") -> None:
-    if _is_traced(value):
-        return
-    try:
-        v = np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise TypeError(
-            f"{what}: {name} must be a number in [0, 1], got {type(value).__name__} "
-            f"({value!r})."
-        ) from None
-    if v.ndim != 0 or isinstance(value, bool) or not (0.0 <= float(v) <= 1.0):
-        raise ValueError(
-            f"{what}: {name} must be a number in [0, 1] (the fraction of kept weights "
-            f"exchanged per update), got {value!r}. Use e.g. {name}=0.3."
-        )
-
-
-def _check_positive_int(value: Any, what: str, name: str) -> None:
-    if _is_traced(value) or isinstance(value, jax.Array):
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{what}: {name} must be a positive int, got {value!r}.")
-
-
-# --------------------------------------------------------------------------
 # Pure building blocks
 
 
-def random_masks(
-    key: jax.Array, params: PyTree, sparsity: Any, allocation: Any = "erk", where: Any = None
-) -> PyTree:
-    """Random masks at the per-leaf sparsities of an allocation.
-
-    Each selected leaf keeps exactly the count its allocation gives it
-    (``round(n_l * (1 - s_l))``), chosen uniformly at random.
-
-    Args:
-      key: a PRNG key.
-      params: the parameters (shapes and structure are used).
-      sparsity: overall fraction of zeros among the selected weights.
-      allocation: ``"erk"``, ``"uniform"``, ``"global"``, a dict or a callable
-        (see :mod:`jaxprune.allocation`).
-      where: which leaves to prune.
-
-    Returns:
-      A mask tree.
-
-    Example:
-      >>> import jax, jax.numpy as jnp
-      >>> m = random_masks(jax.random.key(0), {"w": jnp.ones((4, 5))}, 0.5, "uniform")
-      >>> int(m["w"].sum())
-      10
-    """
-    return _alloc.compute_masks(
-        _scores.random(key, params), sparsity, allocation, where, params
-    )
+def random_masks(key: jax.Array, params: PyTree, sparsity: Any, allocation: Any = "erk",
+                 where: Any = None) -> PyTree:
+    """Deprecated: use :func:`jaxprune.allocation.random_masks` (whose
+    ``allocation`` defaults to ``"uniform"``; this alias keeps ``"erk"``)."""
+    _deprecation.warn("jaxprune.dynamic.random_masks", "jaxprune.allocation.random_masks")
+    return _alloc.random_masks(key, params, sparsity, allocation, where=where)
 
 
 def drop_and_grow(
@@ -191,11 +123,6 @@ def drop_and_grow(
         ranked by magnitude (RigL: the dense gradient), ``uint32`` keys
         ranked as unsigned integers (SET: :func:`random_keys`), or
         :class:`jaxprune.select.LazyScores` computing either on the fly.
-
-    No key or score array is stored: both selections recompute their keys
-    from ``params``, ``masks`` and ``grow_scores`` inside every counting pass
-    (see :class:`jaxprune.select.LazyScores`), so an exchange inside a
-    training step adds almost nothing to the step's scratch memory.
       drop_fraction: fraction of each leaf's kept weights to exchange (a
         number or a traced scalar).
 
@@ -203,6 +130,11 @@ def drop_and_grow(
       ``(new_masks, grown)``: the new masks, and masks of the positions that
       became active (``new & ~old``); exactly ``d`` per leaf in each of
       ``old & ~new`` and ``grown``.
+
+    No key or score array is stored: both selections recompute their keys
+    from ``params``, ``masks`` and ``grow_scores`` inside every counting pass
+    (see :class:`jaxprune.select.LazyScores`), so an exchange inside a
+    training step adds almost nothing to the step's scratch memory.
 
     Example:
       >>> import jax.numpy as jnp
@@ -249,6 +181,10 @@ def _drop_score(p: jax.Array, m: jax.Array) -> jax.Array:
     return jnp.where(m, jnp.where(jnp.isnan(w), 0.0, w), -jnp.inf)
 
 
+def _identity(x: jax.Array) -> jax.Array:
+    return x
+
+
 def _grow_lazy(g: Any, m: jax.Array) -> _select.LazyScores:
     """Growth candidates (inactive positions) by ``g``: float scores by
     magnitude (NaN as 0), ``uint32`` keys as they are; active positions rank
@@ -256,7 +192,7 @@ def _grow_lazy(g: Any, m: jax.Array) -> _select.LazyScores:
     if isinstance(g, _select.LazyScores):
         inner_fn, inner_args = g.fn, tuple(g.args)
     else:
-        inner_fn, inner_args = _select._identity, (jnp.asarray(g),)
+        inner_fn, inner_args = _identity, (jnp.asarray(g),)
 
     def fn(m, *args):
         v = inner_fn(*args)
@@ -329,18 +265,28 @@ def _fmix32(x: jax.Array) -> jax.Array:
     return x ^ (x >> 16)
 
 
-def zero_state_outside(state: PyTree, params: PyTree, keep: PyTree) -> PyTree:
-    """Zeroes optimizer-state entries that mirror parameters outside ``keep``.
+def _mirror_leaf(x: Any, m: Any) -> Any:
+    """``where(m, x, 0)`` for a state leaf shaped like its parameter; other
+    leaves (factored moments, masked-out nodes) pass through."""
+    if not _tree.is_array(x) or np.ndim(m) == 0 or np.shape(x) != np.shape(m):
+        return x
+    return _masks.apply_mask(x, m)
 
-    Every subtree of ``state`` with the tree structure of ``params`` and the
-    same leaf shapes (Adam's ``mu``/``nu``, momentum traces, accumulators) is
-    replaced by ``where(keep, x, 0)``; counters, schedules and anything else
-    pass through.
+
+def zero_state_outside(inner: Any, state: PyTree, keep: PyTree) -> PyTree:
+    """Zeroes the entries of optimizer-state copies of the parameters outside ``keep``.
+
+    The copies of the parameters inside ``state`` (Adam's ``mu``/``nu``,
+    momentum traces, accumulators) are found with
+    :func:`optax.tree_utils.tree_map_params`, which runs ``inner.init`` on a
+    placeholder: no matching of shapes. Their leaves shaped like their
+    parameter become ``where(keep, x, 0)``; counters, schedules, factored
+    moments and anything else pass through.
 
     Args:
-      state: an optimizer state (any nesting).
-      params: the parameters (structure and shapes are compared).
-      keep: bool mask tree with the structure of ``params``.
+      inner: the optimizer whose state this is (anything with ``init``).
+      state: its state.
+      keep: bool mask tree with the structure of the parameters.
 
     Returns:
       The state with the same structure, dtypes and shapes.
@@ -348,35 +294,19 @@ def zero_state_outside(state: PyTree, params: PyTree, keep: PyTree) -> PyTree:
     Example:
       >>> import jax.numpy as jnp, optax
       >>> p = {"w": jnp.ones((1, 2))}
-      >>> st = optax.sgd(0.1, momentum=0.9).init(p)
-      >>> st = (optax.TraceState(trace={"w": jnp.ones((1, 2))}),) + st[1:]
-      >>> zero_state_outside(st, p, {"w": jnp.array([[True, False]])})[0].trace["w"].tolist()
+      >>> opt = optax.sgd(0.1, momentum=0.9)
+      >>> st = (optax.TraceState(trace={"w": jnp.ones((1, 2))}),) + opt.init(p)[1:]
+      >>> zero_state_outside(opt, st, {"w": jnp.array([[True, False]])})[0].trace["w"].tolist()
       [[1.0, 0.0]]
     """
-    treedef = jax.tree_util.tree_structure(params)
-    shapes = [jnp.shape(x) for x in jax.tree_util.tree_leaves(params)]
-    keep_leaves = treedef.flatten_up_to(keep)
-
-    def mirrors(x: Any) -> bool:
-        try:
-            if jax.tree_util.tree_structure(x) != treedef:
-                return False
-        except Exception:  # noqa: BLE001 - exotic nodes are not params
-            return False
-        return [jnp.shape(v) for v in jax.tree_util.tree_leaves(x)] == shapes
-
-    def zero(x: Any) -> Any:
-        if not mirrors(x):
-            return x
-        leaves = treedef.flatten_up_to(x)
-        out = [
-            v if jnp.ndim(m) == 0 or not hasattr(v, "dtype")
-            else jnp.where(m, v, jnp.zeros((), v.dtype))
-            for v, m in zip(leaves, keep_leaves)
-        ]
-        return jax.tree_util.tree_unflatten(treedef, out)
-
-    return jax.tree.map(zero, state, is_leaf=mirrors)
+    if not (callable(inner) or hasattr(inner, "init")):
+        raise TypeError(
+            "zero_state_outside(inner, state, keep) takes the optimizer first (its init "
+            f"finds the copies of the parameters in the state); got {type(inner).__name__}."
+        )
+    return optax.tree_utils.tree_map_params(
+        inner, _mirror_leaf, state, keep, is_leaf=lambda x: isinstance(x, optax.MaskedNode)
+    )
 
 
 # --------------------------------------------------------------------------
@@ -401,92 +331,99 @@ class DynamicState(NamedTuple):
     inner_state: optax.OptState
 
 
-def _dynamic(
-    inner: optax.GradientTransformation,
-    sparsity: Any,
-    drop_fraction: Any,
-    update_every: Any,
-    end_step: Any,
-    allocation: Any,
-    where: Any,
-    seed: Any,
-    growth: str,
-    what: str,
-) -> optax.GradientTransformationExtraArgs:
-    _check_fixed_sparsity(sparsity, what)
+class _Exchange(NamedTuple):
+    """What tells SET and RigL apart: how positions grow and how many move."""
+
+    name: str
+    grow_scores: Callable[[jax.Array, PyTree, PyTree], PyTree]  # (key, params, grads)
+    fraction_at: Callable[[jax.Array], Any]  # count -> drop fraction
+    end_step: Any  # no exchange from this count on (None: never stop)
+
+
+def _random_growth(key: jax.Array, params: PyTree, grads: PyTree) -> PyTree:
+    """SET: random ranks of the positions (a keyed hash, never stored)."""
+    del grads
+    return _random_keys_lazy(key, params)
+
+
+def _gradient_growth(key: jax.Array, params: PyTree, grads: PyTree) -> PyTree:
+    """RigL: the dense gradient, ranked by magnitude inside drop_and_grow."""
+    del key, params
+    return grads
+
+
+def _check_dynamic(name: str, sparsity: Any, drop_fraction: Any, update_every: Any,
+                   end_step: Any, allocation: Any) -> None:
+    _base.check_fixed_sparsity(sparsity, name)
     if callable(drop_fraction):
-        check_schedule(drop_fraction, f"{what}: drop_fraction")
+        _base.check_schedule(drop_fraction, f"{name}: drop_fraction")
     else:
-        _check_fraction(drop_fraction, what)
-    _check_positive_int(update_every, what, "update_every")
+        _base.check_fraction(drop_fraction, name)
+    _base.check_positive_int(update_every, name, "update_every")
     if end_step is not None:
-        _check_positive_int(end_step, what, "end_step")
+        _base.check_positive_int(end_step, name, "end_step")
     _alloc.check(allocation)
+
+
+def _is_exchange_step(count: jax.Array, update_every: Any, end_step: Any) -> jax.Array:
+    is_update = (count > 0) & (count % update_every == 0)
+    return is_update if end_step is None else is_update & (count < end_step)
+
+
+def _exchange(ex: _Exchange, state: DynamicState, params: PyTree, grads: PyTree, key_data):
+    """One exchange: ``(new masks, masks of positions trained this step, key)``.
+    Just-grown positions are not trained on this step (their moments and
+    gradients start from zero)."""
+    key_data, sub = _base.split_key(key_data)
+    frac = jnp.asarray(ex.fraction_at(state.count), jnp.float32)
+    new, grown = drop_and_grow(params, state.masks, ex.grow_scores(sub, params, grads), frac)
+    train = jax.tree.map(lambda n, g: n & ~g, new, grown)
+    return new, train, key_data
+
+
+def _dynamic(inner: optax.GradientTransformation, ex: _Exchange, *, sparsity: Any,
+             update_every: Any, allocation: Any, where: Any,
+             seed: Any) -> optax.GradientTransformationExtraArgs:
+    """The SET / RigL transform: a random initial mask, then exchanges."""
     inner = optax.with_extra_args_support(inner)
-    if growth == "gradient" and end_step is not None and not callable(drop_fraction):
-        frac_at = optax.cosine_decay_schedule(drop_fraction, decay_steps=end_step)
-    elif callable(drop_fraction):
-        frac_at = drop_fraction
-    else:
-        frac_at = lambda count: drop_fraction  # noqa: E731
 
     def init_fn(params):
-        validate_params(params, where, what)
+        _base.validate_params(params, where, ex.name)
         _alloc.check(allocation, params, where)
         key, sub = jax.random.split(jax.random.key(seed))
         return DynamicState(
             count=jnp.zeros((), jnp.int32),
-            masks=random_masks(sub, params, sparsity, allocation, where),
+            masks=_alloc.random_masks(sub, params, sparsity, allocation, where=where),
             key=jax.random.key_data(key),
             inner_state=inner.init(params),
         )
 
     def update_fn(updates, state, params=None, **extra_args):
-        require_params(params, what)
-        grads = updates
-        count = state.count
-        frac = jnp.asarray(frac_at(count), jnp.float32)
-
-        def exchange(key_data):
-            key, sub = jax.random.split(jax.random.wrap_key_data(key_data))
-            if growth == "random":
-                gs = _random_keys_lazy(sub, params)
-            else:
-                gs = grads  # ranked by magnitude inside drop_and_grow
-            new, grown = drop_and_grow(params, state.masks, gs, frac)
-            train = jax.tree.map(lambda n, g: n & ~g, new, grown)
-            return new, train, jax.random.key_data(key)
-
-        def keep(key_data):
-            return state.masks, state.masks, key_data
-
-        is_update = (count > 0) & (count % update_every == 0)
-        if end_step is not None:
-            is_update = is_update & (count < end_step)
+        _base.require_params(params, ex.name)
+        _base.check_update_trees(updates, params, state.masks, ex.name)
+        is_update = _is_exchange_step(state.count, update_every, ex.end_step)
         # Only the (small) masks go through the first cond; the optimizer
         # state goes through its own cond, whose identity branch XLA can alias.
-        masks, train, key_data = lax.cond(is_update, exchange, keep, state.key)
-        inner_state = lax.cond(
-            is_update,
-            lambda s: zero_state_outside(s, params, train),
-            lambda s: s,
-            state.inner_state,
-        )
-        g = mask_grads(grads, train)
-        u, inner_state = inner.update(g, inner_state, params, **extra_args)
-        u = apply_mask_to_updates(u, params, train)
-        return u, DynamicState(
-            count=optax.safe_increment(count),
-            masks=masks,
-            key=key_data,
-            inner_state=inner_state,
-        )
+        masks, train, key_data = lax.cond(
+            is_update, lambda k: _exchange(ex, state, params, updates, k),
+            lambda k: (state.masks, state.masks, k), state.key)
+        inner_state = lax.cond(is_update, lambda s: zero_state_outside(inner, s, train),
+                               lambda s: s, state.inner_state)
+        u, inner_state = _base.masked_update(inner, updates, inner_state, params, train,
+                                             **extra_args)
+        return u, DynamicState(count=optax.safe_increment(state.count), masks=masks,
+                               key=key_data, inner_state=inner_state)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+def _constant(value: Any) -> Callable[[jax.Array], Any]:
+    return lambda count: value
+
+
 def set_training(
     inner: optax.GradientTransformation,
+    *,
     sparsity: float,
     drop_fraction: float | Schedule = 0.3,
     update_every: int = 100,
@@ -510,10 +447,10 @@ def set_training(
       sparsity: fixed fraction of zeros among the selected weights, in [0, 1].
       drop_fraction: ``f`` in [0, 1], or an optax schedule of the step.
       update_every: steps between connection exchanges.
-      allocation: per-leaf sparsities: ``"erk"`` (default), ``"uniform"``,
-        ``"global"`` (random global mask, then per-leaf exchanges), a dict or a
-        callable (see :mod:`jaxprune.allocation`).
-      where: which leaves to prune (default: float leaves with ndim >= 2).
+      allocation: per-leaf sparsities: ``"erk"`` (default, as in Evci et al.
+        2020), ``"uniform"``, ``"global"`` (random global mask, then per-leaf
+        exchanges), a dict or a callable (see :mod:`jaxprune.allocation`).
+      where: which leaves to prune (default: :func:`jaxprune.tree.is_kernel`).
       seed: seed of the initial mask and of the random regrowth.
 
     Returns:
@@ -523,13 +460,14 @@ def set_training(
       >>> import jax, jax.numpy as jnp, optax
       >>> import jaxprune as jp
       >>> params = {"w": jax.random.normal(jax.random.key(0), (8, 8))}
-      >>> tx = jp.set_training(optax.sgd(0.1), 0.75, update_every=2, allocation="uniform")
+      >>> tx = jp.set_training(optax.sgd(0.1), sparsity=0.75, update_every=2,
+      ...                      allocation="uniform")
       >>> state = tx.init(params)
       >>> step = jax.jit(lambda g, s, p: tx.update(g, s, p))
       >>> for _ in range(5):
       ...     u, state = step(params, state, params)
       ...     params = optax.apply_updates(params, u)
-      >>> jp.sparsity(jp.get_masks(state)), float(jp.sparsity(params)) >= 0.75
+      >>> jp.sparsity_of(jp.get_masks(state)), float(jp.sparsity_of(params)) >= 0.75
       (0.75, True)
 
     References:
@@ -537,16 +475,33 @@ def set_training(
       adaptive sparse connectivity inspired by network science", Nature
       Communications 2018.
     """
-    return _dynamic(
-        inner, sparsity, drop_fraction, update_every, None, allocation, where, seed,
-        growth="random", what="set_training",
-    )
+    _check_dynamic("set_training", sparsity, drop_fraction, update_every, None, allocation)
+    fraction_at = drop_fraction if callable(drop_fraction) else _constant(drop_fraction)
+    ex = _Exchange("set_training", _random_growth, fraction_at, None)
+    return _dynamic(inner, ex, sparsity=sparsity, update_every=update_every,
+                    allocation=allocation, where=where, seed=seed)
+
+
+def _rigl_fraction(drop_fraction: Any, end_step: Any) -> Callable[[jax.Array], Any]:
+    if callable(drop_fraction):
+        if end_step is not None:
+            raise TypeError(
+                "rigl: drop_fraction is a schedule and end_step is given; rigl decays a "
+                "number drop_fraction to 0 at end_step with a cosine. Pass a number, or keep "
+                f"the schedule {drop_fraction!r} and pass end_step=None (the schedule then "
+                "sets the fraction at every step, and exchanges continue throughout)."
+            )
+        return drop_fraction
+    if end_step is None:
+        return _constant(drop_fraction)
+    return optax.cosine_decay_schedule(drop_fraction, decay_steps=end_step)
 
 
 def rigl(
     inner: optax.GradientTransformation,
+    *,
     sparsity: float,
-    drop_fraction: float = 0.3,
+    drop_fraction: float | Schedule = 0.3,
     update_every: int = 100,
     end_step: int | None = None,
     allocation: Any = "erk",
@@ -558,22 +513,25 @@ def rigl(
     Like :func:`set_training`, but the ``d`` grown positions are those, among
     the inactive ones, with the largest ``|g|``, where ``g`` is the raw dense
     gradient this transform receives (the gradient of the loss with respect
-    to every weight, pruned ones included, since they sit at zero). The drop
-    fraction decays as ``f_t = optax.cosine_decay_schedule(drop_fraction,
-    end_step)(t)``, i.e. ``f/2 (1 + cos(pi t / end_step))``, and no exchange
-    happens from ``end_step`` on (``end_step=None``: constant ``f``, updates
-    throughout; the paper uses 75% of training). Regrown weights start at
-    exactly zero and their optimizer moments are reset (module docstring).
+    to every weight, pruned ones included, since they sit at zero). With
+    ``end_step`` the drop fraction decays as ``f_t =
+    optax.cosine_decay_schedule(drop_fraction, end_step)(t)``, i.e.
+    ``f/2 (1 + cos(pi t / end_step))``, and no exchange happens from
+    ``end_step`` on (the paper uses 75% of training). With ``end_step=None``
+    ``drop_fraction`` (a number, or any schedule of the step) applies
+    throughout. Regrown weights start at exactly zero and their optimizer
+    moments are reset (module docstring).
 
     Args:
       inner: the optimizer to wrap.
       sparsity: fixed fraction of zeros among the selected weights, in [0, 1].
-      drop_fraction: initial fraction ``f`` in [0, 1] of kept weights exchanged.
+      drop_fraction: fraction ``f`` in [0, 1] of kept weights exchanged (the
+        initial one with ``end_step``), or a schedule (with ``end_step=None``).
       update_every: steps between connection exchanges (``Delta T``).
       end_step: last step with exchanges (``T_end``), or ``None``.
       allocation: ``"erk"`` (default, as in the paper), ``"uniform"``,
         ``"global"``, a dict or a callable.
-      where: which leaves to prune (default: float leaves with ndim >= 2).
+      where: which leaves to prune (default: :func:`jaxprune.tree.is_kernel`).
       seed: seed of the initial random mask.
 
     Returns:
@@ -583,7 +541,7 @@ def rigl(
       >>> import jax, jax.numpy as jnp, optax
       >>> import jaxprune as jp
       >>> params = {"w": jax.random.normal(jax.random.key(0), (8, 8))}
-      >>> tx = jp.rigl(optax.adam(1e-2), 0.75, update_every=2, end_step=10,
+      >>> tx = jp.rigl(optax.adam(1e-2), sparsity=0.75, update_every=2, end_step=10,
       ...              allocation="uniform")
       >>> state = tx.init(params)
       >>> grad = jax.grad(lambda p: jnp.sum((p["w"] - 1.0) ** 2))
@@ -597,74 +555,27 @@ def rigl(
     References:
       Evci et al., "Rigging the lottery: making all tickets winners", ICML 2020.
     """
-    if callable(drop_fraction):
-        raise TypeError(
-            "rigl: drop_fraction must be a number (it is cosine-decayed to 0 at end_step); "
-            f"got {drop_fraction!r}. For another schedule use set_training or pass "
-            "end_step=None."
-        )
-    return _dynamic(
-        inner, sparsity, drop_fraction, update_every, end_step, allocation, where, seed,
-        growth="gradient", what="rigl",
-    )
+    _check_dynamic("rigl", sparsity, drop_fraction, update_every, end_step, allocation)
+    ex = _Exchange("rigl", _gradient_growth, _rigl_fraction(drop_fraction, end_step), end_step)
+    return _dynamic(inner, ex, sparsity=sparsity, update_every=update_every,
+                    allocation=allocation, where=where, seed=seed)
 
 
 # --------------------------------------------------------------------------
 # Straight-through training
 
 
-def straight_through(params: PyTree, masks: PyTree) -> PyTree:
-    """Masked weights in the forward pass, dense gradients in the backward pass.
+straight_through = _deprecation.alias(
+    _masks.apply_masks_ste, "jaxprune.straight_through", "jaxprune.apply_masks_ste")
 
-    Returns ``p + stop_gradient(where(m, p, 0) - p)`` per leaf: the value is
-    exactly ``where(m, p, 0)``, the gradient with respect to ``p`` is the
-    gradient with respect to the masked weight, for *every* entry, so pruned
-    weights keep learning and can re-enter the mask. Leaves with a scalar
-    mask are returned unchanged. Call it inside the loss.
-
-    Args:
-      params: the dense parameters.
-      masks: a mask tree, e.g. ``jp.get_masks(opt_state)`` of :func:`ste`.
-
-    Returns:
-      Parameters to run the model with.
-
-    Example:
-      >>> import jax, jax.numpy as jnp
-      >>> p = {"w": jnp.array([[1.0, 2.0]])}
-      >>> m = {"w": jnp.array([[True, False]])}
-      >>> loss = lambda p: jnp.sum(straight_through(p, m)["w"] * jnp.array([[3.0, 4.0]]))
-      >>> float(loss(p)), jax.grad(loss)(p)["w"].tolist()
-      (3.0, [[3.0, 4.0]])
-
-    References:
-      Bengio et al., "Estimating or propagating gradients through stochastic
-      neurons for conditional computation", 2013; Zhou et al., "Learning N:M
-      fine-grained structured sparse neural networks from scratch", ICLR 2021.
-    """
-    _masks._check_same_structure(params, masks, "params", "masks")
-
-    def one(p, m):
-        m = jnp.asarray(m)
-        if m.ndim == 0:
-            return p
-        if m.shape != jnp.shape(p):
-            raise ValueError(
-                f"straight_through: mask shape {m.shape} differs from the parameter shape "
-                f"{jnp.shape(p)}; pass the masks of these parameters (jp.get_masks(state))."
-            )
-        return p + lax.stop_gradient(jnp.where(m, p, jnp.zeros((), p.dtype)) - p)
-
-    return jax.tree.map(one, params, masks)
-
-
-# The state of :func:`ste` is that of :func:`jaxprune.prune` (count, masks,
-# score_state, key, inner_state): both run the same mask schedule.
+# The state of :func:`ste_training` is that of :func:`jaxprune.prune` (count,
+# masks, score_state, key, inner_state): both run the same mask schedule.
 STEState = PruneState
 
 
-def ste(
+def ste_training(
     inner: optax.GradientTransformation,
+    *,
     sparsity: float | Schedule,
     update_every: int = 1,
     score: str | Callable[..., PyTree] | _scores.Scorer = "magnitude",
@@ -679,7 +590,7 @@ def ste(
     (step 0 included) the mask is recomputed from ``score`` on the dense
     weights at the (scheduled) sparsity and stored in the state. **The model
     must apply it**: inside the loss, run the network on
-    ``jp.straight_through(params, jp.get_masks(opt_state))``; the forward
+    ``jp.apply_masks_ste(params, jp.get_masks(opt_state))``; the forward
     pass then uses the masked weights while the gradient reaches every
     weight, so pruned weights can grow back. For deployment, use
     ``jp.apply_masks(params, jp.get_masks(opt_state))``. The state's masks
@@ -691,12 +602,12 @@ def ste(
     Args:
       inner: the optimizer to wrap.
       sparsity: fraction of zeros in [0, 1] or an optax schedule of the step.
-      update_every: mask-recomputation period (1: every step, as in
-        SR-STE-style training).
+      update_every: mask-recomputation period (1, the default: every step, as
+        in SR-STE-style training, since the mask follows the dense weights).
       score: ``"magnitude"`` or any score accepted by :func:`jaxprune.prune`.
       allocation: ``"uniform"`` (default), ``"global"``, ``"erk"``, a dict or a
         callable.
-      where: which leaves to prune (default: float leaves with ndim >= 2).
+      where: which leaves to prune (default: :func:`jaxprune.tree.is_kernel`).
       seed: seed of the PRNG key used by random scores.
 
     Returns:
@@ -706,15 +617,15 @@ def ste(
       >>> import jax, jax.numpy as jnp, optax
       >>> import jaxprune as jp
       >>> params = {"w": jax.random.normal(jax.random.key(0), (8, 8))}
-      >>> tx = jp.ste(optax.adam(1e-2), sparsity=0.75)
+      >>> tx = jp.ste_training(optax.adam(1e-2), sparsity=0.75)
       >>> state = tx.init(params)
       >>> def loss(p, masks):
-      ...     return jnp.sum((jp.straight_through(p, masks)["w"] - 1.0) ** 2)
+      ...     return jnp.sum((jp.apply_masks_ste(p, masks)["w"] - 1.0) ** 2)
       >>> for _ in range(3):
       ...     g = jax.grad(loss)(params, jp.get_masks(state))
       ...     u, state = tx.update(g, state, params)
       ...     params = optax.apply_updates(params, u)
-      >>> jp.sparsity(jp.get_masks(state)), jp.sparsity(params)
+      >>> jp.sparsity_of(jp.get_masks(state)), jp.sparsity_of(params)
       (0.75, 0.0)
 
     References:
@@ -722,9 +633,18 @@ def ste(
       N:M fine-grained structured sparse neural networks from scratch", ICLR
       2021; Lin et al., "Dynamic model pruning with feedback", ICLR 2020.
     """
-    _check_positive_int(update_every, "ste", "update_every")
     return scheduled_masks(
         inner, sparsity=sparsity, score=score, allocation=allocation,
         update_every=update_every, where=where, nested=False, seed=seed,
-        apply=False, name="ste",
+        apply=False, name="ste_training",
     )
+
+
+def ste(inner: optax.GradientTransformation, sparsity: float | Schedule, update_every: int = 1,
+        score: Any = "magnitude", allocation: Any = "uniform", where: Any = None,
+        seed: int = 0) -> optax.GradientTransformationExtraArgs:
+    """Deprecated alias of :func:`ste_training` (which takes ``sparsity`` and
+    the rest as keywords)."""
+    _deprecation.warn("jaxprune.ste", "jaxprune.ste_training")
+    return ste_training(inner, sparsity=sparsity, update_every=update_every, score=score,
+                        allocation=allocation, where=where, seed=seed)

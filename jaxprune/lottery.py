@@ -13,12 +13,23 @@ every round:
    2020 for ``k > 0``), zero the pruned ones, restart the inner optimizer;
 4. repeat for ``rounds`` rounds, then keep training the final ticket.
 
+The optimizer only sees the parameters. Other model state (Flax Linen
+``batch_stats``, any collection the step updates) is rewound with them by
+:func:`rewind_extra`, called after every update: it takes its snapshot in the
+update that took the parameters' snapshot and restores it in every update
+that rewound them (:attr:`LotteryState.event` says which). With
+``rewind_step=0`` initialise its snapshot with ``snapshot(extra)``::
+
+    extra_snap = jp.lottery.snapshot(variables["batch_stats"])
+    ...  # in the jitted step, after tx.update:
+    batch_stats, extra_snap = jp.lottery.rewind_extra(opt_state, new_batch_stats, extra_snap)
+
 The functional pieces are here too, for users who drive rounds themselves
 (:func:`snapshot`, :func:`rewind`, :func:`imp_sparsity`), and the controls of
 the lottery-ticket experiments: :func:`random_reinit` (the ticket's mask, a
-fresh initialisation), :func:`random_mask` (a random mask with the ticket's
-per-layer sparsity) and :func:`shuffle_mask` (the ticket's mask permuted
-within each layer).
+fresh initialisation), :func:`jaxprune.masks.random_like` (a random mask
+with the ticket's per-layer sparsity) and :func:`shuffle_mask` (the ticket's
+mask permuted within each layer).
 
 Example:
   >>> import jax, jax.numpy as jnp, optax
@@ -53,20 +64,17 @@ import optax
 from jax import lax
 
 from jaxprune import allocation as _alloc
+from jaxprune import deprecation as _deprecation
+from jaxprune import masks as _masks
 from jaxprune import scores as _scores
-from jaxprune import select as _select
+from jaxprune import transform_base as _base
 from jaxprune import tree as _tree
-from jaxprune.transforms import (
-    apply_mask_to_updates,
-    initial_masks,
-    mask_grads,
-    require_params,
-    validate_params,
-)
 
 PyTree = Any
 
 __all__ = [
+    "REWOUND",
+    "SNAPSHOT",
     "LotteryState",
     "current_round",
     "current_sparsity",
@@ -75,10 +83,16 @@ __all__ = [
     "random_mask",
     "random_reinit",
     "rewind",
+    "rewind_extra",
     "rewound_params",
     "shuffle_mask",
     "snapshot",
 ]
+
+SNAPSHOT = 1
+"""Bit of :attr:`LotteryState.event`: this update took the snapshot."""
+REWOUND = 2
+"""Bit of :attr:`LotteryState.event`: this update rewound the parameters."""
 
 
 # --------------------------------------------------------------------------
@@ -130,6 +144,10 @@ class LotteryState(NamedTuple):
         rewinds.
       round: pruning rounds done so far (int32, ``0 .. rounds``); the
         selected weights are at sparsity ``1 - (1 - prune_rate) ** round``.
+      event: what the last update did (int32 bits): 0 nothing special,
+        :data:`SNAPSHOT` (1) it took the snapshot, :data:`REWOUND` (2) it
+        rewound, 3 both (``rewind_step == steps_per_round - 1``). Read by
+        :func:`rewind_extra`.
       masks: bool mask tree (scalar ``True`` for leaves not pruned).
       snapshot: the parameters ``theta_k`` at step ``rewind_step`` (taken by
         ``init`` when ``rewind_step=0``, by the update at count ``k``
@@ -142,6 +160,7 @@ class LotteryState(NamedTuple):
 
     count: jax.Array
     round: jax.Array
+    event: jax.Array
     masks: PyTree
     snapshot: PyTree
     score_state: PyTree
@@ -170,6 +189,129 @@ def _static_int(value: Any, name: str, low: int, fix: str) -> int:
     if value < low:
         raise ValueError(f"{name} must be >= {low}, got {value!r}. {fix}")
     return int(value)
+
+
+def _rewind_step(rewind_step: Any, steps_per_round: int) -> Any:
+    if isinstance(rewind_step, jax.core.Tracer):
+        return rewind_step  # injected by optax.inject_hyperparams: used as is
+    k = _static_int(rewind_step, "lottery_ticket: rewind_step", 0,
+                    "Use 0 to rewind to the initialisation or k > 0 for late rewinding.")
+    if k >= steps_per_round:
+        raise ValueError(
+            f"lottery_ticket: rewind_step={k} must be < steps_per_round={steps_per_round}: "
+            "the snapshot is taken during the first round. Use a smaller rewind_step "
+            "(e.g. 0 to rewind to the initialisation)."
+        )
+    return k
+
+
+def _prune_rate(prune_rate: Any) -> float:
+    if isinstance(prune_rate, jax.core.Tracer):
+        raise TypeError(
+            "lottery_ticket: prune_rate must be a concrete number (it sets the exact "
+            f"kept count of every round), got a traced value.{_INJECT_HINT}"
+        )
+    if isinstance(prune_rate, (np.ndarray, jax.Array)) and prune_rate.ndim == 0:
+        prune_rate = float(prune_rate)
+    if isinstance(prune_rate, bool) or not isinstance(prune_rate, (int, float, np.number)):
+        raise TypeError(
+            f"lottery_ticket: prune_rate must be a number in (0, 1), got {prune_rate!r}."
+        )
+    if not (0.0 < float(prune_rate) < 1.0):
+        raise ValueError(
+            f"lottery_ticket: prune_rate must be in (0, 1) (the fraction of the remaining "
+            f"weights pruned per round), got {prune_rate!r}. Frankle & Carbin use 0.2."
+        )
+    return float(prune_rate)
+
+
+class _Plan(NamedTuple):
+    """The static schedule and choices of a :func:`lottery_ticket`."""
+
+    rounds: int
+    steps_per_round: int
+    rewind_step: Any  # an int, or a tracer under inject_hyperparams
+    prune_rate: float
+    scorer: _scores.Scorer
+    allocation: Any
+    where: Any
+
+
+def _plan(rounds, steps_per_round, prune_rate, rewind_step, allocation, score, where) -> _Plan:
+    """Checks the arguments of :func:`lottery_ticket`."""
+    r = _static_int(rounds, "lottery_ticket: rounds", 1,
+                    "Pass the number of pruning rounds, e.g. rounds=10.")
+    s = _static_int(steps_per_round, "lottery_ticket: steps_per_round", 1,
+                    "Pass the update calls per round, e.g. steps_per_round=1500.")
+    k = _rewind_step(rewind_step, s)
+    rate = _prune_rate(prune_rate)
+    scorer = _scores.get_scorer(score)
+    _alloc.check(allocation)
+    return _Plan(r, s, k, rate, scorer, allocation, where)
+
+
+def _round_keep(plan: _Plan, params: PyTree, scores: PyTree, next_round: jax.Array) -> Any:
+    """What the next round keeps: ``keep=`` for ``"global"`` (an int) and
+    ``"uniform"`` (a per-leaf tree of ints), else the overall sparsity."""
+    _, leaves, _ = _tree.flatten(params)
+    sel = _tree.flags(params, plan.where)
+    sizes = [int(np.size(x)) for x, on in zip(leaves, sel) if on]
+    if plan.allocation == "global":
+        table = _keep_table(sum(sizes), plan.rounds, plan.prune_rate)
+        return jnp.asarray(np.array(table, np.int32))[next_round]
+    if plan.allocation == "uniform":
+        cols = iter([jnp.asarray(np.array(_keep_table(n, plan.rounds, plan.prune_rate),
+                                          np.int32))[next_round] for n in sizes])
+        per_leaf = [next(cols) if on else 0 for on in sel]
+        return _tree.unflatten(jax.tree_util.tree_structure(scores), per_leaf)
+    table = [imp_sparsity(r, plan.prune_rate) for r in range(plan.rounds + 1)]
+    return jnp.asarray(np.array(table, np.float32))[next_round]
+
+
+def _new_masks(plan: _Plan, state: LotteryState, params: PyTree, grads: PyTree,
+               score_state: PyTree) -> tuple[PyTree, jax.Array]:
+    """The next round's masks (nested in the current ones) and key data."""
+    key_data, sub = _base.split_key(state.key)
+    scores = plan.scorer.score(score_state, params, grads, sub)
+    scores = _base.nested_scores(scores, state.masks)
+    keep = _round_keep(plan, params, scores, state.round + 1)
+    chosen = _tree.unflatten(jax.tree_util.tree_structure(scores), _tree.flags(params, plan.where))
+    if plan.allocation == "global":
+        masks = _masks.global_topk(scores, where=chosen, keep=keep)
+    elif plan.allocation == "uniform":
+        masks = _masks.topk(scores, where=chosen, keep=keep)
+    else:
+        masks = _alloc.masks(scores, keep, plan.allocation, where=plan.where, params=params,
+                             step=state.count)
+    masks = jax.tree.map(lambda new, old: new & old, masks, state.masks)
+    return masks, key_data
+
+
+def _take_snapshot(plan: _Plan, state: LotteryState, params: PyTree):
+    """``(snapshot, took)``: the parameters of the update at count
+    ``rewind_step`` (``k > 0``), else the stored snapshot."""
+    if isinstance(plan.rewind_step, int) and plan.rewind_step == 0:
+        return state.snapshot, jnp.zeros((), jnp.bool_)
+    took = state.count == plan.rewind_step
+    snap = lax.cond(took, lambda: jax.tree.map(jnp.asarray, params), lambda: state.snapshot)
+    return snap, took
+
+
+def _round_end(plan, inner, state, params, grads, snap, score_state, like):
+    """The round-end update: new masks, survivors rewound to the snapshot
+    (emitted as ``rewound - p``), fresh inner and score states."""
+    masks, key_data = _new_masks(plan, state, params, grads, score_state)
+    rewound = rewind(snap, masks)
+    u = jax.tree.map(lambda r, p, t: (r - p).astype(t.dtype), rewound, params, like)
+    return (u, inner.init(rewound), masks, plan.scorer.init(rewound), key_data,
+            state.round + 1)
+
+
+def _train(inner, state, params, grads, score_state, extra_args):
+    """An ordinary update: the masked inner step."""
+    u, inner_state = _base.masked_update(inner, grads, state.inner_state, params, state.masks,
+                                         **extra_args)
+    return u, inner_state, state.masks, score_state, state.key, state.round
 
 
 def lottery_ticket(
@@ -213,13 +355,16 @@ def lottery_ticket(
 
     ``optax.apply_updates`` yields ``p + (theta_k - p)``, which may differ
     from ``theta_k`` by a rounding; :func:`rewound_params` returns the exact
-    ``theta_k * mask`` from the state.
+    ``theta_k * mask`` from the state. Model state outside the parameters
+    (BatchNorm statistics) is rewound by :func:`rewind_extra` (module
+    docstring).
 
     Sparsity is exact for ``allocation="global"`` (counted over all selected
-    weights together) and ``"uniform"`` (per leaf). Other allocations
-    (``"erk"``, a dict, a callable) get the overall sparsity
-    ``1 - (1 - prune_rate) ** r`` and are intersected with the previous mask
-    so tickets stay nested.
+    weights together) and ``"uniform"`` (per leaf): both get integer keep
+    counts (``keep=`` of :func:`jaxprune.masks.global_topk` and
+    :func:`jaxprune.masks.topk`). Other allocations (``"erk"``, a dict, a
+    callable) get the overall sparsity ``1 - (1 - prune_rate) ** r`` and are
+    intersected with the previous mask so tickets stay nested.
 
     Args:
       inner: the optimizer to wrap (any optax transformation).
@@ -231,13 +376,13 @@ def lottery_ticket(
       rewind_step: the step ``k`` whose parameters survivors are rewound to;
         ``0`` rewinds to the initialisation, ``k > 0`` is late rewinding
         (must be ``< steps_per_round``).
-      allocation: ``"global"`` (one threshold over all selected weights, as
-        in Frankle & Carbin), ``"uniform"`` (every leaf at the same sparsity)
-        or any allocation of :mod:`jaxprune.allocation`.
+      allocation: ``"global"`` (default: one threshold over all selected
+        weights, as in Frankle & Carbin), ``"uniform"`` (every leaf at the
+        same sparsity) or any allocation of :mod:`jaxprune.allocation`.
       score: ``"magnitude"`` (IMP) or any ``score=`` accepted by
         :func:`jaxprune.prune`; gradient scores see the gradients passed to
         the round-end call.
-      where: which leaves to prune (default: float leaves with ndim >= 2).
+      where: which leaves to prune (default: :func:`jaxprune.tree.is_kernel`).
       seed: seed of the PRNG key used by random scores.
 
     Returns:
@@ -273,155 +418,35 @@ def lottery_ticket(
       Carbin, "Linear mode connectivity and the lottery ticket hypothesis",
       ICML 2020 (rewinding to ``theta_k``, ``k > 0``).
     """
-    R = _static_int(rounds, "lottery_ticket: rounds", 1, "Pass the number of pruning rounds, e.g. rounds=10.")
-    S = _static_int(
-        steps_per_round,
-        "lottery_ticket: steps_per_round",
-        1,
-        "Pass the update calls per round, e.g. steps_per_round=1500.",
-    )
-    if isinstance(rewind_step, jax.core.Tracer):
-        K = rewind_step  # injected by optax.inject_hyperparams: used as is
-    else:
-        K = _static_int(
-            rewind_step,
-            "lottery_ticket: rewind_step",
-            0,
-            "Use 0 to rewind to the initialisation or k > 0 for late rewinding.",
-        )
-        if K >= S:
-            raise ValueError(
-                f"lottery_ticket: rewind_step={K} must be < steps_per_round={S}: the "
-                "snapshot is taken during the first round. Use a smaller rewind_step "
-                "(e.g. 0 to rewind to the initialisation)."
-            )
-    if isinstance(prune_rate, jax.core.Tracer):
-        raise TypeError(
-            "lottery_ticket: prune_rate must be a concrete number (it sets the exact "
-            f"kept count of every round), got a traced value.{_INJECT_HINT}"
-        )
-    if isinstance(prune_rate, (np.ndarray, jax.Array)) and prune_rate.ndim == 0:
-        prune_rate = float(prune_rate)
-    if isinstance(prune_rate, bool) or not isinstance(prune_rate, (int, float, np.number)):
-        raise TypeError(
-            f"lottery_ticket: prune_rate must be a number in (0, 1), got {prune_rate!r}."
-        )
-    if not (0.0 < float(prune_rate) < 1.0):
-        raise ValueError(
-            f"lottery_ticket: prune_rate must be in (0, 1) (the fraction of the remaining "
-            f"weights pruned per round), got {prune_rate!r}. Frankle & Carbin use 0.2."
-        )
-    prune_rate = float(prune_rate)
-    scorer = _scores.get_scorer(score)
-    _alloc.check(allocation)
+    plan = _plan(rounds, steps_per_round, prune_rate, rewind_step, allocation, score, where)
     inner = optax.with_extra_args_support(inner)
 
     def init_fn(params):
-        validate_params(params, where, "lottery_ticket")
+        _base.validate_params(params, where, "lottery_ticket")
         _alloc.check(allocation, params, where)
+        zero = jnp.zeros((), jnp.int32)
         return LotteryState(
-            count=jnp.zeros((), jnp.int32),
-            round=jnp.zeros((), jnp.int32),
-            masks=initial_masks(params, where),
-            snapshot=jax.tree.map(jnp.asarray, params),
-            score_state=scorer.init(params),
-            key=jax.random.key_data(jax.random.key(seed)),
-            inner_state=inner.init(params),
+            count=zero, round=zero, event=zero, masks=_base.initial_masks(params, where),
+            snapshot=jax.tree.map(jnp.asarray, params), score_state=plan.scorer.init(params),
+            key=_base.seed_key(seed), inner_state=inner.init(params),
         )
-
-    def keep_tables(params):
-        """Exact kept counts per round (int32): ``(R + 1,)`` for "global",
-        ``(R + 1, n_selected_leaves)`` for "uniform"; float32 sparsities
-        ``(R + 1,)`` for other allocations."""
-        _, leaves, _ = _tree.flatten(params)
-        sel = _tree.select(params, where)
-        sizes = [int(np.size(x)) for x, on in zip(leaves, sel) if on]
-        if allocation == "global":
-            return jnp.asarray(np.array(_keep_table(sum(sizes), R, prune_rate), np.int32))
-        if allocation == "uniform":
-            cols = [_keep_table(n, R, prune_rate) for n in sizes]
-            return jnp.asarray(np.array(cols, np.int32).reshape(len(sizes), R + 1).T)
-        table = [imp_sparsity(r, prune_rate) for r in range(R + 1)]
-        return jnp.asarray(np.array(table, np.float32))
-
-    def new_masks(state, params, grads, score_state):
-        key, sub = jax.random.split(jax.random.wrap_key_data(state.key))
-        scores = scorer.score(score_state, params, grads, sub)
-        # Nested masks: pruned weights score -inf, so they stay pruned.
-        scores = jax.tree.map(
-            lambda sc, m: sc if m.ndim == 0 else jnp.where(m, sc, -jnp.inf),
-            scores,
-            state.masks,
-        )
-        row = keep_tables(params)[state.round + 1]
-        if allocation in ("global", "uniform"):
-            # Exact integer keep counts straight to the selection engine (a
-            # traced float32 sparsity is exact only for small leaves).
-            _, leaves, treedef = _tree.flatten(scores)
-            sel = _tree.select(params, where)
-            idx = [i for i, on in enumerate(sel) if on]
-            arrays = [jnp.asarray(leaves[i]) for i in idx]
-            if allocation == "global":
-                groups, keep = [0] * len(idx), [row]
-            else:
-                groups, keep = list(range(len(idx))), [row[j] for j in range(len(idx))]
-            selected = _select.select_groups(arrays, groups, keep)
-            out = [jnp.ones((), jnp.bool_) for _ in leaves]
-            for i, m in zip(idx, selected):
-                out[i] = m
-            masks = _tree.unflatten(treedef, out)
-        else:
-            masks = _alloc.compute_masks(scores, row, allocation, where, params, state.count)
-        masks = jax.tree.map(lambda new, old: new & old, masks, state.masks)
-        return masks, jax.random.key_data(key)
 
     def update_fn(updates, state, params=None, **extra_args):
-        require_params(params, "lottery_ticket")
-        grads = updates
-        if not (isinstance(K, int) and K == 0):
-            snap = lax.cond(
-                state.count == K,
-                lambda: jax.tree.map(jnp.asarray, params),
-                lambda: state.snapshot,
-            )
-        else:
-            snap = state.snapshot
-        score_state = scorer.update(state.score_state, params, grads)
-
-        def train(_):
-            g = mask_grads(grads, state.masks)
-            u, inner_state = inner.update(g, state.inner_state, params, **extra_args)
-            u = apply_mask_to_updates(u, params, state.masks)
-            return u, inner_state, state.masks, score_state, state.key, state.round
-
-        out_types = jax.eval_shape(train, None)[0]
-
-        def round_end(_):
-            masks, key = new_masks(state, params, grads, score_state)
-            rewound = rewind(snap, masks)
-            u = jax.tree.map(
-                lambda r, p, t: (r - p).astype(t.dtype), rewound, params, out_types
-            )
-            return (
-                u,
-                inner.init(rewound),
-                masks,
-                scorer.init(rewound),
-                key,
-                state.round + 1,
-            )
-
-        is_end = (state.count % S == S - 1) & (state.round < R)
-        u, inner_state, masks, score_state, key, rnd = lax.cond(is_end, round_end, train, None)
-        return u, LotteryState(
-            count=optax.safe_increment(state.count),
-            round=rnd,
-            masks=masks,
-            snapshot=snap,
-            score_state=score_state,
-            key=key,
-            inner_state=inner_state,
-        )
+        _base.require_params(params, "lottery_ticket")
+        _base.check_update_trees(updates, params, state.masks, "lottery_ticket")
+        snap, took = _take_snapshot(plan, state, params)
+        score_state = plan.scorer.update(state.score_state, params, updates)
+        train = lambda: _train(inner, state, params, updates, score_state, extra_args)  # noqa: E731
+        like = jax.eval_shape(train)[0]
+        is_end = (state.count % plan.steps_per_round == plan.steps_per_round - 1) & (
+            state.round < plan.rounds)
+        u, inner_state, masks, score_state, key, rnd = lax.cond(
+            is_end, lambda: _round_end(plan, inner, state, params, updates, snap, score_state,
+                                       like), train)
+        event = took.astype(jnp.int32) * SNAPSHOT + is_end.astype(jnp.int32) * REWOUND
+        return u, LotteryState(count=optax.safe_increment(state.count), round=rnd, event=event,
+                               masks=masks, snapshot=snap, score_state=score_state, key=key,
+                               inner_state=inner_state)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -441,7 +466,7 @@ def _find_state(opt_state: optax.OptState) -> LotteryState:
             "optax.chain, MultiSteps or inject_hyperparams)."
         )
     if len(found) > 1:
-        paths = [jax.tree_util.keystr(p) for p, _ in found]
+        paths = [_tree.path_str(p) for p, _ in found]
         raise ValueError(
             f"several lottery_ticket states found (at {paths}); pass the one you "
             "mean, e.g. optax.tree_utils.tree_get_all_with_path(state, 'LotteryState')."
@@ -560,57 +585,68 @@ def rewind(snapshot: PyTree, masks: PyTree) -> PyTree:
       ICML 2020.
     """
 
-    def one(x, m):
-        x = jnp.asarray(x)
-        return jnp.where(jnp.asarray(m), x, jnp.zeros((), x.dtype))
-
-    return jax.tree.map(one, snapshot, masks)
+    return _masks.apply_masks(jax.tree.map(jnp.asarray, snapshot), masks)
 
 
-def _kept_leaves(masks: PyTree):
-    leaves, treedef = jax.tree_util.tree_flatten(masks)
-    return leaves, treedef
+def rewind_extra(opt_state: optax.OptState, extra: PyTree,
+                 extra_snapshot: PyTree) -> tuple[PyTree, PyTree]:
+    """Snapshots and rewinds model state outside the parameters with them.
 
-
-def random_mask(key: jax.Array, masks: PyTree) -> PyTree:
-    """A random mask with the same number of kept weights in every leaf.
-
-    Each array leaf of ``masks`` keeps exactly as many entries as it does in
-    ``masks``, chosen uniformly at random (random scores, exact selection);
-    scalar (unpruned) leaves are returned as they are. This is the
-    "random pruning" control of the lottery-ticket experiments: same
-    per-layer sparsity, no information from training.
+    :func:`lottery_ticket` rewinds the parameters it sees; other collections
+    the model updates while training (Flax Linen ``batch_stats``, running
+    averages) belong to the same rewind point. Call this after every update
+    with the new values of those collections and their snapshot: when the
+    update took the parameters' snapshot (:data:`SNAPSHOT` in
+    :attr:`LotteryState.event`) the snapshot becomes ``extra``; when it
+    rewound the parameters (:data:`REWOUND`), ``extra`` becomes the snapshot,
+    exactly. Otherwise both pass through. With ``rewind_step=0`` (snapshot
+    at ``init``) start from ``extra_snapshot = snapshot(extra)`` at
+    initialisation; with ``rewind_step=k > 0`` the snapshot holds the
+    collections as passed to the call whose update took the parameters'
+    snapshot. Works under ``jit`` and inside ``lax.scan``. (Under
+    ``optax.MultiSteps`` call it only on the steps where MultiSteps applied
+    an update.)
 
     Args:
-      key: a PRNG key.
-      masks: a mask tree (e.g. the ticket's, :func:`jaxprune.get_masks`).
+      opt_state: the optimizer state after the update (a
+        :class:`LotteryState`, alone or inside a chain or wrapper).
+      extra: the collections after this step (any pytree of arrays).
+      extra_snapshot: their snapshot, a pytree of the same structure.
 
     Returns:
-      A mask tree with the same per-leaf kept counts. Works under ``jit``.
+      ``(extra, extra_snapshot)`` to carry to the next step.
 
     Example:
-      >>> import jax, jax.numpy as jnp
-      >>> m = {"w": jnp.arange(12).reshape(3, 4) < 5}
-      >>> int(random_mask(jax.random.key(0), m)["w"].sum())
-      5
+      >>> import jax.numpy as jnp, optax
+      >>> import jaxprune as jp
+      >>> p = {"w": jnp.arange(16.0).reshape(4, 4)}
+      >>> tx = jp.lottery_ticket(optax.sgd(0.1), rounds=1, steps_per_round=2)
+      >>> s, stats = tx.init(p), {"mean": jnp.zeros(4)}
+      >>> snap = jp.lottery.snapshot(stats)
+      >>> for step in range(2):
+      ...     _, s = tx.update(p, s, p)
+      ...     stats = {"mean": stats["mean"] + 1.0}  # the model's running average moves
+      ...     stats, snap = jp.lottery.rewind_extra(s, stats, snap)
+      ...     print(int(s.event), stats["mean"].tolist())
+      0 [1.0, 1.0, 1.0, 1.0]
+      2 [0.0, 0.0, 0.0, 0.0]
 
     References:
-      Frankle & Carbin, "The lottery ticket hypothesis", ICLR 2019 (random
-      pruning and random reinitialisation controls).
+      Frankle et al., "Linear mode connectivity and the lottery ticket
+      hypothesis", ICML 2020 (rewinding the whole training state).
     """
-    leaves, treedef = _kept_leaves(masks)
-    out = []
-    for i, m in enumerate(leaves):
-        m = jnp.asarray(m, jnp.bool_)
-        if m.ndim == 0 or m.size == 0:
-            out.append(m)
-            continue
-        sc = jax.random.uniform(jax.random.fold_in(key, i), (m.size,), jnp.float32)
-        k = jnp.sum(m, dtype=jnp.int32)
-        order = jnp.argsort(sc)  # the k largest random scores are kept
-        flat = jnp.zeros((m.size,), jnp.bool_).at[order].set(jnp.arange(m.size) >= m.size - k)
-        out.append(flat.reshape(m.shape))
-    return jax.tree_util.tree_unflatten(treedef, out)
+    event = _find_state(opt_state).event
+    took, rewound = (event & SNAPSHOT) != 0, (event & REWOUND) != 0
+    _tree.check_same_structure(extra, extra_snapshot, "extra", "extra_snapshot")
+    snap = jax.tree.map(lambda e, s: jnp.where(took, e, s).astype(jnp.result_type(s)),
+                        extra, extra_snapshot)
+    extra = jax.tree.map(lambda e, s: jnp.where(rewound, s, e).astype(jnp.result_type(e)),
+                         extra, snap)
+    return extra, snap
+
+
+random_mask = _deprecation.alias(_masks.random_like, "jaxprune.lottery.random_mask",
+                                 "jaxprune.masks.random_like")
 
 
 def shuffle_mask(key: jax.Array, masks: PyTree, axis: int | None = None) -> PyTree:
@@ -643,7 +679,7 @@ def shuffle_mask(key: jax.Array, masks: PyTree, axis: int | None = None) -> PyTr
       Frankle, Dziugaite, Roy & Carbin, "Pruning neural networks at
       initialization: why are we missing the mark?", ICLR 2021.
     """
-    leaves, treedef = _kept_leaves(masks)
+    leaves, treedef = jax.tree_util.tree_flatten(masks)
     out = []
     for i, m in enumerate(leaves):
         m = jnp.asarray(m, jnp.bool_)

@@ -24,7 +24,7 @@ Example:
   >>> grads = jax.tree.map(jnp.zeros_like, params)
   >>> updates, state = tx.update(grads, state, params)
   >>> params = optax.apply_updates(params, updates)
-  >>> jp.sparsity(params), int(jp.get_masks(state)["w"].sum())
+  >>> jp.sparsity_of(params), int(jp.get_masks(state)["w"].sum())
   (0.75, 4)
 """
 
@@ -35,13 +35,13 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jax import lax
 
 from jaxprune import allocation as _alloc
-from jaxprune import masks as _masks
+from jaxprune import deprecation as _deprecation
 from jaxprune import scores as _scores
+from jaxprune import transform_base as _base
 from jaxprune import tree as _tree
 
 PyTree = Any
@@ -50,100 +50,26 @@ Schedule = Callable[[Any], Any]
 __all__ = [
     "KeepMasksState",
     "PruneState",
-    "apply_mask_to_updates",
     "get_masks",
     "keep_masks",
-    "mask_grads",
     "prune",
+    "scheduled_masks",
 ]
 
-_PROBE_STEPS = (0, 1, 2, 10, 100, 1_000, 10_000, 100_000, 1_000_000)
+
+def _moved(name: str) -> Callable[..., Any]:
+    """The shared helpers moved to transform_base; their old names here warn."""
+    return _deprecation.alias(getattr(_base, name), f"jaxprune.transforms.{name}",
+                              f"jaxprune.transform_base.{name}")
 
 
-# --------------------------------------------------------------------------
-# Shared helpers (used by every pruning transform in the library)
-
-
-def check_schedule(sparsity: Any, what: str = "sparsity") -> None:
-    """Validates a number or schedule; probes a schedule at a few steps."""
-    if callable(sparsity):
-        for step in _PROBE_STEPS:
-            try:
-                val = sparsity(jnp.asarray(step, jnp.int32))
-            except Exception as e:  # noqa: BLE001 - report any failure clearly
-                raise ValueError(
-                    f"{what} schedule failed when called on step {step} (an int32 array, "
-                    f"as under jit): {type(e).__name__}: {e}"
-                ) from e
-            try:
-                _masks.check_sparsity(val, f"{what}(step={step})")
-            except ValueError as e:
-                raise ValueError(
-                    f"{e} The schedule must stay in [0, 1], e.g. "
-                    "optax.polynomial_schedule(0.0, 0.9, power=3, transition_steps=1000)."
-                ) from None
-        return
-    _masks.check_sparsity(sparsity, what)
-
-
-def schedule_value(sparsity: Any, count: jax.Array) -> jax.Array:
-    """The sparsity at ``count`` (a number, or a schedule called on it)."""
-    val = sparsity(count) if callable(sparsity) else sparsity
-    return jnp.clip(jnp.asarray(val, jnp.float32), 0.0, 1.0)
-
-
-def mask_grads(grads: PyTree, masks: PyTree) -> PyTree:
-    """Zeroes the gradients of pruned weights (dtype kept)."""
-    return jax.tree.map(
-        lambda g, m: g if m.ndim == 0 else jnp.where(m, g, jnp.zeros((), g.dtype)), grads, masks
-    )
-
-
-def apply_mask_to_updates(updates: PyTree, params: PyTree, masks: PyTree) -> PyTree:
-    """``where(mask, u, -p)``: after ``optax.apply_updates`` pruned weights are
-    exactly zero and kept weights get exactly ``p + u``. Leaves with a scalar
-    mask pass their update through unchanged."""
-    def one(u, p, m):
-        if m.ndim == 0:
-            return u
-        return jnp.where(m, u, -p).astype(u.dtype)
-
-    return jax.tree.map(one, updates, params, masks)
-
-
-def initial_masks(params: PyTree, where: Any) -> PyTree:
-    """All-True masks: bool arrays for selected leaves, scalar True elsewhere."""
-    sel = _tree.select(params, where)
-    _, leaves, treedef = _tree.flatten(params)
-    out = [
-        jnp.ones(jnp.shape(x), jnp.bool_) if s else jnp.ones((), jnp.bool_)
-        for x, s in zip(leaves, sel)
-    ]
-    return _tree.unflatten(treedef, out)
-
-
-def validate_params(params: PyTree, where: Any, what: str) -> None:
-    """Checks that ``where`` selects float leaves of ``params``."""
-    if params is None:
-        raise ValueError(
-            f"{what} needs the parameters: call tx.update(grads, opt_state, params) "
-            "(and in a chain, every transform receives them)."
-        )
-    paths, leaves, _, sel = _masks._selected(params, where, "params")
-    for p, x, s in zip(paths, leaves, sel):
-        if s and jnp.ndim(x) == 0:
-            raise ValueError(
-                f"{what}: where= selects the scalar leaf {p!r}; a scalar cannot be pruned "
-                "(its mask would be the 'not pruned' scalar True). Exclude it from where=."
-            )
-
-
-def require_params(params: PyTree, what: str) -> None:
-    if params is None:
-        raise ValueError(
-            f"{what}.update needs params: call tx.update(grads, opt_state, params). "
-            "Pruning scores and masks are computed from the current parameters."
-        )
+apply_mask_to_updates = _moved("apply_mask_to_updates")
+check_schedule = _moved("check_schedule")
+initial_masks = _moved("initial_masks")
+mask_grads = _moved("mask_grads")
+require_params = _moved("require_params")
+schedule_value = _moved("schedule_value")
+validate_params = _moved("validate_params")
 
 
 # --------------------------------------------------------------------------
@@ -209,7 +135,7 @@ def prune(
         (see :mod:`jaxprune.allocation`).
       update_every: mask-update period in steps (the mask is also computed on
         step 0).
-      where: which leaves to prune (default: float leaves with ndim >= 2).
+      where: which leaves to prune (default: :func:`jaxprune.tree.is_kernel`).
       nested: keep pruned weights pruned (see above).
       seed: seed of the PRNG key used by random scores.
 
@@ -229,7 +155,7 @@ def prune(
       >>> for _ in range(30):
       ...     u, state = step(params, state, params)  # any gradients
       ...     params = optax.apply_updates(params, u)
-      >>> jp.sparsity(params)
+      >>> jp.sparsity_of(params)
       0.5
 
     References:
@@ -257,63 +183,55 @@ def scheduled_masks(
     apply: bool,
     name: str,
 ) -> optax.GradientTransformationExtraArgs:
-    """The engine of :func:`prune` and :func:`jaxprune.ste`: masks recomputed on
-    a schedule and kept in a :class:`PruneState`. With ``apply=True`` they are
-    applied to gradients and updates (pruning); with ``apply=False`` the
-    weights stay dense and the model applies the masks (straight-through)."""
-    check_schedule(sparsity)
+    """The engine of :func:`prune` and :func:`jaxprune.ste_training`: masks
+    recomputed on a schedule and kept in a :class:`PruneState`. With
+    ``apply=True`` they are applied to gradients and updates (pruning); with
+    ``apply=False`` the weights stay dense and the model applies the masks
+    (straight-through)."""
+    _base.check_schedule(sparsity)
+    _base.check_positive_int(update_every, name, "update_every")
     scorer = _scores.get_scorer(score)
     _alloc.check(allocation)
-    if isinstance(update_every, (int, np.integer)) and update_every < 1:
-        raise ValueError(f"update_every must be a positive int, got {update_every!r}.")
     inner = optax.with_extra_args_support(inner)
 
     def init_fn(params):
-        validate_params(params, where, name)
+        _base.validate_params(params, where, name)
         _alloc.check(allocation, params, where)
         return PruneState(
             count=jnp.zeros((), jnp.int32),
-            masks=initial_masks(params, where),
+            masks=_base.initial_masks(params, where),
             score_state=scorer.init(params),
-            key=jax.random.key_data(jax.random.key(seed)),
+            key=_base.seed_key(seed),
             inner_state=inner.init(params),
         )
 
+    def recompute(state, params, grads, score_state, key_data):
+        """New masks from the current scores at this step's sparsity."""
+        key_data, sub = _base.split_key(key_data)
+        scores = scorer.score(score_state, params, grads, sub)
+        scores = _base.nested_scores(scores, state.masks, nested)
+        s_now = _base.schedule_value(sparsity, state.count)
+        masks = _alloc.masks(scores, s_now, allocation, where=where, params=params,
+                             step=state.count)
+        return masks, key_data
+
     def update_fn(updates, state, params=None, **extra_args):
-        require_params(params, name)
-        grads = updates
-        score_state = scorer.update(state.score_state, params, grads)
-        s_now = schedule_value(sparsity, state.count)
-
-        def recompute(key_data):
-            key, sub = jax.random.split(jax.random.wrap_key_data(key_data))
-            scores = scorer.score(score_state, params, grads, sub)
-            # Nested masks: pruned weights score -inf, so they stay pruned.
-            scores = jax.tree.map(
-                lambda sc, m: sc if m.ndim == 0 else jnp.where(m | jnp.logical_not(nested), sc, -jnp.inf),
-                scores,
-                state.masks,
-            )
-            new = _alloc.compute_masks(scores, s_now, allocation, where, params, state.count)
-            return new, jax.random.key_data(key)
-
-        is_update = (state.count % update_every) == 0
+        _base.require_params(params, name)
+        _base.check_update_trees(updates, params, state.masks, name)
+        score_state = scorer.update(state.score_state, params, updates)
         masks, key_data = lax.cond(
-            is_update, recompute, lambda k: (state.masks, k), state.key
+            (state.count % update_every) == 0,
+            lambda k: recompute(state, params, updates, score_state, k),
+            lambda k: (state.masks, k),
+            state.key,
         )
         if apply:
-            g = mask_grads(grads, masks)
-            u, inner_state = inner.update(g, state.inner_state, params, **extra_args)
-            u = apply_mask_to_updates(u, params, masks)
+            u, inner_state = _base.masked_update(inner, updates, state.inner_state, params,
+                                                 masks, **extra_args)
         else:  # straight-through: dense weights, the model applies the masks
-            u, inner_state = inner.update(grads, state.inner_state, params, **extra_args)
-        return u, PruneState(
-            count=optax.safe_increment(state.count),
-            masks=masks,
-            score_state=score_state,
-            key=key_data,
-            inner_state=inner_state,
-        )
+            u, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
+        return u, PruneState(count=optax.safe_increment(state.count), masks=masks,
+                             score_state=score_state, key=key_data, inner_state=inner_state)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -356,7 +274,8 @@ def keep_masks(masks: PyTree) -> optax.GradientTransformationExtraArgs:
     """
 
     def init_fn(params):
-        _masks._check_same_structure(params, masks, "params", "masks")
+        _base.check_arrays(params, "keep_masks")
+        _tree.check_same_structure(params, masks, "params", "masks")
         # Re-home the masks in the parameters' containers (e.g. NNX Params).
         leaves = [jnp.asarray(m, jnp.bool_) for m in jax.tree_util.tree_leaves(masks)]
         treedef = jax.tree_util.tree_structure(params)
@@ -364,8 +283,9 @@ def keep_masks(masks: PyTree) -> optax.GradientTransformationExtraArgs:
 
     def update_fn(updates, state, params=None, **extra_args):
         del extra_args
-        require_params(params, "keep_masks")
-        return apply_mask_to_updates(updates, params, state.masks), state
+        _base.require_params(params, "keep_masks")
+        _base.check_update_trees(updates, params, state.masks, "keep_masks")
+        return _base.apply_mask_to_updates(updates, params, state.masks), state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -392,7 +312,7 @@ def get_masks(opt_state: optax.OptState) -> PyTree:
         )
     # Keep the outermost ones (a state nested inside another's masks is not ours).
     if len(found) > 1:
-        paths = [p for p, _ in found]
+        paths = [_tree.path_str(p) for p, _ in found]
         raise ValueError(
             f"several transforms hold masks (at {paths}); pick one with "
             "optax.tree_utils.tree_get_all_with_path(opt_state, 'masks')."
