@@ -124,25 +124,32 @@ def n_of_m(scores, n: int, m: int, axis: int = -2) -> np.ndarray:
     return np.moveaxis(keep.reshape(moved.shape), -1, ax)
 
 
-def block_tile_scores(scores, block_shape, reduce: str = "mean") -> np.ndarray:
-    """Tile scores ``(..., r // b0, c // b1)`` of the float32 scores.
+def _reduce(t: np.ndarray, axes, reduce: str) -> np.ndarray:
+    """One float32 score per group: ``l1`` sum |x|, ``l2`` sqrt(sum x^2),
+    ``mean`` (sum / count), ``max``; sums accumulated in float64 and rounded
+    to float32 (XLA may sum in another order, so this equals the library's
+    value whenever the float32 sum is exact, e.g. small integer scores)."""
+    count = np.prod([t.shape[a] for a in axes])
+    with np.errstate(invalid="ignore", over="ignore"):
+        if reduce == "max":
+            return np.max(t, axis=axes).astype(np.float32)
+        x = t.astype(np.float64)
+        if reduce == "l1":
+            return np.sum(np.abs(x), axis=axes).astype(np.float32)
+        if reduce == "l2":
+            return np.sqrt(np.sum(x * x, axis=axes).astype(np.float32)).astype(np.float32)
+        total = np.sum(x, axis=axes).astype(np.float32)
+        return (total / np.float32(count)).astype(np.float32)
 
-    ``mean``: the correctly rounded float32 sum (accumulated in float64),
-    divided by ``b0 * b1`` in float32. XLA may sum in another order, so this
-    equals the library's value whenever the float32 sum is exact (e.g.
-    small integer scores); for arbitrary floats, near-ties may differ.
-    ``max``: exact (NaN propagates).
-    """
+
+def block_tile_scores(scores, block_shape, reduce: str = "mean") -> np.ndarray:
+    """Tile scores ``(..., r // b0, c // b1)`` of the float32 scores (see
+    :func:`_reduce`; ``max`` is exact, NaN propagates)."""
     b0, b1 = (block_shape, block_shape) if isinstance(block_shape, int) else block_shape
     x = to_f32(scores)
     r, c = x.shape[-2:]
     t = x.reshape(*x.shape[:-2], r // b0, b0, c // b1, b1)
-    if reduce == "max":
-        with np.errstate(invalid="ignore"):
-            return np.max(t, axis=(-3, -1))
-    with np.errstate(invalid="ignore", over="ignore"):
-        total = np.sum(t.astype(np.float64), axis=(-3, -1)).astype(np.float32)
-        return (total / np.float32(b0 * b1)).astype(np.float32)
+    return _reduce(t, (x.ndim - 1, x.ndim + 1), reduce)
 
 
 def block(scores, sparsity, block_shape, reduce: str = "mean", traced: bool = False) -> np.ndarray:
@@ -158,25 +165,19 @@ def block(scores, sparsity, block_shape, reduce: str = "mean", traced: bool = Fa
     return full.reshape(np.shape(scores))
 
 
-def channel_scores(scores, axis: int = -1, norm: str = "l1") -> np.ndarray:
-    """Unit scores along ``axis``: L1 (sum |s|) or L2 (sqrt(sum s^2)) over the
-    other axes, of the float32 scores (accumulated in float64, rounded to
-    float32; equal to the library's value whenever the float32 sum is exact)."""
-    x = to_f32(scores).astype(np.float64)
+def channel_scores(scores, axis: int = -1, reduce: str = "l1") -> np.ndarray:
+    """Unit scores along ``axis``: ``reduce`` (:func:`_reduce`) over the other
+    axes of the float32 scores."""
+    x = to_f32(scores)
     ax = axis % x.ndim
-    others = tuple(a for a in range(x.ndim) if a != ax)
-    with np.errstate(invalid="ignore", over="ignore"):
-        if norm == "l1":
-            return np.sum(np.abs(x), axis=others).astype(np.float32)
-        sq = np.sum(x * x, axis=others).astype(np.float32)
-        return np.sqrt(sq).astype(np.float32)
+    return _reduce(x, tuple(a for a in range(x.ndim) if a != ax), reduce)
 
 
-def channels(scores, sparsity, axis: int = -1, norm: str = "l1", traced: bool = False) -> np.ndarray:
+def channels(scores, sparsity, axis: int = -1, reduce: str = "l1", traced: bool = False) -> np.ndarray:
     """Channel mask: keep ``round(u * (1 - s))`` whole units along ``axis``."""
     x = np.asarray(scores)
     ax = axis % x.ndim
-    us = channel_scores(x, ax, norm)
+    us = channel_scores(x, ax, reduce)
     umask = topk_leaf(us, keep_count(us.size, sparsity, traced))
     shape = [1] * x.ndim
     shape[ax] = x.shape[ax]

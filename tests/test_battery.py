@@ -79,7 +79,7 @@ FACTORIES = [
     ),
     Entry(
         "ste_magnitude",
-        jp.ste,
+        jp.ste_training,
         dict(sparsity=0.5, update_every=2),
         0.5,
         "per_leaf",
@@ -93,3 +93,12 @@ FACTORIES = [
 @pytest.mark.parametrize("entry", FACTORIES, ids=lambda e: e.name)
 def test_battery(entry, check):
     CHECKS[check](entry)
+
+
+def test_battery_checks_can_fail():
+    """A transform that never trains (its inner optimizer has learning rate 0)
+    fails the battery's training check."""
+    frozen = Entry("frozen", lambda inner, **kw: jp.prune(optax.sgd(0.0), **kw),
+                   dict(sparsity=0.5, update_every=1), 0.5)
+    with pytest.raises(AssertionError, match="no training happened"):
+        CHECKS["chain_adam"](frozen)

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from harness import run_steps
 
 import jaxprune as jp
 from jaxprune.dynamic import drop_and_grow, zero_state_outside
@@ -26,20 +27,9 @@ def _loss(p):
 
 
 def _train(tx, steps, params=None):
+    """``[(params, state, grads)]``: the initial entry, then one per step."""
     params = _params() if params is None else params
-    state = tx.init(params)
-
-    @jax.jit
-    def step(p, s):
-        g = jax.grad(_loss)(p)
-        u, s = tx.update(g, s, p)
-        return optax.apply_updates(p, u), s, g
-
-    hist = [(params, state, None)]
-    for _ in range(steps):
-        params, state, g = step(params, state)
-        hist.append((params, state, g))
-    return hist
+    return [(h.params, h.state, h.grads) for h in run_steps(tx, params, steps, _loss)]
 
 
 def _kernels(tree):
@@ -50,7 +40,7 @@ def _kernels(tree):
 def test_exact_counts_drop_grow_and_zero_pruned_every_step(make):
     s, f, every = 0.8, 0.3, 3
     tx = (jp.set_training if make == "set" else jp.rigl)(
-        optax.adam(1e-2), s, drop_fraction=f, update_every=every, allocation="uniform"
+        optax.adam(1e-2), sparsity=s, drop_fraction=f, update_every=every, allocation="uniform"
     )
     hist = _train(tx, 10)
     sizes = [120, 60]
@@ -62,7 +52,7 @@ def test_exact_counts_drop_grow_and_zero_pruned_every_step(make):
         assert [int(m.sum()) for m in new] == want_k, f"step {t}"
         for m, w in zip(new, _kernels(p)):
             assert not np.any(w[~m]), f"step {t}: pruned weights nonzero"
-        assert jp.sparsity(jp.get_masks(st)) == pytest.approx(1 - sum(want_k) / sum(sizes))
+        assert jp.sparsity_of(jp.get_masks(st)) == pytest.approx(1 - sum(want_k) / sum(sizes))
         count = t - 1  # the count seen by this update
         changed = count > 0 and count % every == 0
         for o, n, k in zip(old, new, want_k):
@@ -73,7 +63,7 @@ def test_exact_counts_drop_grow_and_zero_pruned_every_step(make):
 
 def test_rigl_drops_smallest_grows_largest_gradient_zero_value_and_moments():
     every = 4
-    tx = jp.rigl(optax.adam(1e-2), 0.7, drop_fraction=0.25, update_every=every, allocation="uniform")
+    tx = jp.rigl(optax.adam(1e-2), sparsity=0.7, drop_fraction=0.25, update_every=every, allocation="uniform")
     hist = _train(tx, every + 1)
     p_prev, st_prev, _ = hist[every]  # state before the update with count == every
     p, st, g = hist[every + 1]
@@ -104,7 +94,7 @@ def test_rigl_drops_smallest_grows_largest_gradient_zero_value_and_moments():
 
 def test_rigl_cosine_decay_and_end_step():
     f, every, end = 0.5, 2, 8
-    tx = jp.rigl(optax.sgd(0.05), 0.5, drop_fraction=f, update_every=every, end_step=end,
+    tx = jp.rigl(optax.sgd(0.05), sparsity=0.5, drop_fraction=f, update_every=every, end_step=end,
                  allocation="uniform")
     hist = _train(tx, 14)
     sched = optax.cosine_decay_schedule(f, end)
@@ -121,7 +111,7 @@ def test_rigl_cosine_decay_and_end_step():
 
 def test_set_regrows_at_random_inactive_positions_with_seed():
     def masks_after(seed):
-        tx = jp.set_training(optax.sgd(0.1), 0.9, drop_fraction=0.5, update_every=1,
+        tx = jp.set_training(optax.sgd(0.1), sparsity=0.9, drop_fraction=0.5, update_every=1,
                              allocation="uniform", seed=seed)
         return _kernels(jp.get_masks(_train(tx, 3)[-1][1]))
 
@@ -178,13 +168,13 @@ def test_drop_and_grow_stores_no_score_sized_temporary():
 
 def test_erk_initial_masks_are_exact_per_leaf():
     params = _params()
-    tx = jp.set_training(optax.sgd(0.1), 0.8)  # allocation="erk"
+    tx = jp.set_training(optax.sgd(0.1), sparsity=0.8)  # allocation="erk"
     masks = jp.get_masks(tx.init(params))
     per_leaf = jp.allocation.erk(params, 0.8)
     for name, n in (("l1", 120), ("l2", 60)):
         want = keep_count(n, float(per_leaf[name]["kernel"]))
         assert int(masks[name]["kernel"].sum()) == want
-    assert jp.sparsity(masks) == pytest.approx(0.8, abs=0.01)
+    assert jp.sparsity_of(masks) == pytest.approx(0.8, abs=0.01)
 
 
 def test_drop_and_grow_caps_at_inactive_count_and_handles_nan():
@@ -201,7 +191,7 @@ def test_zero_state_outside_reaches_chained_and_nested_states():
     inner = optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(0.1, momentum=0.9), optax.adam(1e-3))
     state = jax.tree.map(lambda x: jnp.ones_like(x) if jnp.ndim(x) else x, inner.init(params))
     keep = jax.tree.map(lambda x: jnp.zeros(x.shape, bool) if x.ndim == 2 else jnp.ones((), bool), params)
-    out = zero_state_outside(state, params, keep)
+    out = zero_state_outside(inner, state, keep)
     assert jax.tree.structure(out) == jax.tree.structure(state)
     assert not np.any(np.asarray(out[1][0].trace["l1"]["kernel"]))
     assert not np.any(np.asarray(out[2][0].mu["l2"]["kernel"]))
@@ -212,25 +202,25 @@ def test_zero_state_outside_reaches_chained_and_nested_states():
 # STE
 
 
-def test_straight_through_forward_masked_gradient_dense():
+def test_apply_masks_ste_forward_masked_gradient_dense():
     p = {"w": jnp.array([[1.0, -2.0, 3.0]]), "b": jnp.array([1.0])}
     m = {"w": jnp.array([[True, False, True]]), "b": jnp.ones((), bool)}
     c = jnp.array([[2.0, 5.0, 7.0]])
-    loss = lambda q: jnp.sum(jp.straight_through(q, m)["w"] * c) + q["b"][0]  # noqa: E731
+    loss = lambda q: jnp.sum(jp.apply_masks_ste(q, m)["w"] * c) + q["b"][0]  # noqa: E731
     assert float(loss(p)) == 1 * 2 + 3 * 7 + 1
     g = jax.grad(loss)(p)
     assert g["w"].tolist() == [[2.0, 5.0, 7.0]]  # the pruned weight gets its gradient
-    assert jp.straight_through(p, m)["w"].tolist() == [[1.0, 0.0, 3.0]]
+    assert jp.apply_masks_ste(p, m)["w"].tolist() == [[1.0, 0.0, 3.0]]
 
 
 def test_ste_keeps_dense_weights_and_pruned_weights_can_return():
     params = {"w": jnp.array([[1.0, 0.5, 0.1, 0.05]])}
     target = jnp.array([[0.0, 0.0, 2.0, 0.0]])  # pushes the small w[2] up, the others down
-    tx = jp.ste(optax.sgd(0.2), sparsity=0.5, update_every=1, where="w")
+    tx = jp.ste_training(optax.sgd(0.2), sparsity=0.5, update_every=1, where="w")
     state = tx.init(params)
 
     def loss(p, masks):
-        return jnp.sum((jp.straight_through(p, masks)["w"] - target) ** 2)
+        return jnp.sum((jp.apply_masks_ste(p, masks)["w"] - target) ** 2)
 
     step = jax.jit(lambda p, s: tx.update(jax.grad(loss)(p, jp.get_masks(s)), s, p))
     first = None
@@ -246,7 +236,7 @@ def test_ste_keeps_dense_weights_and_pruned_weights_can_return():
 
 
 def test_ste_schedule_and_exact_sparsity():
-    tx = jp.ste(optax.adam(1e-2), sparsity=optax.linear_schedule(0.0, 0.75, 4), update_every=2)
+    tx = jp.ste_training(optax.adam(1e-2), sparsity=optax.linear_schedule(0.0, 0.75, 4), update_every=2)
     hist = _train(tx, 6)
     masks = jp.get_masks(hist[-1][1])
     assert [int(m.sum()) for m in _kernels(masks)] == [30, 15]
@@ -260,26 +250,26 @@ def test_ste_schedule_and_exact_sparsity():
 @pytest.mark.parametrize("frac", [-0.1, 1.5])
 def test_bad_drop_fraction(factory, frac):
     with pytest.raises(ValueError, match=r"drop_fraction must be a number in \[0, 1\]") as e:
-        factory(optax.sgd(0.1), 0.5, drop_fraction=frac)
+        factory(optax.sgd(0.1), sparsity=0.5, drop_fraction=frac)
     assert repr(frac) in str(e.value)
 
 
-@pytest.mark.parametrize("factory", [jp.set_training, jp.rigl, jp.ste])
+@pytest.mark.parametrize("factory", [jp.set_training, jp.rigl, jp.ste_training])
 @pytest.mark.parametrize("sparsity", [-0.5, 1.2])
 def test_bad_sparsity(factory, sparsity):
     with pytest.raises(ValueError, match=r"sparsity must be in \[0, 1\]"):
-        factory(optax.sgd(0.1), sparsity)
+        factory(optax.sgd(0.1), sparsity=sparsity)
 
 
-@pytest.mark.parametrize("factory", [jp.set_training, jp.rigl, jp.ste])
+@pytest.mark.parametrize("factory", [jp.set_training, jp.rigl, jp.ste_training])
 def test_unknown_allocation(factory):
     with pytest.raises(ValueError, match="unknown allocation 'bogus'"):
-        factory(optax.sgd(0.1), 0.5, allocation="bogus")
+        factory(optax.sgd(0.1), sparsity=0.5, allocation="bogus")
 
 
-@pytest.mark.parametrize("factory", [jp.set_training, jp.rigl, jp.ste])
+@pytest.mark.parametrize("factory", [jp.set_training, jp.rigl, jp.ste_training])
 def test_missing_params(factory):
-    tx = factory(optax.sgd(0.1), 0.5)
+    tx = factory(optax.sgd(0.1), sparsity=0.5)
     state = tx.init(_params())
     with pytest.raises(ValueError, match="needs params"):
         tx.update(_params(), state)
@@ -287,12 +277,48 @@ def test_missing_params(factory):
 
 def test_other_bad_arguments():
     with pytest.raises(TypeError, match="fixed sparsity"):
-        jp.set_training(optax.sgd(0.1), optax.linear_schedule(0.0, 0.5, 10))
-    with pytest.raises(TypeError, match="cosine-decayed"):
-        jp.rigl(optax.sgd(0.1), 0.5, drop_fraction=lambda t: 0.3)
+        jp.set_training(optax.sgd(0.1), sparsity=optax.linear_schedule(0.0, 0.5, 10))
+    with pytest.raises(TypeError, match="end_step=None"):
+        jp.rigl(optax.sgd(0.1), sparsity=0.5, drop_fraction=lambda t: 0.3, end_step=100)
     with pytest.raises(ValueError, match="update_every must be a positive int"):
-        jp.rigl(optax.sgd(0.1), 0.5, update_every=0)
+        jp.rigl(optax.sgd(0.1), sparsity=0.5, update_every=0)
     with pytest.raises(ValueError, match="end_step must be a positive int"):
-        jp.rigl(optax.sgd(0.1), 0.5, end_step=-3)
-    with pytest.raises(ValueError, match="straight_through: mask shape"):
-        jp.straight_through({"w": jnp.ones((2, 2))}, {"w": jnp.ones((3, 2), bool)})
+        jp.rigl(optax.sgd(0.1), sparsity=0.5, end_step=-3)
+    with pytest.raises(ValueError, match="apply_masks_ste: the mask for leaf 'w'"):
+        jp.apply_masks_ste({"w": jnp.ones((2, 2))}, {"w": jnp.ones((3, 2), bool)})
+
+
+def test_rigl_schedule_with_end_step_none_is_what_the_error_suggests():
+    # The error above says: keep the schedule and pass end_step=None. It works:
+    # the schedule sets the fraction (0 from step 4 on: no exchange there).
+    sched = lambda t: jnp.where(t < 4, 0.5, 0.0)  # noqa: E731
+    tx = jp.rigl(optax.sgd(0.05), sparsity=0.5, drop_fraction=sched, update_every=2,
+                 end_step=None, allocation="uniform")
+    hist = _train(tx, 6)
+    moved = [int(np.sum(_kernels(jp.get_masks(hist[t][1]))[0]
+                        != _kernels(jp.get_masks(hist[t - 1][1]))[0])) for t in range(1, 7)]
+    assert moved[2] > 0 and moved[4] == 0, moved  # the updates at counts 2 and 4
+
+
+def test_factories_take_sparsity_as_a_keyword_only():
+    for factory in (jp.set_training, jp.rigl, jp.ste_training):
+        with pytest.raises(TypeError, match="positional argument"):
+            factory(optax.sgd(0.1), 0.5)
+
+
+def test_zero_state_outside_with_masked_multi_transform_and_factored_inner():
+    params = _params()
+    keep = jax.tree.map(lambda x: jnp.zeros(x.shape, bool) if x.ndim == 2 else jnp.ones((), bool),
+                        params)
+    labels = lambda p: jax.tree.map(lambda x: "k" if x.ndim == 2 else "b", p)  # noqa: E731
+    for inner in (optax.masked(optax.adam(1e-3), lambda p: jax.tree.map(lambda x: x.ndim == 2, p)),
+                  optax.multi_transform({"k": optax.adam(1e-3), "b": optax.sgd(0.1, momentum=0.9)},
+                                        labels),
+                  optax.adafactor(1e-3)):
+        state = jax.tree.map(lambda x: jnp.ones_like(x) if jnp.ndim(x) else x, inner.init(params))
+        out = zero_state_outside(inner, state, keep)
+        assert jax.tree.structure(out) == jax.tree.structure(state)
+        for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(state)):
+            assert a.shape == b.shape and a.dtype == b.dtype  # factored moments untouched
+        for _, mu in optax.tree_utils.tree_get_all_with_path(out, "mu"):
+            assert not np.any(np.asarray(mu["l1"]["kernel"]))

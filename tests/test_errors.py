@@ -8,6 +8,7 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import jaxprune as jp
@@ -154,9 +155,9 @@ def test_channels_axis_out_of_range(axis):
         jp.masks.channels(params(), 0.5, axis=axis)
 
 
-def test_channels_bad_norm():
-    with raises(ValueError, "norm", "'l3'"):
-        jp.masks.channels(params(), 0.5, norm="l3")
+def test_channels_bad_reduce():
+    with raises(ValueError, "reduce", "'l3'", "'l1', 'l2', 'mean', 'max'"):
+        jp.masks.channels(params(), 0.5, reduce="l3")
 
 
 # --------------------------------------------------------------------------
@@ -200,3 +201,132 @@ def test_where_errors_raise_under_jit():
 def test_unknown_score_name():
     with raises(ValueError, "'nope'", "magnitude", "saliency", "random"):
         jp.scores.get("nope")
+
+
+# --------------------------------------------------------------------------
+# Factory arguments
+
+
+_UPDATE_EVERY_FACTORIES = {
+    "prune": lambda **kw: jp.prune(optax.sgd(0.1), sparsity=0.5, **kw),
+    "set_training": lambda **kw: jp.set_training(optax.sgd(0.1), sparsity=0.5, **kw),
+    "rigl": lambda **kw: jp.rigl(optax.sgd(0.1), sparsity=0.5, **kw),
+    "ste_training": lambda **kw: jp.ste_training(optax.sgd(0.1), sparsity=0.5, **kw),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_UPDATE_EVERY_FACTORIES))
+@pytest.mark.parametrize("bad, exc", [(2.5, TypeError), (True, TypeError), ("10", TypeError),
+                                      (0, ValueError), (-3, ValueError)])
+def test_update_every_must_be_a_positive_int(name, bad, exc):
+    with raises(exc, name, "update_every", repr(bad)):
+        _UPDATE_EVERY_FACTORIES[name](update_every=bad)
+
+
+@pytest.mark.parametrize("name", sorted(_UPDATE_EVERY_FACTORIES))
+def test_update_every_accepts_numpy_and_0d_integer_arrays(name):
+    _UPDATE_EVERY_FACTORIES[name](update_every=np.int64(3))
+    _UPDATE_EVERY_FACTORIES[name](update_every=jnp.asarray(3))
+
+
+# --------------------------------------------------------------------------
+# tx.init(variables) with batch_stats, then update(grads of params)
+
+
+def _linen_variables():
+    """The variables of a Linen Dense + BatchNorm model: params and batch_stats."""
+    import flax.linen as nn
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(3)(nn.BatchNorm(use_running_average=True)(nn.Dense(4)(x)))
+
+    return Net().init(jax.random.key(0), jnp.ones((1, 5)))
+
+
+_ALL_TRANSFORMS = {
+    "prune": lambda v: jp.prune(optax.sgd(0.1), sparsity=0.5),
+    "lottery_ticket": lambda v: jp.lottery_ticket(optax.sgd(0.1), rounds=1, steps_per_round=2),
+    "set_training": lambda v: jp.set_training(optax.sgd(0.1), sparsity=0.5),
+    "rigl": lambda v: jp.rigl(optax.sgd(0.1), sparsity=0.5),
+    "ste_training": lambda v: jp.ste_training(optax.sgd(0.1), sparsity=0.5),
+    "keep_masks": lambda v: jp.keep_masks(jax.tree.map(lambda x: jnp.ones((), bool), v)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_ALL_TRANSFORMS))
+def test_init_with_all_collections_then_update_with_param_grads(name):
+    variables = _linen_variables()
+    tx = _ALL_TRANSFORMS[name](variables)
+    state = tx.init(variables)  # a common mistake: batch_stats included
+    grads = jax.tree.map(jnp.zeros_like, variables["params"])
+    with raises(ValueError, f"{name}.update", "batch_stats/", "tx.init(variables['params'])"):
+        tx.update(grads, state, variables["params"])
+    with raises(ValueError, f"{name}.update", "tx.init(variables['params'])"):
+        jax.jit(tx.update)(grads, state, variables["params"])
+
+
+# --------------------------------------------------------------------------
+# Messages: paths, signatures, no raw internals
+
+
+def test_get_masks_with_several_transforms_prints_paths():
+    p = params()
+    m = jp.masks.topk(jp.scores.magnitude(p), 0.5)
+    tx = optax.chain(jp.keep_masks(m), jp.keep_masks(m))
+    with pytest.raises(ValueError, match="several transforms") as e:
+        jp.get_masks(tx.init(p))
+    assert "'0/KeepMasksState.masks'" in str(e.value), str(e.value)  # not KeyEntry tuples
+    assert "Key(" not in str(e.value), str(e.value)
+
+
+def test_snip_does_not_relabel_a_type_error_inside_the_model():
+    def loss(p, batch):
+        raise TypeError("boom inside the model")
+
+    with pytest.raises(TypeError, match="boom inside the model") as e:
+        jp.snip(loss, params(), jnp.ones((2, 8)), sparsity=0.5)
+    assert "must take (params, batch)" not in str(e.value)
+
+
+def test_snip_wrong_signature():
+    with raises(TypeError, "loss_fn(p)", "cannot be called as loss_fn(params, batch)"):
+        jp.snip(lambda p: 0.0, params(), jnp.ones((2, 8)), sparsity=0.5)
+
+
+def test_allocation_errors_are_clear():
+    p = params()
+    with raises(TypeError, "allocation must be one of", "int"):
+        jp.allocation.sparsities(p, 0.5, 3)
+    with raises(ValueError, "'global' has no per-leaf sparsities", "jp.allocation.masks"):
+        jp.allocation.sparsities(p, 0.5, "global")
+
+
+def test_keep_counts_errors():
+    s = jp.scores.magnitude(params())
+    with raises(TypeError, "keep", "2.5", "int"):
+        jp.masks.topk(s, keep=2.5)
+    with raises(ValueError, "keep=100", "encoder/kernel", "[0, 48]"):
+        jp.masks.topk(s, keep=100)
+    with raises(ValueError, "keep=100", "[0, 66]"):
+        jp.masks.global_topk(s, keep=100)
+    with raises(TypeError, "either sparsity", "keep="):
+        jp.masks.topk(s, 0.5, keep=3)
+    with raises(TypeError, "either sparsity", "keep="):
+        jp.masks.global_topk(s)
+    with raises(ValueError, "global_topk takes one keep", "topk"):
+        jp.masks.global_topk(s, keep={"encoder": 1, "head": 2})
+
+
+def test_score_functions_say_what_they_need():
+    with raises(TypeError, "random needs a PRNG key", "key="):
+        jp.scores.random(params())
+    with raises(TypeError, "saliency", "saliency(params, grads)"):
+        jp.scores.saliency(params())
+
+
+def test_allocation_module_has_no_unreachable_assertion():
+    import inspect
+
+    assert "unreachable" not in inspect.getsource(jp.allocation)

@@ -8,21 +8,12 @@ pruned model is far better than chance (10 classes).
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import pathlib
 
 import pytest
+from harness import load_example
 
-EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
 CHANCE = 0.1
-
-
-def load_example(name):
-    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def run_quick(name, tmp_path):

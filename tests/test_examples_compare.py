@@ -2,28 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import pathlib
 
 import pytest
 
 from jaxprune.select import keep_count
 
-EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
 
-
-def _load():
-    spec = importlib.util.spec_from_file_location("example_compare_methods", EXAMPLES / "compare_methods.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_compare_methods_tiny(tmp_path):
+def test_compare_methods_tiny(tmp_path, load_example):
     out = tmp_path / "study.json"
     png = tmp_path / "study.png"
-    res = _load().main([
+    res = load_example("compare_methods").main([
         "--quick", "--steps", "4", "--seeds", "2", "--samples", "200", "--channels", "4",
         "--sparsities", "0.9", "--methods", "dense,random",
         "--json", str(out), "--plot", str(png),

@@ -3,26 +3,15 @@ a JSON with the expected keys and sane values."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import pathlib
 
 import numpy as np
 
-EXAMPLE = pathlib.Path(__file__).resolve().parent.parent / "examples" / "lottery_mnist1d.py"
 
-
-def load():
-    spec = importlib.util.spec_from_file_location("example_lottery_mnist1d", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_lottery_mnist1d_quick(tmp_path):
+def test_lottery_mnist1d_quick(tmp_path, load_example):
     out = tmp_path / "lottery.json"
     png = tmp_path / "lottery.png"
-    returned = load().main(
+    returned = load_example("lottery_mnist1d").main(
         ["--quick", "--steps", "30", "--rounds", "2", "--seeds", "1", "--hidden", "64",
          "--eval-every", "10", "--no-progress", "--json", str(out), "--plot", str(png)]
     )

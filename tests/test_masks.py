@@ -8,6 +8,7 @@ once; hypothesis varies the values and the sparsities.
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any, NamedTuple
 
@@ -15,12 +16,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import oracle
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import jaxprune as jp
 
 F32, BF16, F16 = np.float32, jnp.bfloat16, np.float16
+
+# The structured-mask oracle tests select by rank (ndim >= 2), whatever the
+# leaf names, so they test the mask algorithms, not the default where=.
+def NDIM2(path, leaf):
+    return np.ndim(leaf) >= 2
+
+
+def by_rank(fn):
+    return functools.partial(fn, where=NDIM2)
+
 
 SETTINGS = dict(
     deadline=None,
@@ -85,7 +97,7 @@ NM_CASES = [
     (2, 3, 1, {"a": ((2, 9), F32), "b": ((0, 3), F32)}),
     (1, 1, -2, {"a": ((3, 2), F32)}),
 ]
-_NM = jax.jit(jp.masks.n_of_m, static_argnames=("n", "m", "axis"))
+_NM = jax.jit(by_rank(jp.masks.n_of_m), static_argnames=("n", "m", "axis"))
 
 
 @settings(max_examples=60, **SETTINGS)
@@ -125,9 +137,11 @@ BLOCK_CASES = [
     # (block_shape, reduce, specs): leading axes of "b" compete together.
     (2, "mean", {"a": ((4, 6), F32), "b": ((3, 2, 4), BF16), "bias": ((6,), F32)}),
     ((1, 3), "max", {"a": ((5, 6), F16), "b": ((2, 2, 3), F32)}),
+    ((2, 1), "l1", {"a": ((4, 3), F32), "b": ((2, 2, 2), BF16)}),
+    (2, "l2", {"a": ((2, 4), F32)}),
 ]
-_BLOCK = jax.jit(jp.masks.block, static_argnames=("block_shape", "reduce"))
-_BLOCK_STATIC = jax.jit(jp.masks.block, static_argnames=("sparsity", "block_shape", "reduce"))
+_BLOCK = jax.jit(by_rank(jp.masks.block), static_argnames=("block_shape", "reduce"))
+_BLOCK_STATIC = jax.jit(by_rank(jp.masks.block), static_argnames=("sparsity", "block_shape", "reduce"))
 
 
 def check_block(tree, masks, s, bs, reduce, traced):
@@ -151,7 +165,7 @@ def check_block(tree, masks, s, bs, reduce, traced):
 @given(data=st.data(), case=st.integers(0, len(BLOCK_CASES) - 1), ss=st.lists(SPARSITIES, min_size=1, max_size=3))
 def test_block_matches_oracle(data, case, ss):
     bs, reduce, specs = BLOCK_CASES[case]
-    kinds = EXACT_SUM_KINDS if reduce == "mean" else oracle.KINDS
+    kinds = oracle.KINDS if reduce == "max" else EXACT_SUM_KINDS
     tree = build(specs, data.draw, kinds)
     for s in ss:
         check_block(tree, _BLOCK(tree, jnp.float32(s), block_shape=bs, reduce=reduce), s, bs, reduce, True)
@@ -185,22 +199,24 @@ def test_block_by_hand():
 CHANNEL_CASES = [
     (-1, "l1", {"a": ((4, 6), F32), "b": ((2, 3, 5), BF16), "bias": ((5,), F32)}),
     (0, "l2", {"a": ((5, 3), F16), "b": ((4, 2, 2), F32)}),
+    (1, "mean", {"a": ((3, 4), F32), "b": ((2, 5, 2), F32)}),
+    (-1, "max", {"a": ((4, 5), BF16)}),
 ]
-_CH = jax.jit(jp.masks.channels, static_argnames=("axis", "norm"))
-_CH_STATIC = jax.jit(jp.masks.channels, static_argnames=("sparsity", "axis", "norm"))
+_CH = jax.jit(by_rank(jp.masks.channels), static_argnames=("axis", "reduce"))
+_CH_STATIC = jax.jit(by_rank(jp.masks.channels), static_argnames=("sparsity", "axis", "reduce"))
 
 
-def check_channels(tree, masks, s, axis, norm, traced):
+def check_channels(tree, masks, s, axis, reduce, traced):
     for name, x in tree.items():
         if x.ndim < 2:
             assert_scalar_true(masks[name], name)
             continue
         got = np.asarray(masks[name])
-        want = oracle.channels(x, s, axis, norm, traced)
+        want = oracle.channels(x, s, axis, reduce, traced)
         assert got.dtype == np.bool_ and got.shape == x.shape
         np.testing.assert_array_equal(
-            got, want, err_msg=f"{name}: channels axis={axis} {norm} s={s!r}, "
-            f"units={oracle.channel_scores(x, axis, norm)}")
+            got, want, err_msg=f"{name}: channels axis={axis} {reduce} s={s!r}, "
+            f"units={oracle.channel_scores(x, axis, reduce)}")
         units = x.shape[axis]
         k = oracle.keep_count(units, s, traced)
         kept_units = np.moveaxis(got, axis, 0).reshape(units, -1)
@@ -211,25 +227,39 @@ def check_channels(tree, masks, s, axis, norm, traced):
 @settings(max_examples=40, **SETTINGS)
 @given(data=st.data(), case=st.integers(0, len(CHANNEL_CASES) - 1), ss=st.lists(SPARSITIES, min_size=1, max_size=3))
 def test_channels_matches_oracle(data, case, ss):
-    axis, norm, specs = CHANNEL_CASES[case]
-    tree = build(specs, data.draw, EXACT_SUM_KINDS)
+    axis, reduce, specs = CHANNEL_CASES[case]
+    tree = build(specs, data.draw, oracle.KINDS if reduce == "max" else EXACT_SUM_KINDS)
     for s in ss:
-        check_channels(tree, _CH(tree, jnp.float32(s), axis=axis, norm=norm), s, axis, norm, True)
+        check_channels(tree, _CH(tree, jnp.float32(s), axis=axis, reduce=reduce), s, axis, reduce,
+                       True)
 
 
 @settings(max_examples=15, **SETTINGS)
 @given(data=st.data())
 def test_channels_python_float_sparsity(data):
-    axis, norm, specs = CHANNEL_CASES[0]
+    axis, reduce, specs = CHANNEL_CASES[0]
     tree = build(specs, data.draw, EXACT_SUM_KINDS)
-    check_channels(tree, _CH_STATIC(tree, sparsity=0.4, axis=axis, norm=norm), 0.4, axis, norm, False)
+    check_channels(tree, _CH_STATIC(tree, sparsity=0.4, axis=axis, reduce=reduce), 0.4, axis,
+                   reduce, False)
 
 
 def test_channels_by_hand():
     s = jnp.array([[1.0, -5.0, 0.1, 3.0], [1.0, 5.0, 0.2, -3.0]], jnp.float32)
     # L1 units: 2, 10, 0.3, 6 -> keep 2: units 1 and 3.
-    got = np.asarray(_CH({"w": s}, jnp.float32(0.5), axis=-1, norm="l1")["w"])
+    got = np.asarray(_CH({"w": s}, jnp.float32(0.5), axis=-1, reduce="l1")["w"])
     np.testing.assert_array_equal(got, np.array([[0, 1, 0, 1]] * 2, bool))
+    # max of the unit scores: 1, 5, 0.2, 3 -> keep units 1 and 3; mean: 1, 0, 0.15, 0 -> 0 and 2.
+    got = np.asarray(_CH({"w": s}, jnp.float32(0.5), axis=-1, reduce="max")["w"])
+    np.testing.assert_array_equal(got, np.array([[0, 1, 0, 1]] * 2, bool))
+    got = np.asarray(_CH({"w": s}, jnp.float32(0.5), axis=-1, reduce="mean")["w"])
+    np.testing.assert_array_equal(got, np.array([[1, 0, 1, 0]] * 2, bool))
+
+
+def test_channels_norm_is_a_deprecated_name_of_reduce():
+    s = {"w": jnp.array([[1.0, -5.0, 0.1, 3.0], [1.0, 5.0, 0.2, -3.0]], jnp.float32)}
+    with pytest.warns(DeprecationWarning, match=r"channels\(reduce=...\)"):
+        old = jp.masks.channels(s, 0.5, norm="l2")
+    np.testing.assert_array_equal(np.asarray(old["w"]), np.asarray(jp.masks.channels(s, 0.5, reduce="l2")["w"]))
 
 
 # --------------------------------------------------------------------------
@@ -243,11 +273,11 @@ _TOPK = jax.jit(jp.masks.topk)
 @given(data=st.data(), s_a=SPARSITIES, s_b=SPARSITIES)
 def test_topk_per_leaf_sparsity_prefix_tree(data, s_a, s_b):
     tree = build({"x": ((6, 7), F32), "y": ((3, 3), BF16)}, data.draw, oracle.KINDS)
-    tree = {"a": {"k1": tree["x"], "k2": tree["y"]}, "b": jnp.asarray(gen(np.random.default_rng(0), (4, 4), "ints", F16))}
-    sp = {"a": jnp.float32(s_a), "b": jnp.float32(s_b)}  # a prefix tree: one value for subtree "a"
+    tree = {"a": {"k1": tree["x"], "k2": tree["y"]}, "c": jnp.asarray(gen(np.random.default_rng(0), (4, 4), "ints", F16))}
+    sp = {"a": jnp.float32(s_a), "c": jnp.float32(s_b)}  # a prefix tree: one value for subtree "a"
     masks = _TOPK(tree, sp)
     for m, x, s in ((masks["a"]["k1"], tree["a"]["k1"], s_a), (masks["a"]["k2"], tree["a"]["k2"], s_a),
-                    (masks["b"], tree["b"], s_b)):
+                    (masks["c"], tree["c"], s_b)):
         k = oracle.keep_count(x.size, s, traced=True)
         np.testing.assert_array_equal(np.asarray(m), oracle.topk_leaf(x, k), err_msg=f"s={s}")
 
@@ -269,7 +299,7 @@ def _where_tree():
 
 # expected selected paths ("/"-joined) for each where=
 WHERE_CASES = [
-    (None, {"enc/0/kernel", "enc/1/kernel", "head/kernel", "head/scale"}),
+    (None, {"enc/0/kernel", "enc/1/kernel", "head/kernel"}),  # not head/scale: a norm name
     ("kernel$", {"enc/0/kernel", "enc/1/kernel", "head/kernel"}),
     (r"^enc/\d+/bias", {"enc/0/bias", "enc/1/bias"}),
     (lambda path, leaf: path.startswith("head") or leaf.shape == (8,), {"head/kernel", "head/scale", "enc/1/bias"}),
@@ -288,7 +318,7 @@ def test_where_variants_select_the_right_leaves():
     tree = _where_tree()
     assert set(jp.tree.paths(tree)) == set(_flat(tree))
     for where, want in WHERE_CASES:
-        assert {p for p, s in zip(jp.tree.paths(tree), jp.tree.select(tree, where)) if s} == want, where
+        assert {p for p, s in zip(jp.tree.paths(tree), jp.tree.flags(tree, where)) if s} == want, where
         # n_of_m (cheap to compile) and topk (the full engine) honour it the same way.
         for masks, check in (
             (jax.jit(lambda t, w=where: jp.masks.n_of_m(t, 1, 2, axis=-1, where=w))(tree),
@@ -361,7 +391,7 @@ def test_apply_masks_topk_end_to_end_sparsity():
     assert out["a"].dtype == BF16 and out["b"].dtype == BF16
     assert int(np.sum(np.asarray(out["a"]) == 0)) == 73
     np.testing.assert_array_equal(np.asarray(out["b"]), np.ones(10, BF16))
-    assert jp.sparsity(out) == 0.73
+    assert jp.sparsity_of(out) == 0.73
 
 
 # --------------------------------------------------------------------------
@@ -409,33 +439,57 @@ def test_pack_scalar_true_and_eager():
 def test_sparsity_and_summary_values():
     params = {
         "k": jnp.array([[0.0, -0.0, 1.0, jnp.nan], [2.0, 0.0, 3.0, 4.0]], F32),  # 3 zeros / 8
-        "e": jnp.zeros((0, 5), F32),
+        "e": jnp.zeros((0, 5), F32),  # size 0: not a kernel by default (one axis > 1)
         "h": jnp.array([[0.0, 1.0], [1.0, 1.0]], BF16),  # 1 / 4
         "b": jnp.zeros(3, F32),  # unselected by default
     }
-    assert jp.sparsity(params) == 4 / 12
-    assert jp.sparsity(params, where="^k$") == 3 / 8
-    assert jp.sparsity(params, where=lambda p, x: True) == 7 / 15
-    assert isinstance(jp.sparsity(params), float)
-    traced = jax.jit(jp.sparsity)(params)
+    assert jp.sparsity_of(params) == 4 / 12
+    assert jp.sparsity_of(params, where="^k$") == 3 / 8
+    assert jp.sparsity_of(params, where=lambda p, x: True) == 7 / 15
+    assert isinstance(jp.sparsity_of(params), float)
+    traced = jax.jit(jp.sparsity_of)(params)
     assert np.asarray(traced) == np.float32(4) / np.float32(12)
     masks = {"k": jnp.array([[True, False, False]]), "e": jnp.zeros((0, 2), bool),
              "h": jnp.ones((), bool), "b": jnp.ones((), bool)}
-    assert jp.sparsity(masks, where="k") == 2 / 3
-    # default where=None on a mask tree: bool leaves with ndim >= 2 count
-    assert jp.sparsity({"m": jnp.array([[True, False], [False, False]]), "b": jnp.ones((), bool)}) == 0.75
-    assert jp.sparsity(masks, where=lambda p, x: p != "e") == 2 / 5  # scalar True counts as 1 kept
+    assert jp.sparsity_of(masks, where="k") == 2 / 3
+    # default where=None on a mask tree: bool kernels count
+    assert jp.sparsity_of({"m": jnp.array([[True, False], [False, False]]), "b": jnp.ones((), bool)}) == 0.75
+    assert jp.sparsity_of(masks, where=lambda p, x: p != "e") == 2 / 5  # scalar True counts as 1 kept
 
     s = jp.summary(params)
     d = s.to_dict()
-    assert set(d) == {"k", "e", "h", "total"}
+    assert set(d) == {"k", "h", "total"}
     assert d["k"] == dict(path="k", shape=(2, 4), size=8, kept=5, sparsity=3 / 8)
-    assert d["e"] == dict(path="e", shape=(0, 5), size=0, kept=0, sparsity=0.0)
     assert d["h"]["kept"] == 3 and d["h"]["sparsity"] == 0.25
-    assert d["total"]["size"] == 12 and d["total"]["kept"] == 8 and d["total"]["sparsity"] == 4 / 12
+    assert d["total"] == dict(path="total", size=12, kept=8, sparsity=4 / 12)
+    d = jp.summary(params, where=lambda p, x: p != "b").to_dict()
+    assert d["e"] == dict(path="e", shape=(0, 5), size=0, kept=0, sparsity=0.0)
     text = str(s)
     for name in ("k", "h", "total"):
         assert re.search(rf"^{name}\s", text, re.M), f"row {name} missing in:\n{text}"
     assert "33.33%" in text
     sm = jp.summary(masks, where=lambda p, x: p != "e").to_dict()
     assert sm["k"]["kept"] == 1 and sm["k"]["sparsity"] == 2 / 3 and sm["total"]["kept"] == 3
+
+
+def test_summary_natural_order_and_total_without_shape():
+    params = {f"Block_{i}": {"kernel": jnp.ones((2, 2))} for i in (10, 2, 1, 33, 3)}
+    s = jp.summary(params)
+    assert [r["path"] for r in s.rows] == [f"Block_{i}/kernel" for i in (1, 2, 3, 10, 33)]
+    assert "shape" not in s.total
+    total_line = str(s).splitlines()[-1]
+    assert total_line.startswith("total") and "()" not in total_line, total_line
+
+
+def test_summary_layers_gives_per_layer_rows():
+    w = jnp.stack([jnp.zeros((3, 4)), jnp.ones((3, 4)), jnp.eye(3, 4)])  # layers 0, 1, 2
+    params = {"layers": {"kernel": w}, "head": {"kernel": jnp.ones((4, 2))}}
+    s = jp.summary(params, layers="^layers/")
+    rows = {r["path"]: r for r in s.rows}
+    assert list(rows) == ["head/kernel", "layers/kernel[0]", "layers/kernel[1]", "layers/kernel[2]"]
+    assert rows["layers/kernel[0]"] == dict(path="layers/kernel[0]", shape=(3, 4), size=12, kept=0,
+                                            sparsity=1.0)
+    assert rows["layers/kernel[1]"]["kept"] == 12 and rows["layers/kernel[2]"]["kept"] == 3
+    assert s.total == dict(path="total", size=44, kept=23, sparsity=21 / 44)
+    # The same without layers= is one row per leaf, with the same total.
+    assert jp.summary(params).total == s.total

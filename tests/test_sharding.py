@@ -1,8 +1,9 @@
 """Sharded selection: masks from jax.jit(global_topk / topk) over parameters
 sharded on 8 host CPU devices (1-D mesh of 8, 2-D mesh of 2 x 4) equal the
 single-device masks bit for bit, stay sharded, and the compiled HLO moves no
-parameter-sized data between devices (no all-gather, all-to-all or
-collective-permute whose result has as many elements as a sharded leaf).
+parameter-sized data between devices (no all-gather, all-to-all,
+collective-permute, all-reduce or reduce-scatter whose result has as many
+elements as a sharded leaf), and that scan did parse collectives.
 
 The 8 devices need XLA_FLAGS set before jax is imported, so the work runs in
 a child process; its JSON report is checked here.
@@ -62,7 +63,8 @@ CHILD = textwrap.dedent(
             refs[name, s] = jax.tree.map(np.asarray, jax.jit(f)(unsharded, jnp.float32(s)))
 
     report = {"cases": [], "collectives": [], "leaf_size": leaf_size}
-    coll_re = re.compile(r"=\s*(.*?)\s+(all-gather|all-to-all|collective-permute)(?:-start)?\(")
+    coll_re = re.compile(
+        r"=\s*(.*?)\s+(all-gather|all-to-all|collective-permute|all-reduce|reduce-scatter)(?:-start)?\(")
     shape_re = re.compile(r"[a-z]+[0-9]*\[([0-9,]*)\]")
     for mesh_name, (mesh, kspecs, bspec) in meshes.items():
         sh = {}
@@ -150,3 +152,14 @@ def test_no_parameter_sized_collectives(report):
     # What remains is sample-sized (the strided sample of select.py): at most
     # one shard's worth.
     assert all(c["max_elems"] <= leaf // 8 for c in colls), summary
+
+
+def test_collectives_were_parsed(report):
+    """The HLO scan above is not vacuous: the per-shard counts of every
+    sharded selection cross devices, so each (mesh, function) has at least one
+    all-reduce, and the regex must have found it."""
+    seen = {(c["mesh"], c["fn"], c["op"]) for c in report["collectives"]}
+    assert report["collectives"], "no collective parsed: has the HLO text format changed?"
+    for mesh in ("1d", "2d"):
+        for fn in ("global_topk", "topk"):
+            assert (mesh, fn, "all-reduce") in seen, (mesh, fn, sorted(seen))

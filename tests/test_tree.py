@@ -118,7 +118,7 @@ def test_paths_and_where(kind):
     tree, paths, selected = build(kind, np.random.default_rng(0))
     assert jp.tree.paths(tree) == paths
     assert not any(p.endswith("/value") or p.endswith(".value") for p in jp.tree.paths(tree))
-    sel = lambda w: [p for p, s in zip(paths, jp.tree.select(tree, w)) if s]  # noqa: E731
+    sel = lambda w: [p for p, s in zip(paths, jp.tree.flags(tree, w)) if s]  # noqa: E731
     assert sel(None) == selected
     # regex on the "/"-joined path
     first = selected[0]
@@ -174,7 +174,7 @@ def test_global_topk_and_apply_masks(kind):
             assert np.all(o[~m] == 0), f"{kind}: {p}"
         else:
             np.testing.assert_array_equal(o, x, err_msg=f"{kind}: unselected {p} changed")
-    assert jp.sparsity(out) == pytest.approx(1 - oracle.keep_count(n, 0.6, True) / n)
+    assert jp.sparsity_of(out) == pytest.approx(1 - oracle.keep_count(n, 0.6, True) / n)
 
 
 def test_nnx_masked_state_updates_the_model():
@@ -197,7 +197,7 @@ def test_linen_masked_variables_apply():
     p = masked["params"]
     manual = jax.nn.relu(x @ p["hidden"]["kernel"] + p["hidden"]["bias"]) @ p["out"]["kernel"] + p["out"]["bias"]
     np.testing.assert_allclose(np.asarray(model.apply(masked, x)), np.asarray(manual), rtol=1e-6)
-    assert jp.sparsity(masked) == 1 - round(72 * 0.25) / 72
+    assert jp.sparsity_of(masked) == 1 - round(72 * 0.25) / 72
 
 
 def test_path_str_drops_only_a_trailing_value_attribute():
@@ -213,14 +213,14 @@ def test_path_str_drops_only_a_trailing_value_attribute():
 def test_where_bool_prefix_tree_on_nnx_state():
     tree, paths, _ = build("nnx", np.random.default_rng(0))
     # a prefix (of the same node type, State) that stops at the layer level
-    sel = jp.tree.select(tree, nnx.State({"l1": False, "l2": True}))
+    sel = jp.tree.flags(tree, nnx.State({"l1": False, "l2": True}))
     assert [p for p, s in zip(paths, sel) if s] == ["l2/bias", "l2/kernel"]
 
 
 def test_where_bool_prefix_tree_on_a_dataclass_module():
     mlp, paths, _ = build("dataclass", np.random.default_rng(0))
     prefix = [False, Linear(True, False, "none")]
-    sel = jp.tree.select(mlp.layers, prefix)
+    sel = jp.tree.flags(mlp.layers, prefix)
     assert [p for p, s in zip(paths[:4], sel) if s] == ["layers/1/weight"]
 
 
@@ -232,5 +232,5 @@ def test_where_bool_prefix_tree_that_is_a_callable_module():
     """
     mlp, paths, _ = build("dataclass", np.random.default_rng(0))
     prefix = MLP([False, Linear(True, False, "none")], False)
-    sel = jp.tree.select(mlp, prefix)
+    sel = jp.tree.flags(mlp, prefix)
     assert [p for p, s in zip(paths, sel) if s] == ["layers/1/weight"]

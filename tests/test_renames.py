@@ -1,0 +1,133 @@
+"""The settled names, the calling conventions, and the deprecated aliases:
+every old name still works, warns with DeprecationWarning and says the new
+name (CHANGELOG.md lists them)."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jaxprune as jp
+
+
+def _params():
+    return {"a": {"kernel": jnp.arange(1.0, 13.0).reshape(3, 4), "bias": jnp.ones(4)},
+            "c": {"kernel": jnp.arange(1.0, 9.0).reshape(4, 2), "bias": jnp.ones(2)}}
+
+
+def _same(a, b):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+# --------------------------------------------------------------------------
+# Deprecated aliases
+
+
+def test_deprecated_functions_warn_and_match_the_new_ones():
+    p, key = _params(), jax.random.key(0)
+    masks = jp.masks.topk(p, 0.5)
+    cases = [
+        ("jaxprune.sparsity_of", lambda: jp.sparsity(p), lambda: jp.sparsity_of(p)),
+        ("jaxprune.tree.flags", lambda: jp.tree.select(p), lambda: jp.tree.flags(p)),
+        ("jaxprune.apply_masks_ste", lambda: jp.straight_through(p, masks),
+         lambda: jp.apply_masks_ste(p, masks)),
+        ("jaxprune.allocation.random_masks",
+         lambda: jp.dynamic.random_masks(key, p, 0.5, "uniform"),
+         lambda: jp.allocation.random_masks(key, p, 0.5, "uniform")),
+        ("jaxprune.masks.random_like", lambda: jp.lottery.random_mask(key, masks),
+         lambda: jp.masks.random_like(key, masks)),
+        ("jaxprune.allocation.sparsities", lambda: jp.allocation.per_leaf("erk", p, 0.5),
+         lambda: jax.tree.leaves(jp.allocation.sparsities(p, 0.5, "erk"))),
+        ("jaxprune.allocation.masks",
+         lambda: jp.allocation.compute_masks(p, 0.5, "global", None, p),
+         lambda: jp.allocation.masks(p, 0.5, "global", params=p)),
+        ("jaxprune.scores.random(params, key=key)", lambda: jp.scores.random(key, p),
+         lambda: jp.scores.random(p, key=key)),
+    ]
+    for new, old_call, new_call in cases:
+        with pytest.warns(DeprecationWarning, match=new.replace("(", r"\(").replace(")", r"\)")):
+            old = old_call()
+        _same(old, new_call())
+
+
+def test_deprecated_ste_keeps_its_old_signature():
+    p = _params()
+    with pytest.warns(DeprecationWarning, match="jaxprune.ste_training"):
+        old = jp.ste(optax.sgd(0.1), 0.5, 1)
+    new = jp.ste_training(optax.sgd(0.1), sparsity=0.5, update_every=1)
+    g = jax.tree.map(jnp.ones_like, p)
+    _same(old.update(g, old.init(p), p), new.update(g, new.init(p), p))
+
+
+def test_deprecated_dynamic_random_masks_keeps_erk_default():
+    p, key = _params(), jax.random.key(1)
+    with pytest.warns(DeprecationWarning):
+        old = jp.dynamic.random_masks(key, p, 0.5)
+    _same(old, jp.allocation.random_masks(key, p, 0.5, "erk"))
+
+
+def test_snip_module_moved_to_at_init():
+    assert callable(jp.snip) and jp.snip is jp.at_init.snip
+    assert jp.at_init.snip_scores is importlib.import_module("jaxprune.at_init").snip_scores
+    with pytest.warns(DeprecationWarning, match="jaxprune.at_init.snip_scores"):
+        from jaxprune.snip import snip_scores
+    assert snip_scores is jp.at_init.snip_scores
+    assert callable(jp.snip)  # importing the old module did not replace the function
+
+
+def test_deprecated_names_are_not_in_all():
+    for old in ("sparsity", "ste", "straight_through"):
+        assert old not in jp.__all__
+
+
+# --------------------------------------------------------------------------
+# One calling convention
+
+
+@pytest.mark.parametrize("name", jp.scores.names())
+def test_every_score_function_takes_params_grads_key(name):
+    fn = jp.scores.get(name)
+    sig = inspect.signature(fn)
+    assert list(sig.parameters)[:2] == ["params", "grads"], sig
+    assert sig.parameters["key"].kind == inspect.Parameter.KEYWORD_ONLY
+    p = _params()
+    out = fn(p, jax.tree.map(jnp.ones_like, p), key=jax.random.key(0))
+    assert jax.tree.structure(out) == jax.tree.structure(p)
+
+
+@pytest.mark.parametrize("factory", [jp.prune, jp.set_training, jp.rigl, jp.ste_training,
+                                     jp.lottery_ticket])
+def test_training_transforms_take_inner_then_keywords(factory):
+    params = list(inspect.signature(factory).parameters.values())
+    assert params[0].name == "inner" and params[0].kind == inspect.Parameter.POSITIONAL_OR_KEYWORD
+    assert all(p.kind == inspect.Parameter.KEYWORD_ONLY for p in params[1:]), factory
+
+
+def test_allocation_functions_order_their_arguments_alike():
+    for fn in (jp.allocation.sparsities, jp.allocation.masks, jp.allocation.random_masks):
+        names = [p for p in inspect.signature(fn).parameters]
+        i = names.index("sparsity")
+        assert names[i + 1] == "allocation" and "where" in names, (fn, names)
+        assert inspect.signature(fn).parameters["where"].kind == inspect.Parameter.KEYWORD_ONLY
+
+
+def test_uniform_is_topk_and_global_is_global_topk():
+    p = _params()
+    s = jp.scores.magnitude(p)
+    _same(jp.allocation.masks(s, 0.5, "uniform"), jp.masks.topk(s, 0.5))
+    _same(jp.allocation.masks(s, 0.5, "global"), jp.masks.global_topk(s, 0.5))
+
+
+def test_topk_keep_counts_equal_sparsity_masks():
+    s = jp.scores.magnitude(_params())
+    _same(jp.masks.topk(s, keep={"a": 6, "c": 4}), jp.masks.topk(s, 0.5))
+    _same(jp.masks.global_topk(s, keep=10), jp.masks.global_topk(s, 0.5))
+    traced = jax.jit(lambda s, k: jp.masks.global_topk(s, keep=k))(s, jnp.int32(10))
+    _same(traced, jp.masks.global_topk(s, 0.5))
