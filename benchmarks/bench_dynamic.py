@@ -8,8 +8,8 @@ Adam(1e-3). Every variant is one ``jax.jit`` train step (grad +
 * ``dense``       ``optax.adam``;
 * ``keep_masks``  ``optax.chain(adam, jp.keep_masks(m))``: a fixed 90% mask
   (the floor of any masked step: one ``where(m, u, -p)`` pass);
-* ``set``         ``jp.set_training(adam, 0.9, update_every=100)``;
-* ``rigl``        ``jp.rigl(adam, 0.9, update_every=100, end_step=10**9)``
+* ``set``         ``jp.set_training(adam, sparsity=0.9, update_every=100)``;
+* ``rigl``        ``jp.rigl(adam, sparsity=0.9, update_every=100, end_step=10**9)``
   (ERK allocation for both, as in the papers).
 
 Timing: one block = ``--block`` (default 100) steps of every variant,
@@ -62,12 +62,12 @@ UPDATE_EVERY = 100
 
 def variants(params):
     adam = optax.adam(1e-3)
-    masks = jp.dynamic.random_masks(jax.random.key(1), params, SPARSITY, "erk")
+    masks = jp.allocation.random_masks(jax.random.key(1), params, SPARSITY, "erk")
     return {
         "dense": adam,
         "keep_masks": optax.chain(adam, jp.keep_masks(jax.tree.map(jnp.copy, masks))),
-        "set": jp.set_training(adam, SPARSITY, update_every=UPDATE_EVERY),
-        "rigl": jp.rigl(adam, SPARSITY, update_every=UPDATE_EVERY, end_step=10**9),
+        "set": jp.set_training(adam, sparsity=SPARSITY, update_every=UPDATE_EVERY),
+        "rigl": jp.rigl(adam, sparsity=SPARSITY, update_every=UPDATE_EVERY, end_step=10**9),
     }
 
 
@@ -159,7 +159,7 @@ def main(argv=None) -> dict:
         assert count_updates(runners[name].carry[1]) == 1 + args.block * args.reps
 
     # The connection update alone (drop by |w|, grow by |g|), jitted.
-    masks = jp.dynamic.random_masks(jax.random.key(1), params, SPARSITY, "erk")
+    masks = jp.allocation.random_masks(jax.random.key(1), params, SPARSITY, "erk")
     grads = jax.grad(loss_fn)(params, x, y)
     upd = jax.jit(lambda p, m, g: drop_and_grow(p, m, jax.tree.map(jnp.abs, g), 0.3))
     jax.block_until_ready(upd(params, masks, grads))

@@ -73,7 +73,7 @@ import optax
 from jax import lax
 
 import jaxprune as jp
-from jaxprune import transforms as jpt
+from jaxprune import transform_base as jpt
 
 SIZES = (784, 2048, 2048, 10)
 BATCH = 256
@@ -224,8 +224,8 @@ class Runner:
 def time_mask_update(params, allocation, reps):
     """The mask update of jp.prune alone (scores + selection), jitted: a list of
     (wall, CPU) ms."""
-    fn = jax.jit(lambda p: jp.allocation.compute_masks(jp.scores.magnitude(p), SPARSITY,
-                                                       allocation, None, p))
+    fn = jax.jit(lambda p: jp.allocation.masks(jp.scores.magnitude(p), SPARSITY, allocation,
+                                               params=p))
     jax.block_until_ready(fn(params))
     ts = []
     for _ in range(reps):
@@ -317,7 +317,7 @@ def main(argv=None) -> dict:
     # Exactness: every pruned variant holds 90% zeros in its kernels.
     for name, r in runners.items():
         if name != "dense":
-            assert abs(jp.sparsity(r.carry[0]) - SPARSITY) < 1e-6, (name, jp.sparsity(r.carry[0]))
+            assert abs(jp.sparsity_of(r.carry[0]) - SPARSITY) < 1e-6, (name, jp.sparsity_of(r.carry[0]))
 
     rows, split = [], {}
     for clock in ("wall", "cpu"):

@@ -16,7 +16,7 @@ movement       gradual pruning scored by movement ``-sum w * g`` (Sanh et al.
                2020)
 set            SET (``jp.set_training``; Mocanu et al. 2018)
 rigl           RigL (``jp.rigl``; Evci et al. 2020)
-ste            straight-through training (``jp.ste`` + ``jp.straight_through``),
+ste            straight-through training (``jp.ste_training`` + ``jp.apply_masks_ste``),
                dense weights, magnitude mask on the same cubic schedule as gmp
 ste_fixed      the same at the final sparsity from step 0
 =============  ==============================================================
@@ -151,7 +151,7 @@ def make_run(method: str, cfg: dict, data):
         if method == "dense":
             tx = adam
         elif method == "random":
-            masks = jp.dynamic.random_masks(k_mask, params, s, alloc, WHERE)
+            masks = jp.allocation.random_masks(k_mask, params, s, alloc, where=WHERE)
             tx = optax.chain(adam, jp.keep_masks(masks))
         elif method == "snip":
             idx = jax.random.randint(k_mask, (cfg["snip_batches"], bs), 0, xtr.shape[0])
@@ -163,15 +163,17 @@ def make_run(method: str, cfg: dict, data):
             tx = jp.prune(adam, sparsity=gradual(s), score=score, allocation=alloc,
                           update_every=upd, where=WHERE)
         elif method == "set":
-            tx = jp.set_training(adam, s, drop_fraction=0.3, update_every=cfg["dst_every"],
+            tx = jp.set_training(adam, sparsity=s, drop_fraction=0.3, update_every=cfg["dst_every"],
                                  allocation=alloc, where=WHERE, seed=seed)
         elif method == "rigl":
-            tx = jp.rigl(adam, s, drop_fraction=0.3, update_every=cfg["dst_every"],
+            tx = jp.rigl(adam, sparsity=s, drop_fraction=0.3, update_every=cfg["dst_every"],
                          end_step=int(0.75 * steps), allocation=alloc, where=WHERE, seed=seed)
         elif method == "ste":
-            tx = jp.ste(adam, gradual(s), update_every=cfg["ste_every"], allocation=alloc, where=WHERE)
+            tx = jp.ste_training(adam, sparsity=gradual(s), update_every=cfg["ste_every"],
+                                 allocation=alloc, where=WHERE)
         elif method == "ste_fixed":
-            tx = jp.ste(adam, s, update_every=cfg["ste_every"], allocation=alloc, where=WHERE)
+            tx = jp.ste_training(adam, sparsity=s, update_every=cfg["ste_every"],
+                                 allocation=alloc, where=WHERE)
         else:
             raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
         state = tx.init(params)
@@ -180,7 +182,7 @@ def make_run(method: str, cfg: dict, data):
             p, st = carry
             i = jax.random.randint(key, (bs,), 0, xtr.shape[0])
             if method.startswith("ste"):
-                g = jax.grad(lambda q: loss_fn(jp.straight_through(q, jp.get_masks(st)), (xtr[i], ytr[i])))(p)
+                g = jax.grad(lambda q: loss_fn(jp.apply_masks_ste(q, jp.get_masks(st)), (xtr[i], ytr[i])))(p)
             else:
                 g = jax.grad(loss_fn)(p, (xtr[i], ytr[i]))
             u, st = tx.update(g, st, p)

@@ -109,8 +109,8 @@ def main(argv=None) -> dict:
     results = {
         "steps": steps,
         "target_sparsity": SPARSITY,
-        "sparsity": jp.sparsity(params),
-        "mask_sparsity": jp.sparsity(masks),
+        "sparsity": jp.sparsity_of(params),
+        "mask_sparsity": jp.sparsity_of(masks),
         "dense_acc": float(accuracy(dense, xte, yte)),
         "pruned_acc": float(accuracy(model, xte, yte)),
         "summary": table.to_dict(),  # per leaf: path, shape, size, kept, sparsity

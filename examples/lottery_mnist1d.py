@@ -20,7 +20,7 @@ At every round the winning ticket is compared with two controls, each
 trained for a full round at the ticket's sparsity:
 
 * **random mask**: a random mask with the ticket's per-layer sparsity
-  (``jp.lottery.random_mask``), applied to the same initialisation;
+  (``jp.masks.random_like``), applied to the same initialisation;
 * **random re-init**: the ticket's mask on a fresh initialisation
   (``jp.lottery.random_reinit``).
 
@@ -186,7 +186,7 @@ def run(cfg: argparse.Namespace, progress: bool = True) -> dict:
     remaining = np.zeros((cfg.seeds, R + 1))
     from tqdm import tqdm
 
-    random_mask = jax.jit(lottery.random_mask)
+    random_mask = jax.jit(jp.masks.random_like)
     bar = tqdm(total=cfg.seeds * (3 * R + 1), desc="lottery", disable=not progress, file=sys.stderr)
     for seed in range(cfg.seeds):
         key = jax.random.key(seed)

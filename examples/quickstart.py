@@ -118,9 +118,9 @@ def main(argv=None) -> dict:
     results = {
         "steps": steps,
         "target_sparsity": SPARSITY,
-        "sparsity": jp.sparsity(pruned),
-        "random_sparsity": jp.sparsity(control),
-        "mask_sparsity": jp.sparsity(jp.get_masks(opt_state)),
+        "sparsity": jp.sparsity_of(pruned),
+        "random_sparsity": jp.sparsity_of(control),
+        "mask_sparsity": jp.sparsity_of(jp.get_masks(opt_state)),
         "dense_acc": accuracy(dense, xte, yte),
         "pruned_acc": accuracy(pruned, xte, yte),
         "random_acc": accuracy(control, xte, yte),
