@@ -227,7 +227,7 @@ def test_where_bool_prefix_tree_on_a_dataclass_module():
 def test_where_bool_prefix_tree_that_is_a_callable_module():
     """Equinox modules define __call__, and the Equinox idiom for a filter is a
     bool tree of the model's own type (jax.tree.map(lambda _: False, model)
-    with some leaves set True). tree.select must treat a pytree *node* as a
+    with some leaves set True). tree.flags must treat a pytree *node* as a
     prefix tree even when it is callable; it calls it as (path, leaf) instead.
     """
     mlp, paths, _ = build("dataclass", np.random.default_rng(0))
