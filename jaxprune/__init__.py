@@ -9,7 +9,18 @@ Example:
   0.75
 """
 
-from jaxprune import allocation, dynamic, lottery, masks, scores, select, transforms, tree
+from jaxprune import (
+    allocation,
+    dynamic,
+    graph,
+    lottery,
+    masks,
+    scores,
+    select,
+    structured,
+    transforms,
+    tree,
+)
 from jaxprune.dynamic import DynamicState, STEState, rigl, set_training, ste, straight_through
 from jaxprune.lottery import LotteryState, lottery_ticket
 from jaxprune.masks import apply_masks, pack, sparsity, summary, unpack
@@ -28,6 +39,7 @@ __all__ = [
     "apply_masks",
     "dynamic",
     "get_masks",
+    "graph",
     "keep_masks",
     "lottery",
     "lottery_ticket",
@@ -42,6 +54,7 @@ __all__ = [
     "sparsity",
     "ste",
     "straight_through",
+    "structured",
     "summary",
     "transforms",
     "tree",
