@@ -44,11 +44,12 @@ References:
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from jaxprune import select as _select
 from jaxprune import tree as _tree
@@ -57,7 +58,15 @@ from jaxprune.graph._model import rebuild
 
 PyTree = Any
 
-__all__ = ["SCORES", "compact", "kept_units", "masks", "scores"]
+__all__ = [
+    "SCORES",
+    "StructuredState",
+    "compact",
+    "kept_units",
+    "masks",
+    "prune",
+    "scores",
+]
 
 SCORES = ("l1", "l2", "taylor", "bn_scale", "random")
 _WEIGHT_ROLES = ("kernel", "embedding", "bias", "norm")
@@ -353,14 +362,19 @@ def kept_units(graph: ModelGraph, masks: PyTree) -> dict:
     """Which units structured masks keep: ``{group index: bool array}``
     (``(size,)``, or ``(layers, size)``), for every group they prune.
 
-    A unit is kept if any of its weights is kept in a member. Raises
+    A unit is kept if any of its weights is kept in a member. ``masks`` may
+    cover a subtree of the traced variables (Linen ``params`` only): leaves
+    are matched by path and the others (running statistics) follow. Raises
     ``ValueError`` if masks remove part of a unit, or a unit of a group that
     cannot be pruned.
     """
-    mleaves = [np.asarray(m) for m in _arrays(graph, masks, "masks")]
+    mleaves = [None if m is None else np.asarray(m) for m in _mask_leaves(graph, masks)]
     out = {}
     for g in graph.groups:
-        decisions = [(m.path, _unit_decision(mleaves[m.leaf], m, g, graph)) for m in g.members]
+        decisions = [(m.path, _unit_decision(mleaves[m.leaf], m, g, graph)) for m in g.members
+                     if mleaves[m.leaf] is not None]
+        if not decisions:
+            continue
         first_path, first = decisions[0]
         for path, d in decisions[1:]:
             if not np.array_equal(d, first):
@@ -414,8 +428,9 @@ def compact(graph: ModelGraph, variables: PyTree, masks: PyTree) -> PyTree:
     Args:
       graph: the model graph of ``variables``.
       variables: the variables to compact (concrete arrays).
-      masks: structured masks (from :func:`masks`, or a pruning transform's
-        masks built from them).
+      masks: structured masks (from :func:`masks`, or the masks of
+        :func:`prune`); a subtree of the variables (e.g. Linen ``params``)
+        is matched by path.
 
     Returns:
       The compacted variables. They save and restore with orbax like any
@@ -426,12 +441,13 @@ def compact(graph: ModelGraph, variables: PyTree, masks: PyTree) -> PyTree:
         pruned, or keep unequal counts in the layers of a stack.
     """
     leaves = _arrays(graph, variables, "variables")
-    mleaves = _arrays(graph, masks, "masks")
+    mleaves = _mask_leaves(graph, masks)
     keep = kept_units(graph, masks)
     index = _kept_positions(graph, keep)
     out = []
     for j, (x, m) in enumerate(zip(leaves, mleaves)):
-        x = jnp.where(jnp.asarray(m), x, jnp.zeros((), jnp.result_type(x)))
+        if m is not None:
+            x = jnp.where(jnp.asarray(m), x, jnp.zeros((), jnp.result_type(x)))
         for axis, idx in sorted(index.get(j, {}).items()):
             x = _take(x, idx, axis, graph.leaves[j].layers)
         out.append(x)
@@ -471,6 +487,28 @@ def _take(x: jax.Array, idx: np.ndarray, axis: int, layers) -> jax.Array:
     return jnp.take_along_axis(x, jnp.asarray(idx.reshape(shape)), axis=axis)
 
 
+def _mask_leaves(graph: ModelGraph, masks: PyTree) -> list:
+    """Mask leaves aligned with the graph's leaves (``None`` where absent)."""
+    paths, leaves, treedef = _tree.flatten(masks)
+    if treedef.num_leaves == graph.treedef.num_leaves:
+        return _arrays(graph, masks, "masks")
+    gpaths = [info.path for info in graph.leaves]
+    try:
+        prefix = _common_prefix(paths, gpaths)
+    except ValueError:
+        raise ValueError(
+            f"structured: the masks match neither the traced variables ({len(gpaths)} leaves) "
+            f"nor a subtree of them by path (mask paths {paths[:4]}...).") from None
+    out: list = [None] * len(gpaths)
+    for p, m in zip(paths, leaves):
+        j = gpaths.index(prefix + p)
+        if np.ndim(m) and tuple(np.shape(m)) != graph.leaves[j].shape:
+            raise ValueError(f"structured: mask for leaf {p!r} has shape {np.shape(m)}, the "
+                             f"variable has {graph.leaves[j].shape}.")
+        out[j] = m
+    return out
+
+
 def _arrays(graph: ModelGraph, tree: PyTree, what: str) -> list:
     """The array leaves of ``tree``, checked against the graph."""
     _, leaves, treedef = _tree.flatten(tree)
@@ -489,3 +527,187 @@ def _arrays(graph: ModelGraph, tree: PyTree, what: str) -> list:
             raise ValueError(f"structured: mask for leaf {info.path!r} has shape "
                              f"{np.shape(x)}, the variable has {info.shape}.")
     return arrays
+
+
+# --------------------------------------------------------------------------
+# Training: gradual structured pruning as an optax transformation
+
+
+class StructuredState(NamedTuple):
+    """State of :func:`prune`.
+
+    Attributes:
+      count: number of updates so far (int32).
+      units: per pruned group, the bool array of its kept units.
+      masks: bool mask tree with the structure of the parameters.
+      key: PRNG key data (random scores).
+      inner_state: the wrapped optimizer's state.
+    """
+
+    count: jax.Array
+    units: tuple
+    masks: PyTree
+    key: jax.Array
+    inner_state: optax.OptState
+
+
+def prune(inner: optax.GradientTransformation, *, graph: ModelGraph, sparsity: Any,
+          score: str | Callable = "l2", allocation: str = "uniform", round_to: int = 1,
+          update_every: int = 100, groups: Any = None,
+          seed: int = 0) -> optax.GradientTransformationExtraArgs:
+    """Wraps an optimizer so training removes whole units to a (scheduled) sparsity.
+
+    Like :func:`jaxprune.prune`, with units instead of weights: every
+    ``update_every`` steps (step 0 included) the units of the graph's groups
+    are scored on the current parameters (and raw gradients, for
+    ``"taylor"``) and :func:`masks` keeps the best at the scheduled
+    structured sparsity; removed units stay removed (their score is
+    ``-inf``). Gradients of masked weights are zeroed before ``inner`` and the
+    updates are ``where(mask, u, -p)``, so every member of a removed unit is
+    exactly zero after every step. At the end,
+    ``jp.structured.compact(graph, variables, jp.get_masks(state))`` gives
+    the smaller model.
+
+    The parameters may be the traced variables or a subtree of them (Linen
+    ``variables["params"]`` when the graph was traced on params and
+    ``batch_stats``): leaves are matched by path.
+
+    Args:
+      inner: the optimizer to wrap.
+      graph: the model graph (:func:`jaxprune.graph.trace`).
+      sparsity: fraction of units removed per group: a number or an optax
+        schedule of the step.
+      score: as in :func:`scores` (``"l2"``, ``"l1"``, ``"taylor"``,
+        ``"bn_scale"``, ``"random"``).
+      allocation: ``"uniform"`` or ``"global"`` (see :func:`masks`).
+      round_to: unit counts at multiples of this.
+      update_every: mask-update period in steps.
+      groups: which groups to prune (see :func:`masks`).
+      seed: seed of the PRNG key used by random scores.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` with a
+      :class:`StructuredState`; :func:`jaxprune.get_masks` finds its masks.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> import jaxprune as jp
+      >>> k1, k2 = jax.random.split(jax.random.key(0))
+      >>> params = {"a": jax.random.normal(k1, (4, 8)), "c": jax.random.normal(k2, (8, 2))}
+      >>> f = lambda p, x: jnp.tanh(x @ p["a"]) @ p["c"]
+      >>> g = jp.graph.trace(f, params, jnp.ones((1, 4)))
+      >>> tx = jp.structured.prune(optax.adam(1e-2), graph=g, sparsity=0.5, update_every=5)
+      >>> state = tx.init(params)
+      >>> step = jax.jit(lambda p, s: tx.update(jax.grad(lambda p: f(p, jnp.ones((1, 4))).sum())(p), s, p))
+      >>> for _ in range(6):
+      ...     u, state = step(params, state)
+      ...     params = optax.apply_updates(params, u)
+      >>> jp.structured.compact(g, params, jp.get_masks(state))["a"].shape
+      (4, 4)
+
+    References:
+      Zhu & Gupta 2017 (gradual schedules); Fang et al., DepGraph, CVPR 2023;
+      Molchanov et al., CVPR 2019.
+    """
+    from jaxprune import transforms as _tf
+
+    _tf.check_schedule(sparsity)
+    if not callable(score) and score not in SCORES:
+        raise ValueError(f"structured.prune: unknown score {score!r}; use one of {SCORES}.")
+    if isinstance(update_every, bool) or not isinstance(update_every, (int, np.integer)) \
+            or update_every < 1:
+        raise ValueError(f"structured.prune: update_every must be a positive int, got "
+                         f"{update_every!r}.")
+    inner = optax.with_extra_args_support(inner)
+    chosen = _chosen_groups(graph, tuple(() if g.prunable else None for g in graph.groups),
+                            groups)
+    _check_round_to(chosen, round_to)
+
+    def init_fn(params):
+        link = _link(graph, params)
+        units = tuple(jnp.ones((g.layers, g.size) if g.layers else (g.size,), bool)
+                      for g in chosen)
+        return StructuredState(jnp.zeros((), jnp.int32), units, _tf.initial_masks(params, link.where),
+                               jax.random.key_data(jax.random.key(seed)), inner.init(params))
+
+    def update_fn(updates, state, params=None, **extra_args):
+        _tf.require_params(params, "structured.prune")
+        link = _link(graph, params)
+        s_now = _tf.schedule_value(sparsity, state.count)
+
+        def recompute(key_data):
+            key, sub = jax.random.split(jax.random.wrap_key_data(key_data))
+            full = link.to_graph(params)
+            grads = link.to_graph(updates) if score == "taylor" else None
+            sc = list(scores(graph, full, score, grads=grads, key=sub))
+            for g, kept in zip(chosen, state.units):
+                sc[g.index] = jnp.where(kept, sc[g.index], -jnp.inf)
+            keep = (_global_keep if allocation == "global" else _uniform_keep)(
+                chosen, sc, s_now, round_to)
+            gm = _leaf_masks(graph, dict(zip([g.index for g in chosen], keep)))
+            return tuple(keep), link.from_graph(gm), jax.random.key_data(key)
+
+        def same(key_data):
+            return state.units, state.masks, key_data
+
+        units, m, key_data = jax.lax.cond(state.count % update_every == 0, recompute, same,
+                                          state.key)
+        g = _tf.mask_grads(updates, m)
+        u, inner_state = inner.update(g, state.inner_state, params, **extra_args)
+        u = _tf.apply_mask_to_updates(u, params, m)
+        return u, StructuredState(optax.safe_increment(state.count), units, m, key_data,
+                                  inner_state)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+class _Link(NamedTuple):
+    """How the parameters sit in the traced variables (matched by path)."""
+
+    index: tuple  # per parameter leaf, its graph leaf
+    shapes: tuple  # graph leaf shapes
+    treedef: Any
+    where: Any  # bool prefix tree: parameter leaves that some group touches
+
+    def to_graph(self, tree: PyTree) -> list:
+        leaves = jax.tree_util.tree_leaves(tree)
+        out = [jnp.zeros(s, jnp.float32) for s in self.shapes]
+        for x, j in zip(leaves, self.index):
+            out[j] = x
+        return out
+
+    def from_graph(self, masks: PyTree) -> PyTree:
+        leaves = jax.tree_util.tree_leaves(masks)
+        return jax.tree_util.tree_unflatten(self.treedef, [leaves[j] for j in self.index])
+
+
+def _link(graph: ModelGraph, params: PyTree) -> _Link:
+    paths, leaves, treedef = _tree.flatten(params)
+    gpaths = [info.path for info in graph.leaves]
+    prefix = _common_prefix(paths, gpaths)
+    index = []
+    for p, x in zip(paths, leaves):
+        j = gpaths.index(prefix + p)
+        if tuple(np.shape(x)) != graph.leaves[j].shape:
+            raise ValueError(f"structured.prune: parameter {p!r} has shape {np.shape(x)}, the "
+                             f"graph traced {graph.leaves[j].shape}.")
+        index.append(j)
+    members = {m.leaf for g in graph.groups if g.prunable for m in g.members}
+    where = jax.tree_util.tree_unflatten(treedef, [j in members for j in index])
+    return _Link(tuple(index), tuple(info.shape for info in graph.leaves), treedef, where)
+
+
+def _common_prefix(paths: list, gpaths: list) -> str:
+    gset = set(gpaths)
+    if not paths:
+        raise ValueError("structured.prune: the parameters have no leaves.")
+    for g in gpaths:
+        if g.endswith(paths[0]):
+            pre = g[: len(g) - len(paths[0])]
+            if (not pre or pre.endswith("/")) and all(pre + p in gset for p in paths):
+                return pre
+    raise ValueError(
+        "structured.prune: the parameters do not match the traced variables by path "
+        f"(parameter paths {paths[:4]}..., traced {gpaths[:4]}...). Trace the graph on the "
+        "variables these parameters come from (e.g. the Linen variables dict holding them "
+        "under 'params').")
