@@ -114,15 +114,22 @@ def scores(graph: ModelGraph, variables: PyTree, score: str | Callable = "l2", *
     if not callable(score) and score not in SCORES:
         raise ValueError(f"structured.scores: unknown score {score!r}; use one of {SCORES} "
                          "or a callable (group, variables, grads) -> scores.")
-    out = []
-    for g in graph.groups:
-        if not g.prunable:
-            out.append(None)
-        elif callable(score):
-            out.append(jnp.asarray(score(g, variables, grads), jnp.float32))
-        else:
-            out.append(_group_score(graph, g, leaves, gleaves, score, key))
-    return tuple(out)
+    if callable(score):
+        return tuple(jnp.asarray(score(g, variables, grads), jnp.float32) if g.prunable
+                     else None for g in graph.groups)
+    fn = _cached(graph, ("scores", score), lambda: jax.jit(
+        lambda leaves, gleaves, key: tuple(
+            _group_score(graph, g, leaves, gleaves, score, key) if g.prunable else None
+            for g in graph.groups)))
+    return fn(leaves, gleaves, key)
+
+
+def _cached(graph: ModelGraph, key: tuple, make: Callable) -> Callable:
+    """A jitted function cached on the graph (compiled once per shapes)."""
+    cache = graph.extras.setdefault("jit", {})
+    if key not in cache:
+        cache[key] = make()
+    return cache[key]
 
 
 def _group_score(graph, g: Group, leaves, gleaves, score: str, key) -> jax.Array:
@@ -212,14 +219,28 @@ def masks(graph: ModelGraph, scores: Sequence, sparsity: Any, *, allocation: str
         raise ValueError(f"structured.masks: allocation must be 'uniform' or 'global', got "
                          f"{allocation!r}.")
     _check_round_to(chosen, round_to)
-    if allocation == "global":
-        if isinstance(sparsity, Mapping):
-            raise ValueError("structured.masks: allocation='global' takes one sparsity, got a "
-                             "mapping. Use allocation='uniform' for per-group sparsities.")
-        keep = _global_keep(chosen, scores, sparsity, round_to)
-    else:
-        keep = _uniform_keep(chosen, scores, sparsity, round_to)
-    return _leaf_masks(graph, dict(zip([g.index for g in chosen], keep)))
+    if allocation == "global" and isinstance(sparsity, Mapping):
+        raise ValueError("structured.masks: allocation='global' takes one sparsity, got a "
+                         "mapping. Use allocation='uniform' for per-group sparsities.")
+    if isinstance(sparsity, Mapping):
+        sparsity = {k: jnp.asarray(v, jnp.float32) for k, v in sparsity.items()}
+    for s in (sparsity.values() if isinstance(sparsity, Mapping) else [sparsity]):
+        _check_sparsity(s)
+    idx = tuple(g.index for g in chosen)
+    keep_fn = _global_keep if allocation == "global" else _uniform_keep
+    fn = _cached(graph, ("masks", allocation, round_to, idx), lambda: jax.jit(
+        lambda sc, s: _leaf_masks(graph, dict(zip(idx, keep_fn(chosen, sc, s, round_to))))))
+    return fn(tuple(None if i not in idx else scores[i] for i in range(len(scores))),
+              sparsity)
+
+
+def _check_sparsity(s: Any) -> None:
+    if isinstance(s, jax.core.Tracer):
+        return
+    v = np.asarray(s, np.float64)
+    if v.ndim or not (0.0 <= float(v) <= 1.0):
+        raise ValueError(f"structured.masks: sparsity must be a number in [0, 1] (the fraction "
+                         f"of units removed), got {s!r}.")
 
 
 def _chosen_groups(graph: ModelGraph, scores: Sequence, groups: Any) -> list[Group]:
@@ -290,8 +311,18 @@ def _uniform_keep(groups: list[Group], scores: Sequence, sparsity: Any, round_to
             rows.append(sc[layer])
             counts.append(k)
             where.append(g)
-    picked = _select.select_groups(rows, list(range(len(rows))), counts)
+    picked = [_top(r, k) for r, k in zip(rows, counts)]
     return _stack_rows(groups, picked)
+
+
+def _top(scores: jax.Array, k: Any) -> jax.Array:
+    """Keeps exactly the ``k`` largest of a small vector (ties to the lower
+    index, NaN lowest): a stable sort of the sortable keys. Unit counts are
+    small, so a sort compiles and runs faster than the selection engine."""
+    key = _select.sortable_key(scores)
+    order = jnp.argsort(~key, stable=True)
+    rank = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
+    return rank < k
 
 
 def _global_keep(groups: list[Group], scores: Sequence, sparsity: Any, round_to: int) -> list:
@@ -299,8 +330,10 @@ def _global_keep(groups: list[Group], scores: Sequence, sparsity: Any, round_to:
     for g in groups:
         sc = jnp.asarray(scores[g.index], jnp.float32)
         flat.append(sc / jnp.maximum(jnp.mean(sc), 1e-30))
-    total = sum(int(np.prod(np.shape(f))) for f in flat)
-    first = _select.select_groups(flat, [0] * len(flat), [_select.keep_count(total, sparsity)])
+    sizes = [int(np.prod(np.shape(f))) for f in flat]
+    both = _top(jnp.concatenate([f.reshape(-1) for f in flat]),
+                _select.keep_count(sum(sizes), sparsity))
+    first = jnp.split(both, np.cumsum(sizes)[:-1])
     rows, counts = [], []
     for g, m in zip(groups, first):
         per_layer = jnp.round(jnp.sum(m).astype(jnp.float32) / (g.layers or 1)).astype(jnp.int32)
@@ -309,7 +342,7 @@ def _global_keep(groups: list[Group], scores: Sequence, sparsity: Any, round_to:
         for layer in range(g.layers or 1):
             rows.append(sc[layer])
             counts.append(k)
-    picked = _select.select_groups(rows, list(range(len(rows))), counts)
+    picked = [_top(r, k) for r, k in zip(rows, counts)]
     return _stack_rows(groups, picked)
 
 

@@ -20,7 +20,8 @@ Example:
 """
 
 from jaxprune.graph import _control as _control  # registers the control-flow rules
+from jaxprune.graph import rules
 from jaxprune.graph._model import Group, LeafInfo, Member, ModelGraph
 from jaxprune.graph._trace import register, trace
 
-__all__ = ["Group", "LeafInfo", "Member", "ModelGraph", "register", "trace"]
+__all__ = ["Group", "LeafInfo", "Member", "ModelGraph", "register", "rules", "trace"]
