@@ -187,7 +187,8 @@ def _to_units(per_pos: jax.Array, m, g: Group) -> jax.Array:
 
 
 def masks(graph: ModelGraph, scores: Sequence, sparsity: Any, *, allocation: str = "uniform",
-          round_to: int = 1, groups: Any = None) -> PyTree:
+          round_to: int | Mapping = 1, groups: Any = None,
+          keep: Mapping | None = None) -> PyTree:
     """Structured masks: the best units of each group kept, the rest zeroed.
 
     Per group of ``n`` units (per layer, for a scanned stack) the kept count
@@ -206,10 +207,16 @@ def masks(graph: ModelGraph, scores: Sequence, sparsity: Any, *, allocation: str
         mapping from group index or name to a number.
       allocation: ``"uniform"`` or ``"global"``.
       round_to: keep unit counts at multiples of this (e.g. 8 for tensor
-        cores).
+        cores): an int, or a mapping from a group index, name or kind
+        (``"heads"``, ``"head_dims"``, ``"channels"``) to an int (1 for the
+        rest). For head and head-dim groups it must divide the group size.
       groups: which groups to prune: ``None`` (every scored prunable
         group), a sequence of indices or names, or a callable ``group ->
         bool``.
+      keep: exact counts instead of ``sparsity`` for some groups: a mapping
+        from a group index, name or kind to the number of units to keep (per
+        layer); for ``"heads"`` groups the number of *query heads*, which
+        must be a multiple of the group's ``heads_per_unit`` (GQA).
 
     Returns:
       A bool mask tree with the structure of the traced variables.
@@ -218,18 +225,20 @@ def masks(graph: ModelGraph, scores: Sequence, sparsity: Any, *, allocation: str
     if allocation not in ("uniform", "global"):
         raise ValueError(f"structured.masks: allocation must be 'uniform' or 'global', got "
                          f"{allocation!r}.")
-    _check_round_to(chosen, round_to)
-    if allocation == "global" and isinstance(sparsity, Mapping):
-        raise ValueError("structured.masks: allocation='global' takes one sparsity, got a "
-                         "mapping. Use allocation='uniform' for per-group sparsities.")
+    rmap = _round_to_of(chosen, round_to)
+    counts = _counts_of(chosen, keep or {})
+    if allocation == "global" and (keep or isinstance(sparsity, Mapping)):
+        raise ValueError("structured.masks: allocation='global' takes one sparsity and no "
+                         "keep=. Use allocation='uniform' for per-group sparsities or counts.")
     if isinstance(sparsity, Mapping):
         sparsity = {k: jnp.asarray(v, jnp.float32) for k, v in sparsity.items()}
     for s in (sparsity.values() if isinstance(sparsity, Mapping) else [sparsity]):
         _check_sparsity(s)
     idx = tuple(g.index for g in chosen)
     keep_fn = _global_keep if allocation == "global" else _uniform_keep
-    fn = _cached(graph, ("masks", allocation, round_to, idx), lambda: jax.jit(
-        lambda sc, s: _leaf_masks(graph, dict(zip(idx, keep_fn(chosen, sc, s, round_to))))))
+    fn = _cached(graph, ("masks", allocation, rmap, tuple(sorted(counts.items())), idx),
+                 lambda: jax.jit(lambda sc, s: _leaf_masks(graph, dict(zip(
+                     idx, keep_fn(chosen, sc, s, rmap, counts))))))
     return fn(tuple(None if i not in idx else scores[i] for i in range(len(scores))),
               sparsity)
 
@@ -268,15 +277,54 @@ def _chosen_groups(graph: ModelGraph, scores: Sequence, groups: Any) -> list[Gro
     return picked
 
 
-def _check_round_to(groups: list[Group], round_to: int) -> None:
-    if isinstance(round_to, bool) or not isinstance(round_to, (int, np.integer)) or round_to < 1:
-        raise ValueError(f"structured.masks: round_to must be a positive int, got {round_to!r}.")
+def _lookup(g: Group, table: Mapping, default: Any) -> Any:
+    for k in (g.index, g.name, g.kind):
+        if k in table:
+            return table[k]
+    return default
+
+
+def _round_to_of(groups: list[Group], round_to: Any) -> tuple:
+    """``round_to`` per chosen group, checked."""
+    out = []
     for g in groups:
-        if round_to > g.size:
+        r = _lookup(g, round_to, 1) if isinstance(round_to, Mapping) else round_to
+        if isinstance(r, bool) or not isinstance(r, (int, np.integer)) or r < 1:
+            raise ValueError(f"structured.masks: round_to must be a positive int, got {r!r} "
+                             f"for group {g.name!r}.")
+        if r > g.size:
             raise ValueError(
-                f"structured.masks: round_to={round_to} is larger than group {g.name!r}, which "
+                f"structured.masks: round_to={r} is larger than group {g.name!r}, which "
                 f"has {g.size} units. Use a smaller round_to, or leave the group out with "
                 "groups=.")
+        if g.kind in ("heads", "head_dims") and g.size % r:
+            raise ValueError(
+                f"structured.masks: round_to={r} does not divide the {g.size} {g.kind} units "
+                f"of group {g.name!r}. Use a divisor of {g.size}, or a mapping such as "
+                "round_to={'channels': 8} that leaves attention groups at 1.")
+        out.append(int(r))
+    return tuple(out)
+
+
+def _counts_of(groups: list[Group], keep: Mapping) -> dict:
+    """Exact unit counts from ``keep=`` (query heads for head groups)."""
+    out = {}
+    for g in groups:
+        n = _lookup(g, keep, None)
+        if n is None:
+            continue
+        if g.kind == "heads" and g.heads_per_unit > 1:
+            if n % g.heads_per_unit:
+                raise ValueError(
+                    f"structured.masks: keep={n} query heads is impossible for group {g.name!r}: "
+                    f"its {g.size} key/value heads each serve {g.heads_per_unit} query heads "
+                    f"(GQA), so keep a multiple of {g.heads_per_unit}.")
+            n //= g.heads_per_unit
+        if not 1 <= n <= g.size:
+            raise ValueError(f"structured.masks: keep={n} for group {g.name!r} must be in "
+                             f"[1, {g.size}].")
+        out[g.index] = int(n)
+    return out
 
 
 def _sparsity_of(g: Group, sparsity: Any) -> Any:
@@ -302,11 +350,15 @@ def _round_count(k: jax.Array, n: int, round_to: int) -> jax.Array:
     return jnp.where(k >= n, n, q)
 
 
-def _uniform_keep(groups: list[Group], scores: Sequence, sparsity: Any, round_to: int) -> list:
+def _uniform_keep(groups: list[Group], scores: Sequence, sparsity: Any, rmap: tuple,
+                  fixed: dict | None = None) -> list:
     rows, counts, where = [], [], []
-    for g in groups:
+    for g, r in zip(groups, rmap):
         sc = jnp.asarray(scores[g.index], jnp.float32).reshape(g.layers or 1, g.size)
-        k = _count(g.size, _sparsity_of(g, sparsity), round_to)
+        if fixed and g.index in fixed:
+            k = jnp.int32(fixed[g.index])
+        else:
+            k = _count(g.size, _sparsity_of(g, sparsity), r)
         for layer in range(g.layers or 1):
             rows.append(sc[layer])
             counts.append(k)
@@ -325,7 +377,9 @@ def _top(scores: jax.Array, k: Any) -> jax.Array:
     return rank < k
 
 
-def _global_keep(groups: list[Group], scores: Sequence, sparsity: Any, round_to: int) -> list:
+def _global_keep(groups: list[Group], scores: Sequence, sparsity: Any, rmap: tuple,
+                 fixed: dict | None = None) -> list:
+    del fixed
     flat = []
     for g in groups:
         sc = jnp.asarray(scores[g.index], jnp.float32)
@@ -335,9 +389,9 @@ def _global_keep(groups: list[Group], scores: Sequence, sparsity: Any, round_to:
                 _select.keep_count(sum(sizes), sparsity))
     first = jnp.split(both, np.cumsum(sizes)[:-1])
     rows, counts = [], []
-    for g, m in zip(groups, first):
+    for g, m, r in zip(groups, first, rmap):
         per_layer = jnp.round(jnp.sum(m).astype(jnp.float32) / (g.layers or 1)).astype(jnp.int32)
-        k = _round_count(per_layer, g.size, round_to)
+        k = _round_count(per_layer, g.size, r)
         sc = jnp.asarray(scores[g.index], jnp.float32).reshape(g.layers or 1, g.size)
         for layer in range(g.layers or 1):
             rows.append(sc[layer])
@@ -654,7 +708,7 @@ def prune(inner: optax.GradientTransformation, *, graph: ModelGraph, sparsity: A
     inner = optax.with_extra_args_support(inner)
     chosen = _chosen_groups(graph, tuple(() if g.prunable else None for g in graph.groups),
                             groups)
-    _check_round_to(chosen, round_to)
+    rmap = _round_to_of(chosen, round_to)
 
     def init_fn(params):
         link = _link(graph, params)
@@ -676,7 +730,7 @@ def prune(inner: optax.GradientTransformation, *, graph: ModelGraph, sparsity: A
             for g, kept in zip(chosen, state.units):
                 sc[g.index] = jnp.where(kept, sc[g.index], -jnp.inf)
             keep = (_global_keep if allocation == "global" else _uniform_keep)(
-                chosen, sc, s_now, round_to)
+                chosen, sc, s_now, rmap)
             gm = _leaf_masks(graph, dict(zip([g.index for g in chosen], keep)))
             return tuple(keep), link.from_graph(gm), jax.random.key_data(key)
 

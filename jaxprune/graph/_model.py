@@ -79,6 +79,16 @@ class Group:
       members: where the units sit in each leaf.
       prunable: whether units may be removed.
       reasons: why not, when not prunable.
+      kind: ``"heads"`` (units index attention heads: batch axes of a product
+        of two activations, e.g. queries and keys), ``"head_dims"`` (the axis
+        contracted between queries and keys), or ``"channels"`` (neurons,
+        filters, residual channels).
+      heads_per_unit: for ``"heads"``, the query heads in one unit (2 for GQA
+        with 2 query heads per key/value head); else 0.
+      notes: caveats of a prunable group, e.g. that it feeds a normalisation
+        (allowed by ``allow_reductions``: removing its units changes the
+        normalisation statistics, so the compacted model differs from the
+        masked one).
     """
 
     index: int
@@ -88,6 +98,9 @@ class Group:
     members: tuple[Member, ...]
     prunable: bool
     reasons: tuple[str, ...] = ()
+    kind: str = "channels"
+    heads_per_unit: int = 0
+    notes: tuple[str, ...] = ()
 
     @property
     def units(self) -> int:
@@ -196,8 +209,11 @@ def _group_table(groups) -> list[str]:
     lines = [f"{len(groups)} channel groups ({sum(g.prunable for g in groups)} prunable):"]
     for g in groups:
         units = f"{g.size} x {g.layers} layers" if g.layers else f"{g.size}"
+        units += "" if g.kind == "channels" else f" {g.kind}"
+        units += f" ({g.heads_per_unit} query heads each)" if g.heads_per_unit > 1 else ""
         where = ", ".join(f"{m.path}:{m.axis}" for m in g.members[:6])
         more = f" (+{len(g.members) - 6})" if len(g.members) > 6 else ""
         state = "prunable" if g.prunable else "fixed: " + "; ".join(g.reasons[:2])
+        state += "".join(f" (note: {n})" for n in g.notes)
         lines.append(f"  [{g.index}] {g.name}  units {units}  {state}\n      {where}{more}")
     return lines

@@ -488,7 +488,7 @@ def _reduce(w: Walker, eqn, args):
     if x.layer in axes:
         x = w.strip(x)
     x = _resolve_blocks_on(w, x, axes)
-    w.pin_desc([x.axes[a] for a in axes], _REDUCED)
+    _pin_reduced(w, [x.axes[a] for a in axes])
     keep = [i for i in range(x.rank) if i not in axes]
     layer = keep.index(x.layer) if x.layer is not None else None
     return [V(tuple(x.axes[i] for i in keep), layer, combine_meta(args))]
@@ -505,8 +505,20 @@ def _cumulative(w: Walker, eqn, args):
     if x.layer == axis:
         x = w.strip(x)
     x = _resolve_blocks_on(w, x, (axis,))
-    w.pin_desc([x.axes[axis]], _REDUCED)
+    _pin_reduced(w, [x.axes[axis]])
     return [x._replace(meta=combine_meta(args))]
+
+
+def _pin_reduced(w: Walker, axes: list) -> None:
+    """Channels reduced over are pinned, or only noted with
+    ``allow_reductions`` (hidden-size pruning)."""
+    if w.allow_reductions:
+        for ax in axes:
+            for f in ax:
+                arr = f.block.ids if isinstance(f, BlockDim) else f
+                w.noted.append(arr[arr >= 0].ravel())
+    else:
+        w.pin_desc(axes, _REDUCED)
 
 
 def _resolve_blocks_on(w: Walker, x: V, axes) -> V:
@@ -537,6 +549,10 @@ def _dot_general(w: Walker, eqn, args):
     layer = _dot_layer(lhs, rhs, lb, free_l, free_r)
     for side, (con, free) in ((lhs, (lc, free_l)), (rhs, (rc, free_r))):
         w.use(side.meta.leaf, "kernel", ids_in=_ids(side, con), ids_out=_ids(side, free))
+    if lhs.meta.kind == ACT and rhs.meta.kind == ACT:  # attention-like: heads are batch axes
+        for i in lb:
+            w.head_axes.append(w.flatten(w.current(lhs.axes[i])))
+        w.head_dim_ids.extend([_ids(lhs, lc), _ids(lhs, free_l), _ids(rhs, free_r)])
     shape = eqn.outvars[0].aval.shape
     contracted = int(np.prod([lhs.shape()[i] for i in lc])) if lc else 1
     w.site("dot_general", int(np.prod(shape)) * contracted,

@@ -53,7 +53,8 @@ class _Ids:
         return leaf, axis, layer, pos
 
 
-def trace(apply_fn: Callable[..., Any], variables: Any, *args: Any, **kwargs: Any) -> ModelGraph:
+def trace(apply_fn: Callable[..., Any], variables: Any, *args: Any,
+          allow_reductions: bool = False, **kwargs: Any) -> ModelGraph:
     """The model graph: leaf roles and coupled channel groups, from the jaxpr.
 
     ``apply_fn(variables, *args, **kwargs)`` is traced once with
@@ -81,6 +82,11 @@ def trace(apply_fn: Callable[..., Any], variables: Any, *args: Any, **kwargs: An
       variables: the pytree of parameters (and batch statistics).
       *args: example inputs (arrays or pytrees of arrays; shapes matter, not
         values; non-array arguments are passed through as constants).
+      allow_reductions: let channels that feed a reduction over their own
+        axis be pruned (hidden-size pruning of a residual stream under
+        LayerNorm or RMSNorm). Such groups carry a note: the normalisation
+        statistics then change, so the compacted model no longer computes
+        exactly what the masked model computes.
       **kwargs: passed to ``apply_fn`` as they are.
 
     Returns:
@@ -116,7 +122,7 @@ def trace(apply_fn: Callable[..., Any], variables: Any, *args: Any, **kwargs: An
             "nnx.split(model)[1] for NNX or the Equinox module.")
     static = tuple((i, leaves[i]) for i in range(len(leaves)) if i not in set(arrays))
     closed = _make_jaxpr(apply_fn, treedef, leaves, arrays, args, kwargs)
-    walker = Walker(rules=_RULES)
+    walker = Walker(rules=_RULES, allow_reductions=allow_reductions)
     stacked = _find_stacked(closed.jaxpr, arrays)
     ids = _Ids()
     leaf_descs = [_leaf_desc(walker, ids, j, np.shape(leaves[i]), stacked.get(j, 0))
@@ -297,6 +303,8 @@ def _groups(w: Walker, ids: _Ids, paths: list, infos: list) -> list[Group]:
     lo, hi = np.minimum.reduceat(lay, starts), np.maximum.reduceat(lay, starts)
     per_layer = (lo == hi) & (lo >= 0)
     pinned = _pinned_reasons(w, root)
+    kinds = _kinds(w, root)
+    noted = set(np.unique(root[np.concatenate(w.noted)]).tolist()) if w.noted else set()
     keys = np.stack([sig, per_layer.astype(np.uint64)], 1)
     _, first, inverse = np.unique(keys, axis=0, return_index=True, return_inverse=True)
     groups = []
@@ -304,8 +312,24 @@ def _groups(w: Walker, ids: _Ids, paths: list, infos: list) -> list[Group]:
         chosen = np.flatnonzero(inverse.ravel() == gi)
         groups.append(_make_group(len(groups), roots[chosen], bool(per_layer[chosen[0]]),
                                   els, r, paths, infos, (leaf_of, axis_of, layer_of, pos_of),
-                                  pinned, w))
+                                  pinned, w, kinds, noted))
     return groups
+
+
+def _kinds(w: Walker, root: np.ndarray) -> dict:
+    """``{unit root: (kind, query heads per unit)}`` for attention units."""
+    out: dict = {}
+    for ids in w.head_dim_ids:
+        for u in np.unique(root[ids[ids >= 0]]):
+            out[int(u)] = ("head_dims", 0)
+    for axis in w.head_axes:
+        axis = axis.reshape(axis.shape[0], -1)[:, 0]
+        lab = axis[axis >= 0]
+        if lab.size:
+            units, counts = np.unique(root[lab], return_counts=True)
+            for u, c in zip(units, counts):
+                out[int(u)] = ("heads", max(int(c), out.get(int(u), ("", 0))[1]))
+    return out
 
 
 def _signatures(codes_: np.ndarray, r: np.ndarray, roots: np.ndarray) -> np.ndarray:
@@ -327,7 +351,8 @@ def _pinned_reasons(w: Walker, root: np.ndarray) -> dict:
     return out
 
 
-def _make_group(index, units, per_layer, els, r, paths, infos, table, pinned, w) -> Group:
+def _make_group(index, units, per_layer, els, r, paths, infos, table, pinned, w,
+                kinds, noted) -> Group:
     leaf_of, axis_of, layer_of, pos_of = table
     mine = np.isin(r, units)
     e = els[mine]
@@ -358,8 +383,11 @@ def _make_group(index, units, per_layer, els, r, paths, infos, table, pinned, w)
             arr[pos_of[e[on]]] = unit_of[on]
         mem.append(Member(paths[leaf], leaf, axis, arr))
     reasons = sorted({w.reasons[q] for u in units for q in pinned.get(int(u), ())})
+    kind, per_unit = kinds.get(int(units[0]), ("channels", 0))
+    notes = ("it feeds a reduction over its axis (a normalisation): removing units "
+             "changes its statistics",) if noted & set(units.tolist()) else ()
     return Group(index, _group_name(mem, infos), size, layers, tuple(mem), not reasons,
-                 tuple(reasons))
+                 tuple(reasons), kind, per_unit, notes)
 
 
 def _group_name(members: list, infos: list) -> str:

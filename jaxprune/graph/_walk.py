@@ -70,7 +70,10 @@ class Walker(Context):
     roles: dict = field(default_factory=dict)  # leaf -> {role: axes info}
     sites: list = field(default_factory=list)
     scale: int = 1  # trip count of the enclosing loops (for MACs)
-    used: set = field(default_factory=set)
+    allow_reductions: bool = False
+    noted: list = field(default_factory=list)  # ids reduced over, when allowed
+    head_axes: list = field(default_factory=list)  # per attention batch axis: ids per head
+    head_dim_ids: list = field(default_factory=list)  # ids contracted between activations
 
     # ---- descriptors of values with no ids
     def blank(self, shape, code: int, meta: Meta | None = None) -> V:
