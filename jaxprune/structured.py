@@ -455,7 +455,7 @@ def kept_units(graph: ModelGraph, masks: PyTree) -> dict:
     ``ValueError`` if masks remove part of a unit, or a unit of a group that
     cannot be pruned.
     """
-    mleaves = [None if m is None else np.asarray(m) for m in _mask_leaves(graph, masks)]
+    mleaves = _mask_leaves(graph, masks)
     out = {}
     for g in graph.groups:
         decisions = [(m.path, _unit_decision(mleaves[m.leaf], m, g, graph)) for m in g.members
@@ -484,13 +484,8 @@ def kept_units(graph: ModelGraph, masks: PyTree) -> dict:
     return out
 
 
-def _unit_decision(mask: np.ndarray, m, g: Group, graph: ModelGraph) -> np.ndarray:
-    info = graph.leaves[m.leaf]
-    if mask.ndim == 0:
-        mask = np.broadcast_to(mask, info.shape)
-    keep_axes = (0, m.axis) if info.layers else (m.axis,)
-    others = tuple(a for a in range(mask.ndim) if a not in keep_axes)
-    pos = mask.any(axis=others) if others else mask
+def _unit_decision(mask: Any, m, g: Group, graph: ModelGraph) -> np.ndarray:
+    pos = _positions_kept(mask, graph.leaves[m.leaf], m.axis)
     shape = (g.layers, g.size) if g.layers else (g.size,)
     out = np.zeros(shape, bool)
     valid = m.units >= 0
@@ -500,6 +495,24 @@ def _unit_decision(mask: np.ndarray, m, g: Group, graph: ModelGraph) -> np.ndarr
     else:
         np.logical_or.at(out, m.units[valid], pos[valid])
     return out
+
+
+def _positions_kept(mask: Any, info, axis: int) -> np.ndarray:
+    """``any`` of a mask over every axis but ``axis`` (and a stack's layer
+    axis), on the host. Reduced where the mask lives, so only one bool per
+    position crosses devices or processes."""
+    if np.ndim(mask) == 0:
+        return np.broadcast_to(np.asarray(mask, bool), (info.shape[0], info.shape[axis])
+                               if info.layers else (info.shape[axis],))
+    keep_axes = (0, axis) if info.layers else (axis,)
+    others = tuple(a for a in range(len(info.shape)) if a not in keep_axes)
+    if isinstance(mask, jax.Array) and not mask.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        pos = jax.jit(lambda m: jnp.any(m, axis=others))(mask)
+        return np.asarray(multihost_utils.process_allgather(pos, tiled=True))
+    mask = np.asarray(mask)
+    return mask.any(axis=others) if others else mask
 
 
 def compact(graph: ModelGraph, variables: PyTree, masks: PyTree) -> PyTree:
@@ -526,6 +539,11 @@ def compact(graph: ModelGraph, variables: PyTree, masks: PyTree) -> PyTree:
     Raises:
       ValueError: masks that cut a unit in part, prune a group that cannot be
         pruned, or keep unequal counts in the layers of a stack.
+
+    Sharded variables (one process or many) stay on their devices: the unit
+    decisions are reduced where the masks live (one bool per position of
+    each group member crosses processes) and the slicing is a gather that
+    XLA may reshard.
     """
     leaves = _arrays(graph, variables, "variables")
     mleaves = _mask_leaves(graph, masks)
