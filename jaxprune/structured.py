@@ -211,7 +211,9 @@ def masks(graph: ModelGraph, scores: Sequence, sparsity: Any, *, allocation: str
         (``"heads"``, ``"head_dims"``, ``"channels"``) to an int (1 for the
         rest). For head and head-dim groups it must divide the group size.
       groups: which groups to prune: ``None`` (every scored prunable
-        group), a sequence of indices or names, or a callable ``group ->
+        group but query/key ``"head_dims"``: attention code usually scales
+        scores by ``1/sqrt(head_dim)`` taken from the shape, which compaction
+        would change), a sequence of indices or names, or a callable ``group ->
         bool``.
       keep: exact counts instead of ``sparsity`` for some groups: a mapping
         from a group index, name or kind to the number of units to keep (per
@@ -258,7 +260,8 @@ def _chosen_groups(graph: ModelGraph, scores: Sequence, groups: Any) -> list[Gro
                          "groups. Compute them with jp.structured.scores(graph, variables).")
     names = {g.name: g for g in graph.groups}
     if groups is None:
-        picked = [g for g in graph.groups if g.prunable and scores[g.index] is not None]
+        picked = [g for g in graph.groups if g.prunable and scores[g.index] is not None
+                  and g.kind != "head_dims"]
     elif callable(groups):
         picked = [g for g in graph.groups if groups(g)]
     else:

@@ -120,9 +120,8 @@ def test_flax_style_heads_and_head_dims():
     assert heads.size == 4 and heads.heads_per_unit == 1
     axes = {(m.path, m.axis) for m in heads.members}
     assert {("q", 1), ("k", 1), ("v", 1), ("o", 0), ("qb", 0), ("kb", 0), ("vb", 0)} <= axes
-    dims = by_kind(g, "head_dims")
-    assert sorted(grp.size for grp in dims) == [6, 6]  # query/key dims; value/output dims
-    qk = [grp for grp in dims if ("q", 2) in {(m.path, m.axis) for m in grp.members}][0]
+    (qk,) = by_kind(g, "head_dims")  # query/key dims (value/output dims are channels)
+    assert qk.size == 6
     assert {(m.path, m.axis) for m in qk.members} == {("q", 2), ("k", 2), ("qb", 1), ("kb", 1)}
     assert g.leaf("q").in_axes == (0,) and g.leaf("q").out_axes == (1, 2)
     assert g.leaf("o").in_axes == (0, 1)
@@ -206,8 +205,11 @@ def test_decoder_compaction_matches_masking_at_half_heads_and_neurons():
 def test_flax_style_compaction_with_head_dims():
     p = mha_params()
     x = normal(1, (2, 7, 5))
-    _, small = check_compaction(mha_model, p, x, 0.5)
-    assert small["q"].shape == (8, 2, 3) and small["o"].shape == (2, 3, 8)
+    _, small = check_compaction(mha_model, p, x, 0.5)  # heads and value dims
+    assert small["q"].shape == (8, 2, 6) and small["o"].shape == (2, 3, 8)
+    # query/key dims when named (this code does not rescale by head_dim)
+    _, small = check_compaction(mha_model, p, x, 0.5, groups=lambda grp: grp.prunable)
+    assert small["q"].shape == (8, 2, 3)
 
 
 def test_hidden_size_pruning_is_opt_in_and_changes_the_norm():
@@ -238,6 +240,8 @@ def test_gqa_head_count_and_round_to_errors():
     assert m["blocks"][0]["wo"].reshape(4, HD, -1).any(axis=(1, 2)).sum() == 2
     q = mha_params(hd=6)
     gq = jp.graph.trace(mha_model, q, jnp.ones((1, 3, 5)))
+    every = dict(groups=lambda grp: grp.prunable)
     with pytest.raises(ValueError, match="round_to=4 does not divide the 6 head_dims"):
-        jp.structured.masks(gq, jp.structured.scores(gq, q), 0.5, round_to={"head_dims": 4})
-    jp.structured.masks(gq, jp.structured.scores(gq, q), 0.5, round_to={"head_dims": 3})
+        jp.structured.masks(gq, jp.structured.scores(gq, q), 0.5, round_to={"head_dims": 4},
+                            **every)
+    jp.structured.masks(gq, jp.structured.scores(gq, q), 0.5, round_to={"head_dims": 3}, **every)
