@@ -211,10 +211,11 @@ def masks(graph: ModelGraph, scores: Sequence, sparsity: Any, *, allocation: str
         (``"heads"``, ``"head_dims"``, ``"channels"``) to an int (1 for the
         rest). For head and head-dim groups it must divide the group size.
       groups: which groups to prune: ``None`` (every scored prunable
-        group but query/key ``"head_dims"``: attention code usually scales
-        scores by ``1/sqrt(head_dim)`` taken from the shape, which compaction
-        would change), a sequence of indices or names, or a callable ``group ->
-        bool``.
+        group but ``"head_dims"``: attention code usually scales scores by
+        ``1/sqrt(head_dim)`` taken from the shape, and
+        ``jax.nn.dot_product_attention`` needs equal query and value head
+        sizes; compaction would change or break both), a sequence of indices
+        or names, or a callable ``group -> bool``.
       keep: exact counts instead of ``sparsity`` for some groups: a mapping
         from a group index, name or kind to the number of units to keep (per
         layer); for ``"heads"`` groups the number of *query heads*, which

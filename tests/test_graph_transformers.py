@@ -120,8 +120,9 @@ def test_flax_style_heads_and_head_dims():
     assert heads.size == 4 and heads.heads_per_unit == 1
     axes = {(m.path, m.axis) for m in heads.members}
     assert {("q", 1), ("k", 1), ("v", 1), ("o", 0), ("qb", 0), ("kb", 0), ("vb", 0)} <= axes
-    (qk,) = by_kind(g, "head_dims")  # query/key dims (value/output dims are channels)
-    assert qk.size == 6
+    dims = by_kind(g, "head_dims")
+    assert sorted(grp.size for grp in dims) == [6, 6]  # query/key dims; value/output dims
+    qk = [grp for grp in dims if ("q", 2) in {(m.path, m.axis) for m in grp.members}][0]
     assert {(m.path, m.axis) for m in qk.members} == {("q", 2), ("k", 2), ("qb", 1), ("kb", 1)}
     assert g.leaf("q").in_axes == (0,) and g.leaf("q").out_axes == (1, 2)
     assert g.leaf("o").in_axes == (0, 1)
@@ -205,11 +206,11 @@ def test_decoder_compaction_matches_masking_at_half_heads_and_neurons():
 def test_flax_style_compaction_with_head_dims():
     p = mha_params()
     x = normal(1, (2, 7, 5))
-    _, small = check_compaction(mha_model, p, x, 0.5)  # heads and value dims
-    assert small["q"].shape == (8, 2, 6) and small["o"].shape == (2, 3, 8)
-    # query/key dims when named (this code does not rescale by head_dim)
+    _, small = check_compaction(mha_model, p, x, 0.5)  # heads only
+    assert small["q"].shape == (8, 2, 6) and small["o"].shape == (2, 6, 8)
+    # head dims when named (this code neither rescales by head_dim nor checks sizes)
     _, small = check_compaction(mha_model, p, x, 0.5, groups=lambda grp: grp.prunable)
-    assert small["q"].shape == (8, 2, 3)
+    assert small["q"].shape == (8, 2, 3) and small["o"].shape == (2, 3, 8)
 
 
 def test_hidden_size_pruning_is_opt_in_and_changes_the_norm():

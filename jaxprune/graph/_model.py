@@ -81,11 +81,12 @@ class Group:
       reasons: why not, when not prunable.
       kind: ``"heads"`` (units index attention heads: batch axes of a product
         of two activations, e.g. queries and keys), ``"head_dims"`` (the axis
-        contracted between queries and keys: most attention code scales the
-        scores by ``1/sqrt(head_dim)`` read from the shape, so removing these
-        changes the scaling; :func:`jaxprune.structured.masks` prunes them only
-        when named), or ``"channels"`` (neurons, filters, residual channels,
-        value head dims).
+        contracted between queries and keys, and the value axis carried to
+        the output: most attention code scales scores by ``1/sqrt(head_dim)``
+        read from the shape, and ``jax.nn.dot_product_attention`` requires
+        equal query and value head sizes, checks the jaxpr does not show, so
+        :func:`jaxprune.structured.masks` prunes them only when named), or
+        ``"channels"`` (neurons, filters, residual channels).
       heads_per_unit: for ``"heads"``, the query heads in one unit (2 for GQA
         with 2 query heads per key/value head); else 0.
       notes: caveats of a prunable group, e.g. that it feeds a normalisation

@@ -552,7 +552,7 @@ def _dot_general(w: Walker, eqn, args):
     if lhs.meta.kind == ACT and rhs.meta.kind == ACT:  # attention-like: heads are batch axes
         for i in lb:
             w.head_axes.append(w.flatten(w.current(lhs.axes[i])))
-        w.head_dim_ids.append(_ids(lhs, lc))
+        w.head_dim_ids.extend([_ids(lhs, lc), _ids(lhs, free_l), _ids(rhs, free_r)])  # q/k, value
     shape = eqn.outvars[0].aval.shape
     contracted = int(np.prod([lhs.shape()[i] for i in lc])) if lc else 1
     w.site("dot_general", int(np.prod(shape)) * contracted,
@@ -586,7 +586,8 @@ def _ids(x: V, axes) -> np.ndarray:
 
 @rule(P.conv_general_dilated_p)
 def _conv(w: Walker, eqn, args):
-    lhs, rhs = w.strip(args[0]), w.strip(args[1])
+    # Iteration copies (a conv inside a layer scan) stay per layer.
+    lhs, rhs = (w.strip(a) if a.layer is not None else a for a in args[:2])
     lhs, rhs = (_after_pairing(w, _resolve_blocks_on(w, v, range(v.rank))) for v in (lhs, rhs))
     dn = eqn.params["dimension_numbers"]
     (ln, lcx, *lsp), (ro, ri, *rsp), (on, ocx, *osp) = dn.lhs_spec, dn.rhs_spec, dn.out_spec
