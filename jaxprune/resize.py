@@ -521,8 +521,7 @@ def _linen_updates(rule: Callable, mod: Any, params: Mapping, inputs: tuple) -> 
 
 @contextlib.contextmanager
 def linen() -> Iterator[None]:
-    """Inside this context, standard Linen layers take their sizes from their
-    parameters.
+    """A context in which standard Linen layers read their sizes from their params.
 
     Linen rebuilds modules from their attributes at every ``apply`` and
     raises ``ScopeParamShapeError`` when a stored parameter does not have
@@ -585,6 +584,9 @@ def linen_sizes(variables: Mapping) -> dict:
       (its projections are not listed: the attention builds them).
 
     Norms are not listed: Linen norms read their sizes from their inputs.
+    Nor is a convolution's ``feature_group_count``: the parameters do not
+    hold the input channel count (for a depthwise convolution with one
+    output per channel it equals ``features``); :func:`linen` sets it.
     To rebuild a model, give it its sizes as attributes and build it from
     this dict (below); or run the unchanged model inside :func:`linen`.
 
