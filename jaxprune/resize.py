@@ -129,21 +129,27 @@ def _nnx_linear(mod, name):
     return {"in_features": k[-2], "out_features": k[-1]}
 
 
+def _trailing(shape: tuple, like: tuple) -> tuple:
+    """The last ``len(like)`` sizes: one layer's shape, also for a stack of
+    layers (``nnx.vmap``) whose arrays have a leading layer axis."""
+    return shape[len(shape) - len(like):]
+
+
 def _nnx_linear_general(mod, name):
-    k = _shape(mod.kernel)
-    nb, ni = len(mod.batch_axis), len(mod.in_features)
-    return {"in_features": k[nb:nb + ni], "out_features": k[nb + ni:]}
+    k, no = _shape(mod.kernel), len(mod.out_features)
+    return {"in_features": _trailing(k[:len(k) - no], mod.in_features),
+            "out_features": k[len(k) - no:]}
 
 
 def _nnx_einsum(mod, name):
-    out = {"kernel_shape": _shape(mod.kernel)}
+    out = {"kernel_shape": _trailing(_shape(mod.kernel), mod.kernel_shape)}
     if mod.bias is not None:
-        out["bias_shape"] = _shape(mod.bias)
+        out["bias_shape"] = _trailing(_shape(mod.bias), mod.bias_shape)
     return out
 
 
 def _nnx_conv(mod, name):
-    k = _shape(mod.kernel)
+    k = _trailing(_shape(mod.kernel), mod.kernel_shape)
     g = _groups(name, mod.feature_group_count, mod.in_features // mod.feature_group_count,
                 mod.out_features, k[-2], k[-1])
     if mod.mask is not None and _shape(mod.mask) != k:
@@ -157,7 +163,8 @@ def _nnx_conv(mod, name):
 def _nnx_conv_transpose(mod, name):
     k = _shape(mod.kernel)
     cin, cout = (k[-1], k[-2]) if mod.transpose_kernel else (k[-2], k[-1])
-    return {"in_features": cin, "out_features": cout, "kernel_shape": k}
+    return {"in_features": cin, "out_features": cout,
+            "kernel_shape": _trailing(k, mod.kernel_shape)}
 
 
 def _nnx_norm(mod, name):
@@ -179,7 +186,7 @@ def _nnx_embed(mod, name):
 
 def _nnx_attention(mod, name):
     q, k, o = _shape(mod.query.kernel), _shape(mod.key.kernel), _shape(mod.out.kernel)
-    return {"in_features": q[0], "in_kv_features": k[0], "num_heads": q[-2],
+    return {"in_features": q[-3], "in_kv_features": k[-3], "num_heads": q[-2],
             "num_kv_heads": k[-2], "head_dim": q[-1], "qkv_features": q[-2] * q[-1],
             "out_features": o[-1]}
 

@@ -206,6 +206,39 @@ def test_nnx_transformer_block_half_the_heads_and_neurons():
     assert_nnx_sizes_consistent(small)
 
 
+class NnxConvPair(nnx.Module):
+    def __init__(self, rngs):
+        self.conv1 = nnx.Conv(4, 8, (3, 3), rngs=rngs)
+        self.conv2 = nnx.Conv(8, 4, (3, 3), rngs=rngs)
+
+    def __call__(self, x):
+        return x + self.conv2(nnx.relu(self.conv1(x)))
+
+
+class NnxStack(nnx.Module):
+    """Three residual conv pairs built with nnx.vmap and run with nnx.scan."""
+
+    def __init__(self, rngs):
+        make = nnx.split_rngs(splits=3)(nnx.vmap(NnxConvPair, in_axes=0, out_axes=0))
+        self.layers = make(rngs)
+
+    def __call__(self, x):
+        body = nnx.scan(lambda x, layer: layer(x), in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+        return body(x, self.layers)
+
+
+def test_nnx_scanned_stack_keeps_per_layer_sizes():
+    graphdef, state, f = nnx_parts(NnxStack)
+    x = jax.random.normal(KEY, (1, 5, 5, 4))
+    g, m, small_state = prune(f, state, x)
+    assert len(g.prunable) == 1  # per layer or across layers: see the xfail below
+    small = jp.resize.nnx(graphdef, small_state)
+    conv1 = small.layers.conv1
+    assert conv1.kernel.shape == (3, 3, 3, 4, 4) and conv1.kernel_shape == (3, 3, 4, 4)
+    assert (conv1.out_features, small.layers.conv2.in_features) == (4, 4)
+    close(run_nnx(small, x), jax.jit(f)(jp.apply_masks(state, m), x))
+
+
 def assert_nnx_sizes_consistent(model):
     """Every standard layer, rebuilt from its attributes, has its arrays' shapes."""
     builders = {
@@ -654,6 +687,34 @@ def test_bug_value_head_dim_of_dot_product_attention():
     _, m, small = prune(f, p, x, groups=member_group("v", 2))
     assert small["v"].shape == (6, 2, 2)
     close(f(small, x), f(jp.apply_masks(p, m), x))
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="graph: in a scan over stacked conv kernels a channel's units are "
+                   "coupled across layers (group.layers None), while stacked dense kernels get "
+                   "per-layer units")
+def test_bug_scanned_conv_units_are_per_layer():
+    rng = np.random.default_rng(0)
+    p = {"k1": jnp.asarray(rng.standard_normal((3, 1, 1, 4, 8)), jnp.float32),
+         "k2": jnp.asarray(rng.standard_normal((3, 1, 1, 8, 4)), jnp.float32)}
+
+    def conv(x, k):
+        return jax.lax.conv_general_dilated(x, k, (1, 1), "SAME",
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    def f(p, x):
+        body = lambda x, k: (x + conv(jax.nn.relu(conv(x, k[0])), k[1]), None)  # noqa: E731
+        return jax.lax.scan(body, x, (p["k1"], p["k2"]))[0]
+
+    dense = {k: v[:, 0, 0] for k, v in p.items()}
+
+    def f_dense(p, x):
+        body = lambda x, k: (x + jax.nn.relu(x @ k[0]) @ k[1], None)  # noqa: E731
+        return jax.lax.scan(body, x, (p["k1"], p["k2"]))[0]
+
+    x = jnp.ones((1, 5, 5, 4))
+    assert [(g.size, g.layers) for g in jp.graph.trace(f_dense, dense, x).prunable] == [(8, 3)]
+    assert [(g.size, g.layers) for g in jp.graph.trace(f, p, x).prunable] == [(8, 3)]
 
 
 @pytest.mark.xfail(strict=True, raises=TypeError,
