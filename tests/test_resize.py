@@ -580,7 +580,7 @@ WIDTHS = dict(c1=st.integers(2, 9), c2=st.integers(1, 9), keep=st.sampled_from([
               seed=st.integers(0, 2**16))
 
 
-@settings(max_examples=4, deadline=None, derandomize=True, phases=[Phase.generate],
+@settings(max_examples=3, deadline=None, derandomize=True, phases=[Phase.generate],
           suppress_health_check=[HealthCheck.too_slow])
 @given(**WIDTHS)
 def test_random_widths_nnx(c1, c2, keep, seed):
@@ -591,7 +591,7 @@ def test_random_widths_nnx(c1, c2, keep, seed):
     close(resized(small, x), jax.jit(f)(jp.apply_masks(state, m), x))
 
 
-@settings(max_examples=4, deadline=None, derandomize=True, phases=[Phase.generate],
+@settings(max_examples=3, deadline=None, derandomize=True, phases=[Phase.generate],
           suppress_health_check=[HealthCheck.too_slow])
 @given(**WIDTHS)
 def test_random_widths_equinox(c1, c2, keep, seed):
