@@ -231,7 +231,7 @@ def test_nnx_scanned_stack_keeps_per_layer_sizes():
     graphdef, state, f = nnx_parts(NnxStack)
     x = jax.random.normal(KEY, (1, 5, 5, 4))
     g, m, small_state = prune(f, state, x)
-    assert len(g.prunable) == 1  # per layer or across layers: see the xfail below
+    assert [(grp.size, grp.layers) for grp in g.prunable] == [(8, 3)]  # per layer
     small = jp.resize.nnx(graphdef, small_state)
     conv1 = small.layers.conv1
     assert conv1.kernel.shape == (3, 3, 3, 4, 4) and conv1.kernel_shape == (3, 3, 4, 4)
@@ -652,10 +652,10 @@ def test_uneven_cuts_are_refused():
 # Bugs found in graph / structured / masks (fixed elsewhere)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="graph: the head_dim contracted by q.k is prunable, but attention "
-                   "scales by 1/sqrt(head_dim), a constant of the traced shape")
-def test_bug_attention_head_dim_scale():
+def test_attention_head_dims_are_left_whole_by_default():
+    """q.k head dims are prunable groups of kind "head_dims", but attention
+    scales by 1/sqrt(head_dim), a constant of the traced shape: the default
+    masks leave them whole, so compaction stays exact."""
     rng = np.random.default_rng(0)
     p = {n: jnp.asarray(rng.standard_normal((6, 2, 4)), jnp.float32) for n in "qk"}
 
@@ -666,15 +666,20 @@ def test_bug_attention_head_dim_scale():
         return jax.nn.softmax(jnp.einsum("the,she->hts", q, kk), axis=-1)
 
     x = jnp.asarray(rng.standard_normal((3, 6)), jnp.float32)
-    _, m, small = prune(f, p, x)
+    g, m, small = prune(f, p, x)
+    assert [grp.kind for grp in g.prunable] == ["head_dims"]  # heads reach the output
+    assert small["q"].shape == (6, 2, 4)
     close(f(small, x), f(jp.apply_masks(p, m), x))
+    _, m, small = prune(f, p, x, groups=lambda grp: grp.kind == "head_dims")  # named
+    assert small["q"].shape == (6, 2, 2)
+    assert not np.allclose(f(small, x), f(jp.apply_masks(p, m), x), atol=1e-3)
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="graph: the value head_dim is prunable on its own, but "
-                   "jax.nn.dot_product_attention (nnx.MultiHeadAttention's default) requires "
-                   "it to equal the query's: the compacted function raises")
-def test_bug_value_head_dim_of_dot_product_attention():
+def test_value_head_dims_of_dot_product_attention_are_left_whole():
+    """jax.nn.dot_product_attention (nnx.MultiHeadAttention's default)
+    requires equal query and value head sizes, a check the jaxpr does not
+    show: value head dims are "head_dims" too, pruned only when named (and
+    then this function raises)."""
     rng = np.random.default_rng(0)
     p = {n: jnp.asarray(rng.standard_normal((6, 2, 4)), jnp.float32) for n in "qkv"}
     p["o"] = jnp.asarray(rng.standard_normal((2, 4, 6)), jnp.float32)
@@ -684,16 +689,16 @@ def test_bug_value_head_dim_of_dot_product_attention():
         return jnp.einsum("bthe,hed->btd", jax.nn.dot_product_attention(q, k, v), p["o"])
 
     x = jnp.asarray(rng.standard_normal((1, 3, 6)), jnp.float32)
+    _, m, small = prune(f, p, x)
+    assert small["v"].shape == (6, 1, 4)
+    close(f(small, x), f(jp.apply_masks(p, m), x))
     _, m, small = prune(f, p, x, groups=member_group("v", 2))
     assert small["v"].shape == (6, 2, 2)
-    close(f(small, x), f(jp.apply_masks(p, m), x))
+    with pytest.raises(ValueError, match="value shape"):
+        f(small, x)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="graph: in a scan over stacked conv kernels a channel's units are "
-                   "coupled across layers (group.layers None), while stacked dense kernels get "
-                   "per-layer units")
-def test_bug_scanned_conv_units_are_per_layer():
+def test_scanned_conv_units_are_per_layer():
     rng = np.random.default_rng(0)
     p = {"k1": jnp.asarray(rng.standard_normal((3, 1, 1, 4, 8)), jnp.float32),
          "k2": jnp.asarray(rng.standard_normal((3, 1, 1, 8, 4)), jnp.float32)}
