@@ -45,12 +45,14 @@ Also measured:
 
 ``--fold-bn`` folds every BatchNorm into its convolution (kernel scaled, a
 bias added) in the dense and the compacted variables alike, as serving
-does; ``--round-to 8`` keeps channel counts at multiples of 8.
+does. ``--round-to 1,8`` (the default) times every sparsity twice, with unit
+counts as they come and rounded to multiples of 8 (``round_to=8``), in the
+same round-robin; a rounding that changes no count is not timed twice.
 
 Run:
   python benchmarks/bench_compact.py --json docs/bench_compact.json
   python benchmarks/bench_compact.py --quick          # smoke run, well under a minute
-  python benchmarks/bench_compact.py --models resnet18 --fold-bn --round-to 8
+  python benchmarks/bench_compact.py --models resnet18 --fold-bn --round-to 1,16
 """
 
 from __future__ import annotations
@@ -387,22 +389,30 @@ def bench_model(name: str, args, key) -> dict:
     apply_fn, params, x = make_model(name, key, args.batch, args.width_div)
     graph = jp.graph.trace(apply_fn, params, x)
     sc = jp.structured.scores(graph, params)
-    select = jax.jit(lambda sc, s: jp.structured.masks(graph, sc, s, round_to=args.round_to))
-    entries = [dict(variant="dense", sparsity=0.0, params=params, macs=graph.macs)]
-    for s in args.sparsities:
-        m = select(sc, s)
-        small = jp.structured.compact(graph, params, m)
-        ref = apply_fn(jp.apply_masks(params, m), x)
-        got = apply_fn(small, x)
-        err = float(jnp.max(jnp.abs(got - ref)) / jnp.maximum(jnp.max(jnp.abs(ref)), 1e-30))
-        macs = jp.graph.trace(apply_fn, small, x).macs
-        entries.append(dict(variant=f"{int(round(100 * s))}%", sparsity=s, params=small,
-                            macs=macs, rel_err=err))
+    entries = [dict(variant="dense", sparsity=0.0, round_to=1, params=params, macs=graph.macs)]
+    seen = {}
+    for r in args.round_to:
+        select = jax.jit(lambda sc, s, r=r: jp.structured.masks(graph, sc, s, round_to=r))
+        for s in args.sparsities:
+            m = select(sc, s)
+            small = jp.structured.compact(graph, params, m)
+            v = f"{int(round(100 * s))}%" + (f" r{r}" if r > 1 else "")
+            shapes = tuple(x.shape for x in jax.tree.leaves(small))
+            if shapes in seen:  # round_to changed no channel count
+                print(f"  {v}: the same channel counts as {seen[shapes]}, not timed again")
+                continue
+            seen[shapes] = v
+            ref = apply_fn(jp.apply_masks(params, m), x)
+            got = apply_fn(small, x)
+            err = float(jnp.max(jnp.abs(got - ref)) / jnp.maximum(jnp.max(jnp.abs(ref)), 1e-30))
+            macs = jp.graph.trace(apply_fn, small, x).macs
+            entries.append(dict(variant=v, sparsity=s, round_to=r, params=small, macs=macs,
+                                rel_err=err))
     pruned = [g for g in graph.groups if g.prunable]
     print(f"\n{name}: {len(jax.tree.leaves(params))} leaves, {len(graph.groups)} groups "
           f"({len(pruned)} prunable: {sum(g.size for g in pruned)} units), batch {args.batch}"
           + (", BatchNorm folded" if args.fold_bn else "")
-          + (f", round_to {args.round_to}" if args.round_to > 1 else ""), flush=True)
+          + (f", round_to {args.round_to}" if args.round_to != (1,) else ""), flush=True)
     if args.fold_bn:
         for e in entries:
             e["params"] = fold_bn(e["params"])
@@ -413,7 +423,8 @@ def bench_model(name: str, args, key) -> dict:
     d = {clock: np.asarray(t["dense"][clock]) for clock in ("wall", "cpu")}
     for e in entries:
         v = e["variant"]
-        row = dict(model=name, variant=v, sparsity=e["sparsity"], params=count_params(e["params"]),
+        row = dict(model=name, variant=v, sparsity=e["sparsity"], round_to=e["round_to"],
+                   params=count_params(e["params"]),
                    macs=int(e["macs"]), mac_reduction=graph.macs / e["macs"],
                    rel_err=e.get("rel_err", 0.0), inner=t["_inner"])
         for clock in ("wall", "cpu"):
@@ -427,7 +438,8 @@ def bench_model(name: str, args, key) -> dict:
             row[f"{clock}_ms"] = ms.tolist()
         rows.append(row)
     print(table(rows))
-    small = {e["sparsity"]: e["params"] for e in entries if e["sparsity"] and not args.fold_bn}
+    small = {e["sparsity"]: e["params"] for e in entries
+             if e["sparsity"] and e["round_to"] == args.round_to[0] and not args.fold_bn}
     return dict(model=name, leaves=len(jax.tree.leaves(params)), groups=len(graph.groups),
                 prunable_groups=len(pruned), rows=rows,
                 _compacted=(apply_fn, params, x, small))
@@ -513,7 +525,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--block-s", type=float, default=0.2,
                     help="target seconds of dense calls per block (sets the calls per block)")
     ap.add_argument("--sparsities", default=None, help="default 0.3,0.5,0.7")
-    ap.add_argument("--round-to", type=int, default=1)
+    ap.add_argument("--round-to", default=None,
+                    help="comma-separated round_to values, e.g. 1,8: every sparsity at each "
+                    "(variants 'NN%% rK'), timed together")
     ap.add_argument("--fold-bn", action="store_true",
                     help="fold BatchNorm into the convolutions (dense and compacted)")
     ap.add_argument("--skip", default="",
@@ -521,6 +535,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--json", metavar="PATH", help="write all numbers here")
     args = ap.parse_args(argv)
     q = args.quick
+    args.round_to = tuple(int(r) for r in (args.round_to or ("1" if q else "1,8")).split(","))
     args.batch = args.batch or (8 if q else 64)
     args.reps = args.reps or (5 if q else 21)
     args.sparsities = tuple(float(s) for s in (args.sparsities or ("0.5" if q else
@@ -543,7 +558,7 @@ def main(argv=None) -> dict:
         print(f"\nPruning time (trace + scores + masks + compact) at {s:.0%}, first call in "
               "this process (cold) and again (warm):")
         result["pruning_time"] = pruning_time(["mlp"] if q else ["resnet18", "resnet50"],
-                                              s, args.round_to, args.width_div, eager_only=q)
+                                              s, args.round_to[0], args.width_div, eager_only=q)
     if "speed" not in skip:
         result["speed"] = [bench_model(name, args, jax.random.key(i))
                            for i, name in enumerate(args.models)]

@@ -368,9 +368,9 @@ def parse(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="CI-sized run (well under a minute)")
     ap.add_argument("--seeds", type=int, default=None, help="default 3; quick 1")
-    ap.add_argument("--steps", type=int, default=None, help="dense training steps (default 3000)")
+    ap.add_argument("--steps", type=int, default=None, help="dense training steps (default 2000)")
     ap.add_argument("--finetune", type=int, default=None,
-                    help="fine-tuning steps while and after pruning (default 1500)")
+                    help="fine-tuning steps while and after pruning (default 1000)")
     ap.add_argument("--sparsities", default=None,
                     help="structured sparsities (default 0.3,0.5,0.7; quick 0.5)")
     ap.add_argument("--widths", default=None, help="conv widths (default 32,64,128)")
@@ -389,8 +389,8 @@ def parse(argv=None) -> argparse.Namespace:
     cfg = ap.parse_args(argv)
     q = cfg.quick
     cfg.seeds = cfg.seeds or (1 if q else 3)
-    cfg.steps = cfg.steps or (200 if q else 3000)
-    cfg.finetune = cfg.finetune or (100 if q else 1500)
+    cfg.steps = cfg.steps or (200 if q else 2000)
+    cfg.finetune = cfg.finetune or (100 if q else 1000)
     cfg.sparsities = [float(s) for s in (cfg.sparsities or ("0.5" if q else "0.3,0.5,0.7"))
                       .split(",")]
     cfg.widths = tuple(int(w) for w in (cfg.widths or ("16,32,64" if q else "32,64,128"))
