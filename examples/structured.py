@@ -44,6 +44,7 @@ length 40, generated locally, already standardised; no download).
 Run:
   python examples/structured.py --json structured.json --plot structured.png
   python examples/structured.py --quick   # CI-sized: well under a minute
+  python examples/structured.py --from-json structured.json --plot structured.png  # replot
 
 References:
   Greydanus & Kobak, "Scaling down deep learning with MNIST-1D", ICML 2024;
@@ -56,6 +57,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -305,8 +307,10 @@ def summarise(cfg, per_seed: list[dict], wall: float) -> dict:
             row["max_masked_vs_compact_diff"] = float(max(abs(r["masked_acc"] - r["acc"])
                                                           for r in runs))
         rows.append(row)
-    return {"config": {k: v for k, v in vars(cfg).items() if k not in ("json", "plot")},
-            "device": jax.devices()[0].device_kind, "wall_time_s": wall, "rows": rows,
+    return {"config": {k: v for k, v in vars(cfg).items()
+                       if k not in ("json", "plot", "from_json")},
+            "device": jax.devices()[0].device_kind, "jax": jax.__version__,
+            "wall_time_s": wall, "rows": rows,
             "per_seed": per_seed}
 
 
@@ -329,37 +333,47 @@ def table(out: dict) -> str:
 
 
 def plot(out: dict, path: str) -> None:
+    """Accuracy against latency: wall-clock (left) and process CPU time
+    (right; the steadier figure when other jobs share the machine)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FormatStrFormatter
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=100)
-    rows = {r["model"]: r for r in out["rows"]}
-    d = rows["dense"]
-    ax.errorbar([d["wall_ms"]], [100 * d["acc_mean"]], yerr=[100 * d["acc_std"]],
-                xerr=[[d["wall_ms"] - d["wall_q1"]], [d["wall_q3"] - d["wall_ms"]]],
-                fmt="ks", label="dense")
-    for kind, color, marker in (("structured", "C0", "o"), ("unstructured", "C3", "^")):
-        rs = [r for r in out["rows"] if r["model"].startswith(kind + " ")]
-        x = np.array([r["wall_ms"] for r in rs])
-        y = 100 * np.array([r["acc_mean"] for r in rs])
-        xerr = [x - [r["wall_q1"] for r in rs], [r["wall_q3"] for r in rs] - x]
-        ax.errorbar(x, y, yerr=100 * np.array([r["acc_std"] for r in rs]), xerr=xerr,
-                    fmt=marker + "-", color=color, ms=5, capsize=2,
-                    label=kind + (" (compacted)" if kind == "structured" else
-                                  " (same nonzero params, dense shapes)"))
-        for r, xi, yi in zip(rs, x, y):
-            ax.annotate(r["model"].split()[1], (xi, yi), textcoords="offset points",
-                        xytext=(4, -10 if kind == "unstructured" else 4), fontsize=8,
-                        color=color)
-    ax.set_xscale("log")
-    ax.set_xlabel(f"inference latency, batch {out['config']['latency_batch']} (ms, wall, median)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("Structured vs unstructured pruning of a 1-D CNN on MNIST-1D")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.6), dpi=100, sharey=True)
+    for ax, clock in zip(axes, ("wall", "cpu")):
+        d = next(r for r in out["rows"] if r["model"] == "dense")
+        ax.errorbar([d[f"{clock}_ms"]], [100 * d["acc_mean"]], yerr=[100 * d["acc_std"]],
+                    xerr=[[d[f"{clock}_ms"] - d[f"{clock}_q1"]],
+                          [d[f"{clock}_q3"] - d[f"{clock}_ms"]]], fmt="ks", capsize=2,
+                    label="dense")
+        for kind, color, marker in (("structured", "C0", "o"), ("unstructured", "C3", "^")):
+            rs = [r for r in out["rows"] if r["model"].startswith(kind + " ")]
+            x = np.array([r[f"{clock}_ms"] for r in rs])
+            y = 100 * np.array([r["acc_mean"] for r in rs])
+            xerr = [x - [r[f"{clock}_q1"] for r in rs], [r[f"{clock}_q3"] for r in rs] - x]
+            ax.errorbar(x, y, yerr=100 * np.array([r["acc_std"] for r in rs]), xerr=xerr,
+                        fmt=marker + "-", color=color, ms=5, capsize=2,
+                        label=kind + (" (compacted)" if kind == "structured" else
+                                      " (same nonzero params, dense shapes)"))
+            for r, xi, yi in zip(rs, x, y):
+                ax.annotate(r["model"].split()[1], (xi, yi), textcoords="offset points",
+                            xytext=(4, -11 if kind == "unstructured" else 4), fontsize=8,
+                            color=color)
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+        ax.xaxis.set_minor_formatter(FormatStrFormatter("%g"))
+        ax.tick_params(axis="x", which="minor", labelsize=7)
+        what = "wall-clock" if clock == "wall" else "process CPU time"
+        ax.set_xlabel(f"latency, batch of {out['config']['latency_batch']} "
+                      f"(ms {what}, median, IQR)")
+        ax.grid(alpha=0.3, which="both")
+    axes[0].set_ylabel(f"test accuracy (%), {len(out['per_seed'])} seed(s), mean +- std")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=3)
+    fig.suptitle("Structured (compacted) vs unstructured pruning of a 1-D CNN on MNIST-1D")
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path)
     plt.close(fig)
 
@@ -386,6 +400,8 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--json", default=None, help="write all numbers here")
     ap.add_argument("--plot", default=None, help="write the PNG plot here")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--from-json", metavar="PATH",
+                    help="no training: print the table and write --plot from a saved --json")
     cfg = ap.parse_args(argv)
     q = cfg.quick
     cfg.seeds = cfg.seeds or (1 if q else 3)
@@ -405,17 +421,22 @@ def parse(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     cfg = parse(argv)
-    t0 = time.time()
-    data = load_data()
-    per_seed = [run_seed(seed, cfg, data, not cfg.no_progress) for seed in range(cfg.seeds)]
-    out = summarise(cfg, per_seed, time.time() - t0)
+    if cfg.from_json:
+        with open(cfg.from_json) as f:
+            out = json.load(f)
+    else:
+        t0, load0 = time.time(), os.getloadavg()[0]
+        data = load_data()
+        per_seed = [run_seed(seed, cfg, data, not cfg.no_progress) for seed in range(cfg.seeds)]
+        out = summarise(cfg, per_seed, time.time() - t0)
+        out["load_average"] = [load0, os.getloadavg()[0]]
     print(table(out))
     for r in out["rows"]:
         if "max_masked_vs_compact_diff" in r:
             print(f"{r['model']}: compacted accuracy - masked accuracy, largest over seeds: "
                   f"{100 * r['max_masked_vs_compact_diff']:.2f} points")
     print(f"wall time: {out['wall_time_s']:.0f} s on {out['device']}")
-    if cfg.json:
+    if cfg.json and not cfg.from_json:
         with open(cfg.json, "w") as f:
             json.dump(out, f, indent=1)
     if cfg.plot:

@@ -24,7 +24,8 @@ def test_structured_quick(tmp_path):
         ["--quick", "--steps", "40", "--finetune", "20", "--widths", "8,16,16", "--hidden", "16",
          "--reps", "3", "--no-progress", "--json", str(out), "--plot", str(png)])
     res = json.loads(out.read_text())
-    assert set(res) == set(returned) == {"config", "device", "wall_time_s", "rows", "per_seed"}
+    assert set(res) == set(returned) == {"config", "device", "jax", "wall_time_s", "rows",
+                                         "per_seed", "load_average"}
     assert png.stat().st_size > 1000
     rows = {r["model"]: r for r in res["rows"]}
     assert list(rows) == ["dense", "structured 50%", "unstructured 50%"]
@@ -44,3 +45,7 @@ def test_structured_quick(tmp_path):
         assert 0.0 <= r["acc_mean"] <= 1.0
         assert r["wall_ms"] > 0 and r["cpu_ms"] > 0
     assert dense["acc_mean"] > 0.2  # 40 Adam steps already beat chance (10 classes)
+    # The saved JSON alone gives the table and the plot again.
+    png2 = tmp_path / "again.png"
+    again = load().main(["--from-json", str(out), "--plot", str(png2)])
+    assert again["rows"] == res["rows"] and png2.stat().st_size > 1000
