@@ -32,7 +32,8 @@ Also measured:
   ``masks`` + ``compact`` on ResNet-18 (and ResNet-50), the first time in
   the process (cold: JAX compiles the eager ops) and again (warm), eager
   and with ``scores`` + ``masks`` under one ``jax.jit`` (Torch-Pruning:
-  0.2 s). It runs first, before anything else is compiled.
+  0.2 s). Each model and mode runs in a fresh Python process; wall-clock
+  and process CPU seconds.
 * **trace time against leaf count**: MLPs of growing depth and
   ResNet-18/34/50/101/152 (``graph.trace_seconds``, median of 3 traces, with
   the ``jax.make_jaxpr`` part alone);
@@ -60,6 +61,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -305,52 +307,75 @@ def _sync_time(fn, *args) -> tuple[float, float]:
     return time.perf_counter() - t0, time.process_time() - c0
 
 
-def pipeline(apply_fn, params, x, sparsity, round_to, jitted=None) -> tuple[dict, tuple]:
-    """Seconds of trace, scores, masks and compact (each synced); with
-    ``jitted``, scores + masks run as that one jitted function."""
-    out = {}
-    t0 = time.perf_counter()
-    graph = jp.graph.trace(apply_fn, params, x)
-    out["trace"] = time.perf_counter() - t0
+class _Clock:
+    """Wall-clock and process CPU seconds of synced stages."""
+
+    def __init__(self):
+        self.out: dict = {}
+
+    def __call__(self, name, fn, *args, **kwargs):
+        t0, c0 = time.perf_counter(), time.process_time()
+        res = jax.block_until_ready(fn(*args, **kwargs))
+        self.out[name] = time.perf_counter() - t0
+        self.out[name + "_cpu"] = time.process_time() - c0
+        return res
+
+
+def pipeline(apply_fn, params, x, sparsity, round_to, jitted=None) -> dict:
+    """Wall and CPU seconds of trace, scores, masks and compact (each synced);
+    with ``jitted``, scores + masks run as that one jitted function."""
+    clock = _Clock()
+    graph = clock("trace", jp.graph.trace, apply_fn, params, x)
     if jitted is None:
-        t0 = time.perf_counter()
-        sc = jax.block_until_ready(jp.structured.scores(graph, params))
-        out["scores"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        m = jax.block_until_ready(jp.structured.masks(graph, sc, sparsity, round_to=round_to))
-        out["masks"] = time.perf_counter() - t0
+        sc = clock("scores", jp.structured.scores, graph, params)
+        m = clock("masks", jp.structured.masks, graph, sc, sparsity, round_to=round_to)
     else:
-        t0 = time.perf_counter()
-        m = jax.block_until_ready(jitted(graph, params, sparsity))
-        out["scores+masks (jit)"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    small = jax.block_until_ready(jp.structured.compact(graph, params, m))
-    out["compact"] = time.perf_counter() - t0
-    out["total"] = sum(out.values())
-    return out, (graph, m, small)
+        m = clock("scores+masks (jit)", jitted, graph, params, sparsity)
+    clock("compact", jp.structured.compact, graph, params, m)
+    out = clock.out
+    out["total"] = sum(v for k, v in out.items() if not k.endswith("_cpu"))
+    out["total_cpu"] = sum(v for k, v in out.items() if k.endswith("_cpu"))
+    return out
+
+
+def pruning_child(spec: str) -> None:
+    """In a fresh process: the pipeline of one model and mode, cold then
+    warm; prints one JSON line."""
+    name, mode, sparsity, round_to, width_div = spec.split(",")
+    sparsity, round_to, width_div = float(sparsity), int(round_to), int(width_div)
+    apply_fn, params, x = make_model(name, jax.random.key(0), 64, width_div)
+    cache: dict = {}
+
+    def jitted(graph, params, s):
+        if "f" not in cache:  # one jitted function per graph, as a user would write it
+            cache["f"] = jax.jit(lambda p, s: jp.structured.masks(
+                graph, jp.structured.scores(graph, p), s, round_to=round_to))
+        return cache["f"](params, s)
+
+    rows = []
+    for when in ("cold", "warm"):
+        t = pipeline(apply_fn, params, x, sparsity, round_to, jitted if mode == "jit" else None)
+        rows.append(dict(model=name, leaves=len(jax.tree.leaves(params)), mode=mode, when=when,
+                         **t))
+    print(json.dumps(rows))
 
 
 def pruning_time(models: list[str], sparsity: float, round_to: int,
                  width_div: int = 1, eager_only: bool = False) -> list[dict]:
-    """Cold then warm pipeline times per model, eager and jitted."""
+    """Cold then warm pipeline times per model, eager and jitted, each pair
+    in a fresh Python process (cold = nothing compiled yet)."""
     rows = []
     for name in models:
-        apply_fn, params, x = make_model(name, jax.random.key(0), 64, width_div)
-        cache: dict = {}
-
-        def jitted(graph, params, s):
-            if "f" not in cache:  # one jitted function per graph, as a user would write it
-                cache["f"] = jax.jit(lambda p, s: jp.structured.masks(
-                    graph, jp.structured.scores(graph, p), s, round_to=round_to))
-            return cache["f"](params, s)
-
-        for mode, fn in (("eager", None), ("jit", jitted))[: 1 if eager_only else 2]:
-            for when in ("cold", "warm"):
-                t, _ = pipeline(apply_fn, params, x, sparsity, round_to, fn)
-                leaves = len(jax.tree.leaves(params))
-                rows.append(dict(model=name, leaves=leaves, mode=mode, when=when, **t))
-                print(f"  {name:<10} {mode:<5} {when:<4}: " + ", ".join(
-                    f"{k} {v:.2f} s" for k, v in t.items()), flush=True)
+        for mode in ("eager", "jit")[: 1 if eager_only else 2]:
+            spec = f"{name},{mode},{sparsity},{round_to},{width_div}"
+            proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--pruning-child",
+                                   spec], capture_output=True, text=True, check=True)
+            for t in json.loads(proc.stdout.strip().splitlines()[-1]):
+                rows.append(t)
+                print(f"  {name:<10} {mode:<5} {t['when']:<4}: " + ", ".join(
+                    f"{k} {v:.2f}" for k, v in t.items()
+                    if isinstance(v, float) and not k.endswith("_cpu"))
+                    + f" s wall; {t['total_cpu']:.2f} s CPU", flush=True)
     return rows
 
 
@@ -533,7 +558,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--skip", default="",
                     help="comma-separated sections to skip: pruning, speed, trace, macs")
     ap.add_argument("--json", metavar="PATH", help="write all numbers here")
+    ap.add_argument("--pruning-child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.pruning_child:
+        return pruning_child(args.pruning_child)
     q = args.quick
     args.round_to = tuple(int(r) for r in (args.round_to or ("1" if q else "1,8")).split(","))
     args.batch = args.batch or (8 if q else 64)
@@ -556,7 +584,7 @@ def main(argv=None) -> dict:
     if "pruning" not in skip:
         s = 0.5 if 0.5 in args.sparsities else args.sparsities[0]
         print(f"\nPruning time (trace + scores + masks + compact) at {s:.0%}, first call in "
-              "this process (cold) and again (warm):")
+              "a fresh process (cold) and again (warm):")
         result["pruning_time"] = pruning_time(["mlp"] if q else ["resnet18", "resnet50"],
                                               s, args.round_to[0], args.width_div, eager_only=q)
     if "speed" not in skip:
