@@ -37,6 +37,10 @@ Also measured:
 * **trace time against leaf count**: MLPs of growing depth and
   ResNet-18/34/50/101/152 (``graph.trace_seconds``, median of 3 traces, with
   the ``jax.make_jaxpr`` part alone);
+* **XLA:CPU convolution throughput** (MACs per CPU-second of one 3x3
+  convolution) against channel count and image size: the reason compacted
+  models with odd channel counts, and dense models with 2x2 or 1x1 feature
+  maps, run slower than their MACs say;
 * **MACs against XLA**: ``graph.macs`` against
   ``jax.jit(f).lower(...).compile().cost_analysis()["flops"] / 2``. The graph
   counts every kernel tap of a convolution (as thop, fvcore and
@@ -538,6 +542,30 @@ def mac_check(models: list[str], sparsity: float, batch: int, width_div: int = 1
     return rows
 
 
+CONV_PROBE = ((32, (19, 20, 24, 45, 48, 64)), (8, (77, 80, 128, 154, 160, 256)),
+              (4, (256, 512)), (2, (128, 256, 512)), (1, (256, 512)))
+
+
+def conv_probe(batch: int, quick: bool) -> list[dict]:
+    """XLA:CPU throughput of one jitted 3x3 ``SAME`` convolution C -> C on
+    ``batch x H x W x C`` inputs: MACs (all taps, as ``graph.macs``) per
+    second of process CPU time, median of 5 calls."""
+    f = jax.jit(lambda x, w: lax.conv_general_dilated(x, w, (1, 1), "SAME",
+                                                      dimension_numbers=DN))
+    rows = []
+    for hw, channels in (CONV_PROBE[:1] if quick else CONV_PROBE):
+        cells = []
+        for c in channels:
+            x, w = jnp.ones((batch, hw, hw, c)), jnp.ones((3, 3, c, c))
+            _sync_time(f, x, w)
+            cpu = float(np.median([_sync_time(f, x, w)[1] for _ in range(5)]))
+            gmacs = batch * hw * hw * 9 * c * c / cpu / 1e9
+            rows.append(dict(hw=hw, channels=c, cpu_ms=1e3 * cpu, gmac_per_cpu_s=gmacs))
+            cells.append(f"{c}: {gmacs:.0f}")
+        print(f"| {hw}x{hw} | " + ", ".join(cells) + " |", flush=True)
+    return rows
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true",
@@ -556,7 +584,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--fold-bn", action="store_true",
                     help="fold BatchNorm into the convolutions (dense and compacted)")
     ap.add_argument("--skip", default="",
-                    help="comma-separated sections to skip: pruning, speed, trace, macs")
+                    help="comma-separated sections to skip: pruning, speed, trace, conv, macs")
     ap.add_argument("--json", metavar="PATH", help="write all numbers here")
     ap.add_argument("--pruning-child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -595,6 +623,10 @@ def main(argv=None) -> dict:
               "| model | leaves | groups | trace s | make_jaxpr s | ms per leaf |\n"
               "|---|---:|---:|---:|---:|---:|")
         result["trace_scaling"] = trace_scaling(q, args.batch)
+    if "conv" not in skip:
+        print(f"\nXLA:CPU 3x3 convolution C -> C, batch {args.batch}: GMACs per CPU-second "
+              "by channel count C\n| H x W | C: GMAC/s |\n|---|---|")
+        result["conv_probe"] = conv_probe(args.batch, q)
     if "macs" not in skip:
         print(f"\nMACs (G per batch of {args.batch}): graph vs XLA cost_analysis flops/2:\n"
               "| model | variant | graph.macs | XLA flops/2 | taps inside input | XLA/graph "
