@@ -357,10 +357,11 @@ def plot(out: dict, path: str) -> None:
                         fmt=marker + "-", color=color, ms=5, capsize=2,
                         label=kind + (" (compacted)" if kind == "structured" else
                                       " (same nonzero params, dense shapes)"))
-            for r, xi, yi in zip(rs, x, y):
+            for i, (r, xi, yi) in enumerate(zip(rs, x, y)):
+                # unstructured points share one latency: labels stacked downwards
                 ax.annotate(r["model"].split()[1], (xi, yi), textcoords="offset points",
-                            xytext=(4, -11 if kind == "unstructured" else 4), fontsize=8,
-                            color=color)
+                            xytext=(5, -10 * i - 4) if kind == "unstructured" else (4, 4),
+                            fontsize=8, color=color)
         ax.set_xscale("log")
         ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
         ax.xaxis.set_minor_formatter(FormatStrFormatter("%g"))
