@@ -4,7 +4,7 @@ Models (plain JAX functions of a params dict; every size is read from array
 shapes, so the compacted variables run through the same function):
 
 * ``mlp``: the benchmark MLP 784-2048-2048-10 of ``bench_step.py``;
-* ``resnet18``: ResNet-18 for 32x32x3 inputs, CIFAR-style stem (3x3 conv,
+* ``resnet18`` (``resnet10``, one block per stage, in ``--quick``): ResNet-18 for 32x32x3 inputs, CIFAR-style stem (3x3 conv,
   stride 1, no pooling), widths 64-128-256-512, two basic blocks per stage,
   stride-2 stages with 1x1 projection shortcuts, BatchNorm in inference mode
   (scale, shift, running mean and variance), global average pool, dense head;
@@ -86,7 +86,7 @@ DN = ("NHWC", "HWIO", "NHWC")
 SPARSITIES = (0.3, 0.5, 0.7)
 TORCH_PRUNING = {"resnet18": dict(mac_reduction=3.74, speedup=2.66),
                  "resnet50": dict(mac_reduction=3.86, speedup=3.14), "seconds": 0.2}
-RESNETS = {18: ("basic", (2, 2, 2, 2)), 34: ("basic", (3, 4, 6, 3)),
+RESNETS = {10: ("basic", (1, 1, 1, 1)), 18: ("basic", (2, 2, 2, 2)), 34: ("basic", (3, 4, 6, 3)),
            50: ("bottleneck", (3, 4, 6, 3)), 101: ("bottleneck", (3, 4, 23, 3)),
            152: ("bottleneck", (3, 8, 36, 3))}
 
@@ -106,12 +106,16 @@ def mlp(params: dict, x: jax.Array) -> jax.Array:
     return x
 
 
-def init_deep_mlp(key: jax.Array, depth: int, width: int = 512) -> dict:
+def init_deep_mlp(seed: int, depth: int, width: int = 512) -> dict:
+    """784-width-...-width-10, He-normal kernels (numpy's generator: eager
+    ``jax.random`` would compile a program per shape)."""
+    rng = np.random.default_rng(seed)
     sizes = (SIZES[0],) + (width,) * (depth - 1) + (SIZES[-1],)
     params = {}
     for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
-        params[f"layer{i}"] = {"kernel": jax.random.normal(jax.random.fold_in(key, i), (a, b))
-                               * np.sqrt(2.0 / a), "bias": jnp.zeros(b)}
+        params[f"layer{i}"] = {"kernel": jnp.asarray(rng.normal(size=(a, b)) * np.sqrt(2.0 / a),
+                                                     jnp.float32),
+                               "bias": jnp.zeros(b)}
     return params
 
 
@@ -173,39 +177,42 @@ def resnet(params: dict, x: jax.Array) -> jax.Array:
     return x @ params["head"]["kernel"] + params["head"]["bias"]
 
 
-def _init_conv_bn(key: jax.Array, k: int, cin: int, cout: int) -> dict:
+def _init_conv_bn(rng: np.random.Generator, k: int, cin: int, cout: int) -> dict:
     """He-normal kernel; BatchNorm parameters and statistics that look
     trained (scales around 1, small shifts and means, variances 0.5-1.5)."""
-    kk, k1, k2, k3, k4 = jax.random.split(key, 5)
-    return {"kernel": jax.random.normal(kk, (k, k, cin, cout)) * np.sqrt(2.0 / (k * k * cin)),
-            "scale": 1.0 + 0.2 * jax.random.normal(k1, (cout,)),
-            "shift": 0.1 * jax.random.normal(k2, (cout,)),
-            "mean": 0.1 * jax.random.normal(k3, (cout,)),
-            "var": jax.random.uniform(k4, (cout,), minval=0.5, maxval=1.5)}
+    f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
+    return {"kernel": f32(rng.normal(size=(k, k, cin, cout)) * np.sqrt(2.0 / (k * k * cin))),
+            "scale": f32(1.0 + 0.2 * rng.normal(size=cout)),
+            "shift": f32(0.1 * rng.normal(size=cout)),
+            "mean": f32(0.1 * rng.normal(size=cout)),
+            "var": f32(rng.uniform(0.5, 1.5, size=cout))}
 
 
-def init_resnet(key: jax.Array, depth: int = 18, stem: str = "cifar", classes: int = 10,
+def init_resnet(seed: int, depth: int = 18, stem: str = "cifar", classes: int = 10,
                 widths=(64, 128, 256, 512)) -> dict:
+    """Random weights from numpy's generator (eager ``jax.random`` would
+    compile a program per shape: 30 s for a ResNet on a loaded machine)."""
     kind, blocks = RESNETS[depth]
-    keys = iter(jax.random.split(key, 1000))
-    params = {"stem": _init_conv_bn(next(keys), 7 if stem == "tv" else 3, 3, widths[0])}
+    rng = np.random.default_rng(seed)
+    params = {"stem": _init_conv_bn(rng, 7 if stem == "tv" else 3, 3, widths[0])}
     cin = widths[0]
     for s, (w, nb) in enumerate(zip(widths, blocks)):
         out = 4 * w if kind == "bottleneck" else w
         for b in range(nb):
             stride = 2 if s > 0 and b == 0 else 1
             if kind == "bottleneck":
-                blk = {"conv1": _init_conv_bn(next(keys), 1, cin, w),
-                       "conv2": _init_conv_bn(next(keys), 3, w, w),
-                       "conv3": _init_conv_bn(next(keys), 1, w, out)}
+                blk = {"conv1": _init_conv_bn(rng, 1, cin, w),
+                       "conv2": _init_conv_bn(rng, 3, w, w),
+                       "conv3": _init_conv_bn(rng, 1, w, out)}
             else:
-                blk = {"conv1": _init_conv_bn(next(keys), 3, cin, w),
-                       "conv2": _init_conv_bn(next(keys), 3, w, w)}
+                blk = {"conv1": _init_conv_bn(rng, 3, cin, w),
+                       "conv2": _init_conv_bn(rng, 3, w, w)}
             if stride != 1 or cin != out:
-                blk["proj"] = _init_conv_bn(next(keys), 1, cin, out)
+                blk["proj"] = _init_conv_bn(rng, 1, cin, out)
             params[f"s{s}b{b}"] = blk
             cin = out
-    params["head"] = {"kernel": jax.random.normal(next(keys), (cin, classes)) / np.sqrt(cin),
+    params["head"] = {"kernel": jnp.asarray(rng.normal(size=(cin, classes)) / np.sqrt(cin),
+                                            jnp.float32),
                       "bias": jnp.zeros(classes)}
     return params
 
@@ -229,19 +236,18 @@ def count_params(params) -> int:
     return n
 
 
-def make_model(name: str, key: jax.Array, batch: int, width_div: int = 1):
+def make_model(name: str, seed: int, batch: int, width_div: int = 1):
     """``(apply_fn, params, x)`` for a benchmark model."""
-    kx = jax.random.fold_in(key, 1)
+    rng = np.random.default_rng(seed + 1000)
     if name == "mlp":
-        params = init_mlp(key)
-        if width_div > 1:
-            params = init_deep_mlp(key, 3, SIZES[1] // width_div)
-        return mlp, params, jax.random.normal(kx, (batch, SIZES[0]))
+        params = (init_mlp(jax.random.key(seed)) if width_div == 1
+                  else init_deep_mlp(seed, 3, SIZES[1] // width_div))
+        return mlp, params, jnp.asarray(rng.normal(size=(batch, SIZES[0])), jnp.float32)
     depth = int(name.split("-")[0][len("resnet"):])
     stem = "tv" if name.endswith("-tv") else "cifar"
     widths = tuple(w // width_div for w in (64, 128, 256, 512))
-    return (resnet, init_resnet(key, depth, stem, widths=widths),
-            jax.random.normal(kx, (batch, 32, 32, 3)))
+    return (resnet, init_resnet(seed, depth, stem, widths=widths),
+            jnp.asarray(rng.normal(size=(batch, 32, 32, 3)), jnp.float32))
 
 
 # --------------------------------------------------------------------------
@@ -347,7 +353,7 @@ def pruning_child(spec: str) -> None:
     warm; prints one JSON line."""
     name, mode, sparsity, round_to, width_div = spec.split(",")
     sparsity, round_to, width_div = float(sparsity), int(round_to), int(width_div)
-    apply_fn, params, x = make_model(name, jax.random.key(0), 64, width_div)
+    apply_fn, params, x = make_model(name, 0, 64, width_div)
     cache: dict = {}
 
     def jitted(graph, params, s):
@@ -414,8 +420,8 @@ def _stats(ms: list[float]) -> dict:
     return dict(min=float(a.min()), median=float(med), q1=float(q1), q3=float(q3))
 
 
-def bench_model(name: str, args, key) -> dict:
-    apply_fn, params, x = make_model(name, key, args.batch, args.width_div)
+def bench_model(name: str, args, seed: int) -> dict:
+    apply_fn, params, x = make_model(name, seed, args.batch, args.width_div)
     graph = jp.graph.trace(apply_fn, params, x)
     sc = jp.structured.scores(graph, params)
     entries = [dict(variant="dense", sparsity=0.0, round_to=1, params=params, macs=graph.macs)]
@@ -491,14 +497,13 @@ def table(rows: list[dict]) -> str:
 
 def trace_scaling(quick: bool, batch: int) -> list[dict]:
     models = [(f"mlp depth {d}", "mlp", d) for d in ((2, 8) if quick else (2, 8, 32, 128))]
-    models += [(f"resnet{d}", "resnet", d) for d in ((18,) if quick else RESNETS)]
+    models += [(f"resnet{d}", "resnet", d) for d in ((10,) if quick else [k for k in RESNETS if k > 10])]
     rows = []
     for label, kind, d in models:
-        key = jax.random.key(0)
         if kind == "mlp":
-            fn, params, x = mlp, init_deep_mlp(key, d), jnp.ones((batch, SIZES[0]))
+            fn, params, x = mlp, init_deep_mlp(0, d), jnp.ones((batch, SIZES[0]))
         else:
-            fn, params, x = resnet, init_resnet(key, d), jnp.ones((batch, 32, 32, 3))
+            fn, params, x = resnet, init_resnet(0, d), jnp.ones((batch, 32, 32, 3))
         jp.graph.trace(fn, params, x)  # first trace: JAX's own caches
         total, jaxpr = [], []
         for _ in range(3):
@@ -526,7 +531,7 @@ def mac_check(models: list[str], sparsity: float, batch: int, width_div: int = 1
             apply_fn, params, x, smalls = done[name]
             small = smalls[sparsity]
         else:
-            apply_fn, params, x = make_model(name, jax.random.key(0), batch, width_div)
+            apply_fn, params, x = make_model(name, 0, batch, width_div)
             g = jp.graph.trace(apply_fn, params, x)
             m = jp.structured.masks(g, jp.structured.scores(g, params), sparsity)
             small = jp.structured.compact(g, params, m)
@@ -596,7 +601,7 @@ def main(argv=None) -> dict:
     args.reps = args.reps or (5 if q else 21)
     args.sparsities = tuple(float(s) for s in (args.sparsities or ("0.5" if q else
                                                                    "0.3,0.5,0.7")).split(","))
-    args.models = (args.models or ("mlp,resnet18" if q else "mlp,resnet18,resnet18-tv")).split(",")
+    args.models = (args.models or ("mlp,resnet10" if q else "mlp,resnet18,resnet18-tv")).split(",")
     args.width_div = 4 if q else 1
     if q:
         args.block_s = min(args.block_s, 0.02)
@@ -608,34 +613,53 @@ def main(argv=None) -> dict:
     print(f"device: {dev.platform} / {dev.device_kind}, {os.cpu_count()} CPUs, jax "
           f"{jax.__version__}, load average {os.getloadavg()[0]:.1f}, commit {info['commit']}")
     result: dict = dict(info=info, torch_pruning=TORCH_PRUNING)
+    info["sections_s"] = {}  # section: [wall s, CPU s of this process and its children]
+    last: list = []
+
+    def section(name=None):
+        t = os.times()
+        now = (time.time(), t.user + t.system + t.children_user + t.children_system)
+        if last:
+            prev, (w0, c0) = last.pop()
+            info["sections_s"][prev] = [now[0] - w0, now[1] - c0]
+        if name:
+            last.append((name, now))
 
     if "pruning" not in skip:
+        section("pruning")
         s = 0.5 if 0.5 in args.sparsities else args.sparsities[0]
         print(f"\nPruning time (trace + scores + masks + compact) at {s:.0%}, first call in "
               "a fresh process (cold) and again (warm):")
         result["pruning_time"] = pruning_time(["mlp"] if q else ["resnet18", "resnet50"],
                                               s, args.round_to[0], args.width_div, eager_only=q)
     if "speed" not in skip:
-        result["speed"] = [bench_model(name, args, jax.random.key(i))
+        section("speed")
+        result["speed"] = [bench_model(name, args, i)
                            for i, name in enumerate(args.models)]
     if "trace" not in skip:
+        section("trace")
         print("\nTrace time against leaf count (median of 3):\n"
               "| model | leaves | groups | trace s | make_jaxpr s | ms per leaf |\n"
               "|---|---:|---:|---:|---:|---:|")
         result["trace_scaling"] = trace_scaling(q, args.batch)
     if "conv" not in skip:
+        section("conv")
         print(f"\nXLA:CPU 3x3 convolution C -> C, batch {args.batch}: GMACs per CPU-second "
               "by channel count C\n| H x W | C: GMAC/s |\n|---|---|")
         result["conv_probe"] = conv_probe(args.batch, q)
     if "macs" not in skip:
+        section("macs")
         print(f"\nMACs (G per batch of {args.batch}): graph vs XLA cost_analysis flops/2:\n"
               "| model | variant | graph.macs | XLA flops/2 | taps inside input | XLA/graph "
               "| XLA/inside |\n|---|---|---:|---:|---:|---:|---:|")
         done = {r["model"]: r["_compacted"] for r in result.get("speed", [])}
-        result["macs_check"] = mac_check(["mlp", "resnet18"], 0.5, args.batch, args.width_div,
-                                         done)
+        result["macs_check"] = mac_check(["mlp", "resnet10" if q else "resnet18"], 0.5,
+                                         args.batch, args.width_div, done)
+    section()
     for r in result.get("speed", []):
         del r["_compacted"]
+    print("\nsections (wall s, CPU s): " + ", ".join(
+        f"{k} {w:.0f}, {c:.0f}" for k, (w, c) in info["sections_s"].items()))
     info["loadavg_end"] = os.getloadavg()[0]
     info["wall_s"] = time.time() - t_start
     print(f"\nwall time {info['wall_s']:.0f} s, load average {info['loadavg_start']:.1f} -> "
