@@ -556,12 +556,23 @@ def compact(graph: ModelGraph, variables: PyTree, masks: PyTree) -> PyTree:
     index = _kept_positions(graph, keep)
     out = []
     for j, (x, m) in enumerate(zip(leaves, mleaves)):
+        xp = np if _on_host(x) and (m is None or _on_host(m)) else jnp
+        x = xp.asarray(x)
         if m is not None:
-            x = jnp.where(jnp.asarray(m), x, jnp.zeros((), jnp.result_type(x)))
+            x = xp.where(xp.asarray(m), x, xp.zeros((), x.dtype))
         for axis, idx in sorted(index.get(j, {}).items()):
-            x = _take(x, idx, axis, graph.leaves[j].layers)
-        out.append(x)
+            x = _take(xp, x, idx, axis)
+        out.append(jnp.asarray(x))
     return rebuild(graph.treedef, out, graph.static, fill=...)
+
+
+def _on_host(x: Any) -> bool:
+    """Whether slicing ``x`` with NumPy costs no transfer (a host array, or a
+    jax array on the CPU of this process): no compile per leaf shape."""
+    if isinstance(x, (np.ndarray, np.generic, bool)):
+        return True
+    return (isinstance(x, jax.Array) and x.is_fully_addressable
+            and all(d.platform == "cpu" for d in x.devices()))
 
 
 def _kept_positions(graph: ModelGraph, keep: dict) -> dict:
@@ -589,12 +600,13 @@ def _kept_positions(graph: ModelGraph, keep: dict) -> dict:
     return out
 
 
-def _take(x: jax.Array, idx: np.ndarray, axis: int, layers) -> jax.Array:
+def _take(xp, x, idx: np.ndarray, axis: int):
+    """Kept positions along ``axis`` (``idx`` per layer for a stack)."""
     if idx.ndim == 1:
-        return jnp.take(x, jnp.asarray(idx), axis=axis)
+        return xp.take(x, idx, axis=axis)
     shape = [1] * x.ndim
     shape[0], shape[axis] = idx.shape
-    return jnp.take_along_axis(x, jnp.asarray(idx.reshape(shape)), axis=axis)
+    return xp.take_along_axis(x, idx.reshape(shape), axis=axis)
 
 
 def _mask_leaves(graph: ModelGraph, masks: PyTree) -> list:

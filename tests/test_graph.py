@@ -409,3 +409,20 @@ def test_structured_prune_trains_inside_optax_and_compacts():
     small = jp.structured.compact(g, p, masks)
     assert small["c1"].shape[-1] == 6 and small["stem"].shape[-1] == 4
     np.testing.assert_allclose(cnn(small, x), cnn(p, x), rtol=1e-5, atol=1e-5)
+
+
+def test_pooling_passes_channels_through():
+    p = {"c1": normal(0, (3, 3, 3, 8)), "c2": normal(1, (3, 3, 8, 4))}
+
+    def f(p, x):
+        h = jax.nn.relu(conv(x, p["c1"]))
+        h = lax.reduce_window(h, -jnp.inf, lax.max, (1, 3, 3, 1), (1, 2, 2, 1),
+                              ((0, 0), (1, 1), (1, 1), (0, 0)))
+        h = lax.reduce_window(h, 0.0, lax.add, (1, 2, 2, 1), (1, 2, 2, 1), "VALID") / 4
+        return conv(h, p["c2"])
+
+    g = jp.graph.trace(f, p, jnp.ones((1, 8, 8, 3)))
+    assert [(grp.name, grp.size) for grp in g.prunable] == [("c1:3", 8)]
+    (out,) = [grp for grp in g.groups if not grp.prunable]  # a bias-less output layer
+    assert out.name == "c2:3" and "model output" in out.reasons[0]
+    compacts_exactly(f, p, normal(2, (1, 8, 8, 3)))

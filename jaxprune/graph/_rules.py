@@ -530,6 +530,38 @@ def _resolve_blocks_on(w: Walker, x: V, axes) -> V:
 
 
 # --------------------------------------------------------------------------
+# Windows (pooling)
+
+
+WINDOWS = [_p(n + "_p") for n in "reduce_window_max reduce_window_min reduce_window_sum".split()]
+
+
+@rule(*WINDOWS, _p("reduce_window_p"))
+def _reduce_window(w: Walker, eqn, args):
+    """Pooling: axes with a window of one (channels, batch) pass through; a
+    window over a channel axis pins it; pooled axes become spatial axes."""
+    n = len(eqn.outvars)
+    ops = [w.strip(a) if a.layer is not None else a for a in args[:n]]
+    p = eqn.params
+    spatial = w.reason("a spatial axis")
+    outs = []
+    for x, v in zip(ops, eqn.outvars):
+        shape = v.aval.shape
+        axes = []
+        for i, ax in enumerate(x.axes):
+            plain = (p["window_dimensions"][i] == 1 and p["window_strides"][i] == 1
+                     and tuple(p["padding"][i]) == (0, 0) and p["base_dilation"][i] == 1
+                     and p["window_dilation"][i] == 1)
+            if plain:
+                axes.append(ax)
+            else:
+                w.pin_desc([ax], "a pooling window over this axis")
+                axes.append((codes(shape[i], spatial),))
+        outs.append(V(tuple(axes), None, combine_meta(args)))
+    return outs
+
+
+# --------------------------------------------------------------------------
 # Contractions
 
 

@@ -291,7 +291,7 @@ def _groups(w: Walker, ids: _Ids, paths: list, infos: list) -> list[Group]:
     root = _components(n, a, b)
     leaf_of, axis_of, layer_of, pos_of = ids.table()
     size = np.bincount(root, minlength=n)
-    els = np.flatnonzero(size[root] >= 2)
+    els = np.flatnonzero((size[root] >= 2) | _fixed_outputs(w, infos, leaf_of, axis_of, n))
     if not els.size:
         return []
     els = els[np.argsort(root[els], kind="stable")]
@@ -330,6 +330,20 @@ def _kinds(w: Walker, root: np.ndarray) -> dict:
             for u, c in zip(units, counts):
                 out[int(u)] = ("heads", max(int(c), out.get(int(u), ("", 0))[1]))
     return out
+
+
+def _fixed_outputs(w: Walker, infos, leaf_of, axis_of, n: int) -> np.ndarray:
+    """Pinned elements of kernel and embedding output axes: shown as fixed
+    groups even when nothing else couples to them (so the reason shows)."""
+    pinned = np.zeros(n, bool)
+    for ids, _ in w.pins:
+        pinned[ids] = True
+    out_axis = np.zeros(n, bool)
+    for j, info in enumerate(infos):
+        if info.role in ("kernel", "embedding"):
+            for a in info.out_axes:
+                out_axis |= (leaf_of == j) & (axis_of == a)
+    return pinned & out_axis
 
 
 def _signatures(codes_: np.ndarray, r: np.ndarray, roots: np.ndarray) -> np.ndarray:
