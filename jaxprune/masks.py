@@ -34,6 +34,7 @@ import numpy as np
 
 from jaxprune import select as _select
 from jaxprune import tree as _tree
+from jaxprune._along import leaf_topk as _leaf_topk
 
 PyTree = Any
 
@@ -138,18 +139,24 @@ def _unselected_mask() -> jax.Array:
 # Top-k masks
 
 
-def topk(scores: PyTree, sparsity: Any, where: Any = None) -> PyTree:
+def topk(scores: PyTree, sparsity: Any, where: Any = None, axis: Any = None) -> PyTree:
     """Per-leaf top-k masks: each selected leaf keeps its largest scores.
 
     Each selected leaf with ``n`` entries keeps ``round(n * (1 - s))`` of
     them, where ``s`` is ``sparsity`` or, if ``sparsity`` is a tree, that
-    leaf's entry.
+    leaf's entry. With ``axis`` (an int or a tuple of axes), every index of
+    the other axes is its own comparison group with its own exact count
+    (``axis=-2``: per output unit of a Dense kernel, per layer and unit of a
+    stacked one); a leaf's sparsity may then be an array broadcast to the
+    groups' shape. Without ``axis``, a sparsity array of rank ``r`` compares
+    within each index of the leaf's leading ``r`` axes (per-layer budgets).
 
     Args:
       scores: a pytree of float scores (e.g. :func:`jaxprune.scores.magnitude`).
       sparsity: fraction of zeros in ``[0, 1]``: a number (traced is fine) or a
         (prefix) tree of numbers with one value per leaf.
       where: which leaves to prune (see :mod:`jaxprune.tree`).
+      axis: ``None`` (the whole leaf) or the axes of one comparison group.
 
     Returns:
       A mask tree: bool arrays for selected leaves, scalar ``True`` elsewhere.
@@ -158,6 +165,8 @@ def topk(scores: PyTree, sparsity: Any, where: Any = None) -> PyTree:
       >>> import jax.numpy as jnp
       >>> topk({"w": jnp.array([[1.0, 3.0, 2.0, 0.0]])}, 0.5)["w"].tolist()
       [[False, True, True, False]]
+      >>> topk({"w": jnp.array([[1.0, 0.0], [3.0, 2.0]])}, 0.5, axis=0)["w"].tolist()
+      [[False, False], [True, True]]
 
     References:
       Han et al., "Learning both weights and connections for efficient neural
@@ -166,6 +175,9 @@ def topk(scores: PyTree, sparsity: Any, where: Any = None) -> PyTree:
     paths, leaves, treedef, sel = _selected(scores, where)
     sp = _per_leaf_sparsity(sparsity, scores, paths, sel)
     idx = [i for i, s in enumerate(sel) if s]
+    if axis is not None or any(np.ndim(sp[i]) for i in idx):
+        masks = [_leaf_topk(paths[i], leaves[i], sp[i], axis) for i in idx]
+        return _assemble(treedef, len(leaves), idx, masks)
     arrays = [jnp.asarray(leaves[i]) for i in idx]
     keep = [_select.keep_count(int(a.size), sp[i]) for i, a in zip(idx, arrays)]
     masks = _select.select_groups(arrays, list(range(len(idx))), keep)
