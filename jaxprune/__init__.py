@@ -11,16 +11,19 @@ Example:
 
 from jaxprune import (
     allocation,
+    calibration,
     dynamic,
     graph,
     lottery,
     masks,
+    oneshot,
     scores,
     select,
     structured,
     transforms,
     tree,
 )
+from jaxprune.calibration import calibrate
 from jaxprune.dynamic import DynamicState, STEState, rigl, set_training, ste, straight_through
 from jaxprune.lottery import LotteryState, lottery_ticket
 from jaxprune.masks import apply_masks, pack, sparsity, summary, unpack
@@ -37,6 +40,8 @@ __all__ = [
     "__version__",
     "allocation",
     "apply_masks",
+    "calibrate",
+    "calibration",
     "dynamic",
     "get_masks",
     "graph",
@@ -44,6 +49,7 @@ __all__ = [
     "lottery",
     "lottery_ticket",
     "masks",
+    "oneshot",
     "pack",
     "prune",
     "rigl",
