@@ -8,6 +8,7 @@ moving to the selection engine is a one-line change of that import.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -50,6 +51,7 @@ def keep_counts(n: int, sparsity: Any, gshape: Sequence[int]) -> Any:
     return np.clip(np.round(n * (1.0 - s)), 0, n).astype(np.int32)
 
 
+@functools.partial(jax.jit, static_argnums=1)
 def select_along(scores: jax.Array, axis: int | Sequence[int], keep: Any) -> jax.Array:
     """Keeps the ``keep`` largest scores of every group along ``axis``.
 

@@ -255,24 +255,27 @@ def owl(stats: dict, m: float = 5.0, lam: float = 0.08, blocks: Any = None):
     if not m > 0 or not lam >= 0:
         raise ValueError(f"owl: need m > 0 and lam >= 0, got m={m!r}, lam={lam!r}.")
 
-    def allocate(params: PyTree, sparsity: Any) -> PyTree:
-        from jaxprune.scores import wanda as _wanda
+    names, parts = _owl_blocks(stats, blocks)
 
-        _masks.check_sparsity(sparsity)
-        scores = dict(zip(_tree.paths(params), jax.tree_util.tree_leaves(_wanda(params, stats))))
-        names, parts = _owl_blocks(stats, blocks)
+    @jax.jit
+    def per_kernel(kernels: dict, sumsq: dict, sparsity: Any) -> dict:
+        scores = {p: jnp.abs(kernels[p].astype(jnp.float32))
+                  * stats[p].expanded(jnp.sqrt(sumsq[p].astype(jnp.float32))) for p in stats}
         ratio, size = _outlier_ratios(scores, parts, len(names), m)
         s_block = _owl_sparsities(ratio, size, jnp.asarray(sparsity, jnp.float32), lam)
+        return {p: s_block[np.array([b for q, _, b in parts if q == p])] if stats[p].layers
+                else s_block[next(b for q, _, b in parts if q == p)] for p in stats}
+
+    def allocate(params: PyTree, sparsity: Any) -> PyTree:
+        from jaxprune.scores import _check_stats
+
+        _masks.check_sparsity(sparsity)
         paths, leaves, treedef = _tree.flatten(params)
-        out = []
-        for p in paths:
-            if p not in stats:
-                out.append(jnp.float32(0.0))
-            elif stats[p].layers:
-                out.append(s_block[jnp.asarray([b for q, _, b in parts if q == p])])
-            else:
-                out.append(s_block[next(b for q, _, b in parts if q == p)])
-        return _tree.unflatten(treedef, out)
+        _check_stats(paths, leaves, stats)
+        kernels = {p: x for p, x in zip(paths, leaves) if p in stats}
+        got = per_kernel(kernels, {p: st.sumsq for p, st in stats.items()}, sparsity)
+        return _tree.unflatten(treedef, [got[p] if p in stats else jnp.float32(0.0)
+                                         for p in paths])
 
     return allocate
 

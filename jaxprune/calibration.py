@@ -108,15 +108,21 @@ class InputStats:
         """``||X_j||_2`` per input feature (Wanda's activation norm)."""
         return jnp.sqrt(self.sumsq)
 
-    def expanded(self, x: jax.Array) -> jax.Array:
-        """A per-input-feature array broadcast against the kernel (size-1 out axes)."""
+    @property
+    def feature_shape(self) -> tuple:
+        """The kernel's shape with its output axes set to 1 (``sumsq`` reshaped
+        to it broadcasts against the kernel)."""
         lead = 1 if self.layers else 0
         shape = [1] * len(self.shape)
         if lead:
             shape[0] = self.shape[0]
         for a in self.in_axes:
             shape[a + lead] = self.shape[a + lead]
-        return jnp.reshape(x, shape)
+        return tuple(shape)
+
+    def expanded(self, x: jax.Array) -> jax.Array:
+        """A per-input-feature array broadcast against the kernel (size-1 out axes)."""
+        return jnp.reshape(x, self.feature_shape)
 
 
 jax.tree_util.register_dataclass(
@@ -577,12 +583,25 @@ class _Plan:
     paths: list
     eqn_params: dict
     scan_lengths: dict
+    steps: dict = dataclasses.field(default_factory=dict)
 
     def leaf_site(self, leaf: int) -> Site:
         return next(s for s in self.sites if s.leaf == leaf)
 
     def leaves(self) -> list[int]:
         return sorted({s.leaf for s in self.sites})
+
+    def step(self, leaves, gram: bool, target=None) -> Callable:
+        """Jitted ``step(acc, arrays, batch_leaves, layer) -> acc + taps`` (cached)."""
+        key = (tuple(leaves), gram, target)
+        if key not in self.steps:
+            f = self.tapped(leaves, gram, target)
+
+            def step(acc, arrays, batch, layer):
+                return _add(acc, f(arrays, batch, layer))
+
+            self.steps[key] = jax.jit(step, donate_argnums=0)
+        return self.steps[key]
 
     def tapped(self, leaves, gram: bool, target=None) -> Callable:
         """``f(arrays, batch_leaves) -> taps`` for ``leaves``."""
@@ -600,22 +619,25 @@ def _is_array(x: Any) -> bool:
 
 
 class Model:
-    """A model function, its parameters split into arrays, and its plans."""
+    """A model function, the layout of its parameters, and its plans (one
+    traced jaxpr per batch shape, each with its compiled steps)."""
 
     def __init__(self, apply_fn: Callable, params: PyTree, example: Any, where: Any):
         self.apply_fn = apply_fn
         self.paths, leaves, self.treedef = _tree.flatten(params)
         self.array_idx = [i for i, x in enumerate(leaves) if _is_array(x)]
-        self.leaves = leaves
-        self.selected = self._select(params, example, where)
+        self.leaves = [jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)) if _is_array(x)
+                       else x for x in leaves]  # arrays come with every call
+        self.selected = self._select(params, leaves, example, where)
         self.plans: dict = {}
         self.plan(example)
 
-    @property
-    def arrays(self) -> list:
-        return [self.leaves[i] for i in self.array_idx]
+    def arrays_of(self, params: PyTree) -> list:
+        """The array leaves of ``params`` (laid out as when the model was built)."""
+        leaves = jax.tree_util.tree_leaves(params)
+        return [leaves[i] for i in self.array_idx]
 
-    def _select(self, params, example, where) -> list[int]:
+    def _select(self, params, leaves, example, where) -> list[int]:
         """Indices (into the array leaves) of the kernels to calibrate."""
         if where is None:
             from jaxprune import graph as _graph
@@ -625,10 +647,10 @@ class Model:
         out = []
         for j, i in enumerate(self.array_idx):
             if sel[i]:
-                if not _tree.is_float(self.leaves[i]):
+                if not _tree.is_float(leaves[i]):
                     raise TypeError(
                         f"calibrate: leaf {self.paths[i]!r} has dtype "
-                        f"{jnp.result_type(self.leaves[i])}; only floating kernels can be "
+                        f"{jnp.result_type(leaves[i])}; only floating kernels can be "
                         "calibrated. Exclude it with where=.")
                 out.append(j)
         if not out:
@@ -655,8 +677,9 @@ class Model:
         def fn(arrays, bl):
             return self.apply_fn(self.rebuild(arrays), jax.tree_util.tree_unflatten(bdef, bl))
 
-        closed = jax.make_jaxpr(fn)(self.arrays, bleaves)
-        shapes = [tuple(np.shape(x)) for x in self.arrays]
+        specs = [self.leaves[i] for i in self.array_idx]
+        closed = jax.make_jaxpr(fn)(specs, bleaves)
+        shapes = [tuple(x.shape) for x in specs]
         paths = [self.paths[i] for i in self.array_idx]
         w = _Walk(shapes, self.selected, paths)
         n = len(self.array_idx)
@@ -666,6 +689,32 @@ class Model:
         _check_sites(w, paths, self.selected)
         return _Plan(closed, w.sites, shapes, paths, _eqn_params(closed.jaxpr, ()),
                      w.scan_lengths)
+
+
+_MODELS: dict = {}  # recent models, so that repeated calls reuse their compiled steps
+_MODELS_KEPT = 4
+
+
+def model(apply_fn: Callable, params: PyTree, example: Any, where: Any) -> Model:
+    """A :class:`Model`, reused when ``apply_fn``, the parameters' layout and
+    ``where`` are the same as in a recent call (as :func:`jax.jit` reuses a
+    function's compilations)."""
+    paths, leaves, treedef = _tree.flatten(params)
+    layout = tuple((np.shape(x), str(jnp.result_type(x))) if _is_array(x) else ("static", x)
+                   for x in leaves)
+    key = (apply_fn, treedef, layout, where)
+    try:
+        hash(key)
+    except TypeError:  # unhashable where= (a bool tree) or static leaves
+        return Model(apply_fn, params, example, where)
+    if key not in _MODELS:
+        _MODELS[key] = Model(apply_fn, params, example, where)
+        while len(_MODELS) > _MODELS_KEPT:
+            del _MODELS[next(iter(_MODELS))]
+    m = _MODELS.pop(key)
+    _MODELS[key] = m  # most recent last
+    m.plan(example)
+    return m
 
 
 def _eqn_params(jaxpr, path: tuple) -> dict:
@@ -737,15 +786,6 @@ def _zeros(model: Model, plan: _Plan, gram: bool) -> dict:
         if gram:
             out[j]["gram"] = jnp.zeros(lead + (d, d), jnp.float32)
     return out
-
-
-def _step(plan: _Plan, leaves: list, gram: bool) -> Callable:
-    f = plan.tapped(leaves, gram)
-
-    def step(acc, arrays, batch):
-        return _add(acc, f(arrays, batch))
-
-    return jax.jit(step, donate_argnums=0)
 
 
 def points(plan: _Plan) -> dict:
@@ -830,14 +870,11 @@ def calibrate(apply_fn: Callable, params: PyTree, batches: Iterable, *, gram: bo
       models", ICLR 2024; Frantar & Alistarh, "SparseGPT", ICML 2023.
     """
     first, all_batches = _batches(batches)
-    model = Model(apply_fn, params, first, where)
-    plan = model.plan(first)
-    acc = _zeros(model, plan, gram)
-    steps: dict = {}
-    arrays = model.arrays
+    mdl = model(apply_fn, params, first, where)
+    plan = mdl.plan(first)
+    acc = _zeros(mdl, plan, gram)
+    arrays = mdl.arrays_of(params)
     for batch in all_batches:
-        p = model.plan(batch)
-        if id(p) not in steps:
-            steps[id(p)] = _step(p, model.selected, gram)
-        acc = steps[id(p)](acc, arrays, jax.tree_util.tree_leaves(batch))
-    return to_stats(model, plan, acc)
+        step = mdl.plan(batch).step(mdl.selected, gram)
+        acc = step(acc, arrays, jax.tree_util.tree_leaves(batch), jnp.int32(0))
+    return to_stats(mdl, plan, acc)

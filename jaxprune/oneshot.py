@@ -53,7 +53,7 @@ from jaxprune import calibration as _cal
 from jaxprune import masks as _masks
 from jaxprune import scores as _scores
 from jaxprune import tree as _tree
-from jaxprune._along import leaf_topk, select_along
+from jaxprune._along import keep_counts, select_along
 
 PyTree = Any
 
@@ -155,25 +155,46 @@ def wanda(params: PyTree, stats: dict, sparsity: Any = None, *, n: int | None = 
       models", ICLR 2024.
     """
     nm = _pattern(sparsity, n, m, "wanda")
-    scores = _scores.wanda(params, stats)
-    paths, leaves, treedef = _tree.flatten(scores)
+    paths, leaves, treedef = _tree.flatten(params)
+    _scores._check_stats(paths, leaves, stats)
     budgets = {} if nm else _budgets(params, stats, sparsity, allocation)
     out = []
-    for p, sc in zip(paths, leaves):
+    for p, w in zip(paths, leaves):
         if p not in stats:
             out.append(jnp.ones((), jnp.bool_))
             continue
         st = stats[p]
         lead = 1 if st.layers else 0
-        in_axes = tuple(a + lead for a in st.in_axes)
+        axes = tuple(a + lead for a in st.in_axes)
+        expand = st.feature_shape
         if nm:
-            out.append(_masks._nm_leaf(sc, nm[0], nm[1], in_axes[-1], p))
+            _check_group(p, st.shape, axes[-1], nm[1])
+            keep = None
         else:
             s = budgets[p]
             if st.layers and np.ndim(s) == 1:  # one budget per layer
                 s = jnp.reshape(s, (-1,) + (1,) * len(st.out_axes))
-            out.append(leaf_topk(p, sc, s, in_axes))
+            gshape = tuple(st.shape[a] for a in range(len(st.shape)) if a not in axes)
+            keep = keep_counts(int(np.prod([st.shape[a] for a in axes])), s, gshape)
+        out.append(_wanda_leaf(w, st.sumsq, keep, axes=axes, nm=nm, expand=expand))
     return _tree.unflatten(treedef, out)
+
+
+def _check_group(path: str, shape: tuple, axis: int, m: int) -> None:
+    if shape[axis] % m:
+        raise ValueError(
+            f"wanda: kernel {path!r} has shape {shape}; its input axis {axis} has length "
+            f"{shape[axis]}, which does not divide into groups of m={m}. Use an m that "
+            "divides it, or leave the kernel out of the calibration (where=).")
+
+
+@functools.partial(jax.jit, static_argnames=("axes", "nm", "expand"))
+def _wanda_leaf(w, sumsq, keep, *, axes: tuple, nm, expand: tuple) -> jax.Array:
+    """The Wanda mask of one kernel (compiled once per shape)."""
+    score = jnp.abs(w.astype(jnp.float32)) * jnp.sqrt(sumsq.astype(jnp.float32)).reshape(expand)
+    if nm:
+        return _masks._nm_leaf(score, nm[0], nm[1], axes[-1], "")
+    return select_along(score, axes, keep)
 
 
 # --------------------------------------------------------------------------
@@ -324,7 +345,6 @@ class _Capture:
 
     def __init__(self, model: _cal.Model):
         self.model = model
-        self.cache: dict = {}
         self.passes = 0
 
     def __call__(self, leaves: tuple, scan: Any, layer: int | None, batches: list,
@@ -335,24 +355,12 @@ class _Capture:
         for b in batches:
             plan = self.model.plan(b)
             target = None if stack is None else {v: k for k, v in _cal.stacks(plan).items()}[stack]
-            key = (id(plan), leaves, target)
-            if key not in self.cache:
-                self.cache[key] = self._make(plan, leaves, target)
             if acc is None:
                 acc = self._zeros(plan, leaves)
-            acc = self.cache[key](acc, arrays, jax.tree_util.tree_leaves(b),
-                                  jnp.int32(0 if layer is None else layer))
+            acc = plan.step(leaves, True, target)(acc, arrays, jax.tree_util.tree_leaves(b),
+                                                  jnp.int32(0 if layer is None else layer))
         self.passes += 1
         return acc
-
-    @staticmethod
-    def _make(plan, leaves, target):
-        f = plan.tapped(leaves, gram=True, target=target)
-
-        def step(acc, arrays, batch, layer):
-            return _cal._add(acc, f(arrays, batch, layer))
-
-        return jax.jit(step, donate_argnums=0)
 
     @staticmethod
     def _zeros(plan, leaves) -> dict:
@@ -444,13 +452,13 @@ def sparsegpt(apply_fn: Callable, params: PyTree, batches: Iterable, sparsity: A
     batches = list(batches)
     if not batches:
         raise ValueError("sparsegpt: batches is empty; pass at least one calibration batch.")
-    model = _cal.Model(apply_fn, params, batches[0], where)
+    model = _cal.model(apply_fn, params, batches[0], where)
     plan = model.plan(batches[0])
     paths = plan.paths
     budgets = {} if nm else _budgets(params, [paths[j] for j in plan.leaves()], sparsity,
                                      allocation)
     _check_nm(plan, nm)
-    arrays = list(model.arrays)
+    arrays = model.arrays_of(params)
     masks = {j: np.ones(plan.shapes[j], bool) for j in plan.leaves()}
     capture = _Capture(model)
     for leaves, scan, layer in _schedule(plan):
@@ -488,7 +496,7 @@ def input_points(apply_fn: Callable, params: PyTree, batch: Any, *,
       >>> jp.oneshot.input_points(f, p, jnp.ones((2, 4)))
       [(('k', 'q'), None), (('o',), None)]
     """
-    plan = _cal.Model(apply_fn, params, batch, where).plan(batch)
+    plan = _cal.model(apply_fn, params, batch, where).plan(batch)
     return [(tuple(plan.paths[j] for j in leaves), layer)
             for leaves, _, layer in _schedule(plan)]
 
