@@ -7,7 +7,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import oneshot_oracle as ref
+import oracle
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from jax import lax
 
 import jaxprune as jp
@@ -86,6 +89,21 @@ def test_topk_axis_per_row_and_per_slice_budgets():
     assert np.asarray(traced["w"]).reshape(3, -1).sum(1).tolist() == [30, 30, 30]
     with pytest.raises(ValueError, match="does not broadcast"):
         jp.masks.topk({"w": jnp.asarray(s)}, {"w": np.array([0.1, 0.2])}, axis=1)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(shape=st.sampled_from([(5, 7), (3, 4, 6), (2, 3, 2, 4)]), axis=st.integers(0, 3),
+       kind=st.sampled_from(oracle.KINDS), s=st.floats(0.0, 1.0), seed=st.integers(0, 99))
+def test_topk_axis_matches_the_oracle(shape, axis, kind, s, seed):
+    """Every slice along ``axis`` keeps its exact count: largest first, NaN
+    lowest, -0 == +0, ties to the lower index (the library's ranking rule)."""
+    axis = axis % len(shape)
+    x = oracle.gen_scores(np.random.default_rng(seed), shape, kind)
+    got = np.asarray(jp.masks.topk({"w": jnp.asarray(x)}, s, axis=axis)["w"])
+    moved, kept = np.moveaxis(x, axis, -1), np.moveaxis(got, axis, -1)
+    k = oracle.keep_count(shape[axis], s)
+    for idx in np.ndindex(moved.shape[:-1]):
+        np.testing.assert_array_equal(kept[idx], oracle.topk_leaf(moved[idx], k))
 
 
 # --------------------------------------------------------------------------
