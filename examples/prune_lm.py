@@ -393,8 +393,59 @@ def run(args) -> dict:
             print(f"{method:>10} {setting:>12}: ppl {ppl:9.3f}  sparsity {sp:.3f}  "
                   f"{secs:7.2f} s = {secs / t_step:7.1f} training steps = "
                   f"{secs / t_fwd:7.1f} forward passes ({passes[method]} needed)")
+    res["warm_seconds"] = warm_seconds(apply, params, stats, owl, calib, cfg)
+    res["outliers"] = outliers(params, stats, owl)
+    if not args.quick:
+        res["ablations"] = ablations(apply, params, stats, val)
     print_table(res, settings)
     return res
+
+
+def warm_seconds(apply, params, stats, owl, calib, cfg) -> dict:
+    """Each method at 50% once more, everything compiled (Wanda with its
+    calibration pass, which is then warm too)."""
+    out = {}
+    for method in METHODS:
+        t0 = time.perf_counter()
+        if method == "wanda":
+            jax.block_until_ready(jp.calibrate(apply, params, calib, where=WHERE))
+        out[method] = prune(method, "50%", apply, params, stats, owl, calib, cfg)[1] + (
+            time.perf_counter() - t0 if method == "wanda" else 0.0)
+    print("warm, at 50%: " + ", ".join(f"{k} {v:.2f} s" for k, v in out.items()))
+    return out
+
+
+def outliers(params, stats, owl) -> dict:
+    """Why OWL moves budgets where it does: per block, the share of Wanda
+    scores above 5x the block mean and the budget at 70%; per kernel, the
+    largest input-feature RMS over the median one."""
+    budgets = owl(params, 0.7)
+    flat = dict(zip(jp.tree.paths(params), jax.tree.leaves(budgets)))
+    scores = dict(zip(jp.tree.paths(params), jax.tree.leaves(jp.scores.wanda(params, stats))))
+    blocks: dict = {}
+    for p in stats:
+        blocks.setdefault(p.rsplit("/", 1)[0], []).append(np.asarray(scores[p]).ravel())
+    ratio = {b: float(np.mean(np.concatenate(v) > 5 * np.concatenate(v).mean()))
+             for b, v in blocks.items()}
+    rms = {p: float(np.sqrt(st.sumsq).max() / np.median(np.sqrt(st.sumsq)))
+           for p, st in stats.items()}
+    owl70 = {b: float(flat[b + "/wq"]) for b in blocks}
+    print("outlier ratio per block: " + ", ".join(f"{b} {100 * r:.2f}% -> {owl70[b]:.3f}"
+                                                  for b, r in ratio.items()))
+    return dict(ratio=ratio, owl_70=owl70, feature_rms_max_over_median=rms)
+
+
+def ablations(apply, params, stats, val) -> dict:
+    """Comparison groups: Wanda per kernel and magnitude per output unit."""
+    out = {}
+    for s in (0.5, 0.7):
+        wanda = jp.masks.topk(jp.scores.wanda(params, stats), s, where=WHERE, axis=(-2, -1))
+        mag = jp.masks.topk(jp.scores.magnitude(params), s, where=WHERE, axis=-2)
+        out[f"{s:.0%}"] = {"wanda per kernel": evaluate(apply, jp.apply_masks(params, wanda), val),
+                           "magnitude per output unit": evaluate(
+                               apply, jp.apply_masks(params, mag), val)}
+        print(f"ablation {s:.0%}: " + ", ".join(f"{k} {v:.3f}" for k, v in out[f"{s:.0%}"].items()))
+    return out
 
 
 def print_table(res: dict, settings) -> None:
