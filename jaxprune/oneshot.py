@@ -252,7 +252,8 @@ def _block(w, mask, u, i1, width: int, keep, nm):
                                         (w1, err1, jnp.ones((rows, width), bool)))
     urows = lax.dynamic_slice_in_dim(u, i1, width, 0)
     later = jnp.arange(w.shape[1]) >= i1 + width
-    w = w - jnp.where(later[None, :], err1 @ urows, 0.0)  # lazy update of later blocks
+    upd = jnp.matmul(err1, urows, precision=lax.Precision.HIGHEST)  # no TF32 on GPUs
+    w = w - jnp.where(later[None, :], upd, 0.0)  # lazy update of later blocks
     w = lax.dynamic_update_slice_in_dim(w, w1, i1, 1)
     return w, lax.dynamic_update_slice_in_dim(mask, keep1, i1, 1)
 
