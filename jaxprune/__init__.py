@@ -17,11 +17,13 @@ import types as _types
 from jaxprune import (
     allocation,
     at_init,
+    calibration,
     deprecation,
     dynamic,
     graph,
     lottery,
     masks,
+    oneshot,
     resize,
     scores,
     select,
@@ -31,6 +33,7 @@ from jaxprune import (
     tree,
 )
 from jaxprune.at_init import snip
+from jaxprune.calibration import calibrate
 from jaxprune.dynamic import (
     DynamicState,
     STEState,
@@ -61,6 +64,8 @@ __all__ = [
     "apply_masks",
     "apply_masks_ste",
     "at_init",
+    "calibrate",
+    "calibration",
     "deprecation",
     "dynamic",
     "get_masks",
@@ -69,6 +74,7 @@ __all__ = [
     "lottery",
     "lottery_ticket",
     "masks",
+    "oneshot",
     "pack",
     "prune",
     "resize",

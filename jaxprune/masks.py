@@ -37,6 +37,7 @@ from jax import lax
 from jaxprune import deprecation as _deprecation
 from jaxprune import select as _select
 from jaxprune import tree as _tree
+from jaxprune._along import leaf_topk as _leaf_topk
 
 PyTree = Any
 
@@ -174,13 +175,20 @@ def _one_of(sparsity: Any, keep: Any, fn: str) -> None:
 # Top-k masks
 
 
-def topk(scores: PyTree, sparsity: Any = None, where: Any = None, *, keep: Any = None) -> PyTree:
+def topk(scores: PyTree, sparsity: Any = None, where: Any = None, *, keep: Any = None,
+         axis: Any = None) -> PyTree:
     """Per-leaf top-k masks: each selected leaf keeps its largest scores.
 
     Each selected leaf with ``n`` entries keeps ``round(n * (1 - s))`` of
     them, where ``s`` is ``sparsity`` or, if ``sparsity`` is a tree, that
     leaf's entry; or exactly ``keep`` of them. This is allocation
-    ``"uniform"`` of :mod:`jaxprune.allocation`.
+    ``"uniform"`` of :mod:`jaxprune.allocation`. With ``axis`` (an int or a
+    tuple of axes), every index of the other axes is its own comparison group
+    with its own exact count (``axis=-2``: per output unit of a Dense kernel,
+    per layer and unit of a stacked one); a leaf's sparsity may then be an
+    array broadcast to the groups' shape. Without ``axis``, a sparsity array
+    of rank ``r`` compares within each index of the leaf's leading ``r`` axes
+    (per-layer budgets).
 
     Args:
       scores: a pytree of float scores (e.g. :func:`jaxprune.scores.magnitude`).
@@ -189,6 +197,8 @@ def topk(scores: PyTree, sparsity: Any = None, where: Any = None, *, keep: Any =
       where: which leaves to prune (see :mod:`jaxprune.tree`).
       keep: instead of ``sparsity``, the number of entries each selected leaf
         keeps: an int, a traced integer, or a (prefix) tree of them.
+      axis: ``None`` (the whole leaf) or the axes of one comparison group
+        (with ``sparsity``).
 
     Returns:
       A mask tree: bool arrays for selected leaves, scalar ``True`` elsewhere.
@@ -198,6 +208,8 @@ def topk(scores: PyTree, sparsity: Any = None, where: Any = None, *, keep: Any =
       >>> s = {"w": jnp.array([[1.0, 3.0], [2.0, 0.0]])}
       >>> topk(s, 0.5)["w"].tolist(), topk(s, keep=1)["w"].tolist()
       ([[False, True], [True, False]], [[False, True], [False, False]])
+      >>> topk({"w": jnp.array([[1.0, 0.0], [3.0, 2.0]])}, 0.5, axis=0)["w"].tolist()
+      [[False, False], [True, True]]
 
     References:
       Han et al., "Learning both weights and connections for efficient neural
@@ -206,9 +218,16 @@ def topk(scores: PyTree, sparsity: Any = None, where: Any = None, *, keep: Any =
     _one_of(sparsity, keep, "topk")
     paths, leaves, treedef, sel = selection(scores, where)
     idx = [i for i, s in enumerate(sel) if s]
-    arrays = [jnp.asarray(leaves[i]) for i in idx]
     if keep is None:
         sp = per_leaf_sparsity(sparsity, scores, paths, sel)
+        if axis is not None or any(np.ndim(sp[i]) for i in idx):
+            masks = [_leaf_topk(paths[i], leaves[i], sp[i], axis) for i in idx]
+            return _assemble(treedef, len(leaves), idx, masks)
+    elif axis is not None:
+        raise ValueError("topk: axis= takes a sparsity (one exact count per comparison "
+                         "group); pass sparsity= instead of keep=.")
+    arrays = [jnp.asarray(leaves[i]) for i in idx]
+    if keep is None:
         counts = [_select.keep_count(int(a.size), sp[i]) for i, a in zip(idx, arrays)]
     else:
         ks = _tree.broadcast_values(keep, scores, "keep")
@@ -318,7 +337,7 @@ def random_like(key: jax.Array, masks: PyTree) -> PyTree:
 # N:M masks
 
 
-def _nm_leaf(s: jax.Array, n: int, m: int, axis: int, path: str) -> jax.Array:
+def nm_leaf(s: jax.Array, n: int, m: int, axis: int, path: str) -> jax.Array:
     nd = s.ndim
     ax = axis % nd if nd else 0
     if nd == 0 or not (-nd <= axis < nd):
@@ -385,7 +404,7 @@ def n_of_m(scores: PyTree, n: int = 2, m: int = 4, axis: int = -2, where: Any = 
     paths, leaves, treedef, sel = selection(scores, where)
     out = []
     for p, leaf, s in zip(paths, leaves, sel):
-        out.append(_nm_leaf(jnp.asarray(leaf), int(n), int(m), axis, p) if s else _unselected_mask())
+        out.append(nm_leaf(jnp.asarray(leaf), int(n), int(m), axis, p) if s else _unselected_mask())
     return _tree.unflatten(treedef, out)
 
 

@@ -53,6 +53,7 @@ __all__ = [
     "saliency",
     "taylor",
     "taylor_importance",
+    "wanda",
 ]
 
 
@@ -427,3 +428,62 @@ def movement() -> Scorer:
 
 register("taylor", taylor(), taylor_importance)
 register("movement", movement(), movement_importance)
+
+
+def wanda(params: PyTree, stats: Any) -> PyTree:
+    """Wanda score ``|W_ij| * ||X_j||_2``: weight magnitude times the norm of
+    its input feature over the calibration data, in float32.
+
+    Leaves without statistics score zero (so ``where=`` should pick the
+    calibrated kernels, as :func:`jaxprune.oneshot.wanda` does).
+
+    Args:
+      params: the parameters.
+      stats: ``{path: InputStats}`` from :func:`jaxprune.calibrate` on the
+        same parameters.
+
+    Returns:
+      A score tree with the structure of ``params``.
+
+    Raises:
+      ValueError: if a path of ``stats`` is not a leaf of ``params`` or its
+        shape differs from the one calibrated.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import jaxprune as jp
+      >>> p = {"w": jnp.array([[1.0, -1.0], [2.0, 0.5]])}
+      >>> st = jp.calibrate(lambda p, x: x @ p["w"], p, [jnp.array([[3.0, 1.0]])])
+      >>> jp.scores.wanda(p, st)["w"].tolist()
+      [[3.0, 3.0], [2.0, 0.5]]
+
+    References:
+      Sun et al., "A simple and effective pruning approach for large language
+      models", ICLR 2024.
+    """
+    paths, leaves, treedef = _tree.flatten(params)
+    _check_stats(paths, leaves, stats)
+    out = []
+    for p, w in zip(paths, leaves):
+        if p in stats:
+            st = stats[p]
+            norm = st.expanded(jnp.sqrt(st.sumsq.astype(jnp.float32)))
+            out.append(jnp.abs(jnp.asarray(w, jnp.float32)) * norm)
+        else:
+            out.append(jnp.zeros(jnp.shape(w), jnp.float32))
+    return _tree.unflatten(treedef, out)
+
+
+def _check_stats(paths: list, leaves: list, stats: Any) -> None:
+    """Raises ``ValueError`` if ``stats`` do not belong to these leaves."""
+    shapes = {p: tuple(jnp.shape(x)) for p, x in zip(paths, leaves)}
+    for p, st in stats.items():
+        if p not in shapes:
+            raise ValueError(
+                f"stats hold leaf {p!r}, which params do not have (params leaves: "
+                f"{paths[:12]}). Calibrate the same parameter tree: "
+                "stats = jp.calibrate(apply_fn, params, batches).")
+        if shapes[p] != tuple(st.shape):
+            raise ValueError(
+                f"stats for leaf {p!r} were computed for shape {tuple(st.shape)}, but the "
+                f"parameter has shape {shapes[p]}. Recalibrate on these params.")
