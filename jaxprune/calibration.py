@@ -643,7 +643,7 @@ class Model:
             from jaxprune import graph as _graph
 
             where = _graph.trace(self.apply_fn, params, example).kernels
-        sel = _tree.select(params, where)
+        sel = _tree.flags(params, where)
         out = []
         for j, i in enumerate(self.array_idx):
             if sel[i]:
