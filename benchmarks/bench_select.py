@@ -146,31 +146,22 @@ def time_once(fn, *args) -> float:
 
 
 def count_passes(fn, params) -> list[tuple[str, int]]:
-    """The ``count_true`` calls made by one run of ``fn`` (an untimed trace).
+    """The counting passes made by one run of ``fn`` (an untimed trace).
 
-    Returns ``(phase, count)`` per call: ``"tie"`` once the trace has built a
-    position index (``select._flat_index``, used only by the tie-breaking
-    search and the final masks), else ``"search"``. One pass over
-    ``N_LAYERS`` leaves makes ``N_LAYERS`` calls.
+    Returns ``(phase, count)`` per pass: ``"search"`` while the threshold key
+    is searched, ``"tie"`` once the search has moved on to the position of
+    the last kept tie; ``count`` is the group's count at that pass (the
+    first group's, for a selection with several).
     """
     seen: list[tuple[str, int]] = []
-    phase = {"tie": False}
-    orig_count = jp_select.count_true
-    orig_index = getattr(jp_select, "_flat_index", None)
+    orig_step = jp_select._step
 
-    def counting(pred):
-        tag = "tie" if phase["tie"] else "search"
-        c = orig_count(pred)
-        jax.debug.callback(lambda v, tag=tag: seen.append((tag, int(v))), c)
-        return c
+    def step(s, f_g, target, first_phase):
+        jax.debug.callback(lambda ph, c: seen.append(("tie" if int(ph[0]) == 2 else "search",
+                                                      int(c[0]))), s.phase, f_g)
+        return orig_step(s, f_g, target, first_phase)
 
-    def index(*a, **kw):
-        phase["tie"] = True
-        return orig_index(*a, **kw)
-
-    jp_select.count_true = counting
-    if orig_index is not None:
-        jp_select._flat_index = index
+    jp_select._step = step
     try:
         # A new function object, so that jit traces afresh (its cache is
         # keyed on the function) and the callback is inside.
@@ -178,9 +169,7 @@ def count_passes(fn, params) -> list[tuple[str, int]]:
         jax.block_until_ready(out)
         jax.effects_barrier()
     finally:
-        jp_select.count_true = orig_count
-        if orig_index is not None:
-            jp_select._flat_index = orig_index
+        jp_select._step = orig_step
     return seen
 
 
@@ -320,11 +309,10 @@ def bench_size(size: int, fns: dict, args: argparse.Namespace) -> dict:
         ties_broken=n_ge != k,
     )
     seen = count_passes(fns["_global_fn"], params)
-    per_pass = [seen[i:i + N_LAYERS] for i in range(0, len(seen), N_LAYERS)]
     row.update(
-        search_passes=sum(1 for c in per_pass if c[0][0] == "search"),
-        tie_passes=sum(1 for c in per_pass if c[0][0] == "tie"),
-        pass_counts=[(c[0][0], sum(v for _, v in c)) for c in per_pass],
+        search_passes=sum(1 for ph, _ in seen if ph == "search"),
+        tie_passes=sum(1 for ph, _ in seen if ph == "tie"),
+        pass_counts=seen,
     )
     row["passes"] = f"{row['search_passes']}+{row['tie_passes']}"
 
@@ -442,13 +430,14 @@ def main(argv: list[str] | None = None) -> int:
 
     ok = all(r["exact"] and r["topk_exact"] and r["floor_ok"] and r["matches_argsort"] is not False
              for r in rows)
-    print("\npasses = count passes of global_topk over all kernels (count_true calls / "
-          f"{N_LAYERS}): threshold search + tie-breaking search (if it counts with "
-          "count_true). ties = weights tied at the threshold when some but not all are "
-          "kept (- when none are split). Per pass, the count minus k (search) or the "
-          "count of ties before the guessed position (tie):")
+    print("\npasses = counting passes of global_topk over all kernels: threshold-key "
+          "search + tie-position search (when the threshold key is tied across the cut). "
+          "ties = weights tied at the threshold when some but not all are kept (- when "
+          "none are split). Per pass, the count minus k (threshold passes: #{key >= g}; "
+          "tie passes: #{key > g} + #{key == g before the guessed position}):")
     for r in rows:
-        cs = [f"{c - r['k']:+d}" if ph == "search" else f"tie {c}" for ph, c in r["pass_counts"]]
+        cs = [f"{c - r['k']:+d}" if ph == "search" else f"tie {c - r['k']:+d}"
+              for ph, c in r["pass_counts"]]
         print(f"  {r['label']:>5}: {', '.join(cs)}")
     if args.breakdown:
         print("\nbreakdown of global_topk: its pieces timed round-robin with it (min of "
