@@ -30,11 +30,14 @@ Run:
   python benchmarks/bench_select.py                  # 1M,4M,16M,64M
   python benchmarks/bench_select.py --sizes 1M,4M --reps 5 --json out.json
   python benchmarks/bench_select.py --sizes 16M --breakdown
+  python benchmarks/bench_select.py --billion --reps 3          # 2**30 weights: time, peak RSS
+  python benchmarks/bench_select.py --billion --billion-d 4096  # the same at 64M, quickly
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import datetime
 import hashlib
 import json
@@ -375,6 +378,117 @@ def fmt_row(r: dict) -> str:
     )
 
 
+# --------------------------------------------------------------------------
+# --billion: a billion parameters, time and peak resident memory
+
+
+def _proc_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def peak_rise(fn, *args):
+    """Runs ``fn(*args)`` (compiled beforehand) and returns ``(out, seconds,
+    rise)``: ``rise`` is how far the process's peak resident set (VmHWM) rose
+    above its resident set at the start of the call, in bytes. The
+    high-water mark is reset first (``5`` to ``/proc/self/clear_refs``), after
+    ``malloc_trim`` has returned freed heap memory to the system (else the
+    call could reuse pages that count as resident already)."""
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    rss0 = _proc_kib("VmRSS")
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(fn(*args))
+    dt = time.perf_counter() - t0
+    return out, dt, (_proc_kib("VmHWM") - rss0) * 1024
+
+
+def billion(args) -> dict:
+    """``global_topk`` and ``topk`` over ``N_LAYERS`` float32 kernels of
+    ``d x d`` (d = 16384: 2**30 weights, 4 GiB) at ``args.sparsity``.
+
+    Variants: ``lazy`` passes the magnitudes as :class:`select.LazyScores`
+    (``|w|`` computed inside every pass from the kernels, what ``masks.topk``
+    and ``masks.global_topk`` do when given lazy scores); ``arrays`` is
+    today's call, ``global_topk(magnitude(params))``, whose ``|w|`` array is
+    a parameter-sized temporary (run with ``--billion-arrays``). Each variant
+    is compiled first, then timed (min of ``--reps``); its peak resident set
+    rise is measured on the first timed call. ``floor`` is one naive
+    compare-and-count pass, ``packed`` the same with ``count_true``.
+    """
+    d = args.billion_d
+    n = N_LAYERS * d * d
+    s = args.sparsity
+    k = int(np.round(n * (1.0 - s)))
+    k_leaf = int(np.round(d * d * (1.0 - s)))
+    rng = np.random.default_rng(args.seed)
+    ws = []
+    for _ in range(N_LAYERS):
+        host = rng.standard_normal((d, d), dtype=np.float32)
+        ws.append(jax.block_until_ready(jnp.array(host)))
+        del host
+    print(f"{N_LAYERS} kernels {d} x {d} float32 ({n * 4 / 2**30:.2f} GiB), sparsity {s}, "
+          f"k = {k}; resident set now {_proc_kib('VmRSS') / 2**20:.2f} GiB", flush=True)
+
+    def lazy(ws, groups, keep):
+        return jp_select.select_groups([jp_select.LazyScores(jnp.abs, (w,)) for w in ws], groups, keep)
+
+    variants = {
+        "global/lazy": jax.jit(lambda ws: lazy(ws, [0] * N_LAYERS, [k])),
+        "topk/lazy": jax.jit(lambda ws: lazy(ws, list(range(N_LAYERS)), [k_leaf] * N_LAYERS)),
+    }
+    if args.billion_arrays:
+        variants["global/arrays"] = jax.jit(
+            lambda ws: kernels(jaxprune.masks.global_topk(jaxprune.scores.magnitude(_tree(ws)), s)))
+        variants["topk/arrays"] = jax.jit(
+            lambda ws: kernels(jaxprune.masks.topk(jaxprune.scores.magnitude(_tree(ws)), s)))
+    t = jnp.float32(1.6448536)  # about the 90% quantile of |N(0, 1)|
+    floors = {
+        "floor": jax.jit(lambda ws, t: sum(jnp.sum(jnp.abs(w) > t, dtype=jnp.int32) for w in ws)),
+        "packed": jax.jit(lambda ws, t: sum(jp_select.count_true(jnp.abs(w) > t) for w in ws)),
+    }
+    out: dict = dict(d=d, n=n, k=k, k_leaf=k_leaf, sparsity=s, ms={}, peak_rise_gib={},
+                     temp_gib={}, exact={})
+    for name, f in {**floors, **variants}.items():
+        a = (ws, t) if name in floors else (ws,)
+        compiled = f.lower(*a).compile()
+        out["temp_gib"][name] = compiled.memory_analysis().temp_size_in_bytes / 2**30
+        times = []
+        for r in range(args.reps):
+            res, dt, rise = peak_rise(compiled, *a)
+            times.append(dt)
+            if r == 0:
+                out["peak_rise_gib"][name] = rise / 2**30
+                if name in variants:
+                    counts = [int(np.count_nonzero(np.asarray(m))) for m in res]
+                    out["exact"][name] = (sum(counts) == k if name.startswith("global")
+                                          else all(c == k_leaf for c in counts))
+            del res
+        out["ms"][name] = min(times) * 1e3
+        extra = "" if name in floors else (
+            f", exact count {'yes' if out['exact'][name] else 'NO'}")
+        print(f"{name:>14}: {min(times):7.3f} s (min of {args.reps}), peak RSS rise "
+              f"{out['peak_rise_gib'][name]:.2f} GiB, XLA temp {out['temp_gib'][name]:.3f} GiB"
+              + extra, flush=True)
+    masks_gib = n / 2**30
+    budget = masks_gib + 0.1 * n * 4 / 2**30
+    for name in variants:
+        ratio = out["ms"][name] / out["ms"]["floor"]
+        rise = out["peak_rise_gib"][name]
+        print(f"{name}: {ratio:.2f}x one naive pass (target <= 4: {'met' if ratio <= 4 else 'NOT met'}); "
+              f"peak rise {rise:.2f} GiB against masks {masks_gib:.2f} + 10% of the parameters "
+              f"= {budget:.2f} GiB ({'met' if rise <= budget else 'NOT met'})")
+    return out
+
+
+def _tree(ws) -> dict:
+    return {f"layer{i}": {"kernel": w} for i, w in enumerate(ws)}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default="1M,4M,16M,64M",
@@ -391,6 +505,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--breakdown", action="store_true",
                     help="also time the pieces of global_topk (keys, passes, masks)")
     ap.add_argument("--json", metavar="PATH", help="write all numbers here")
+    ap.add_argument("--billion", action="store_true",
+                    help="only the billion-parameter run: time and peak memory (see billion())")
+    ap.add_argument("--billion-d", type=int, default=16384,
+                    help="kernel side for --billion (4 kernels of d x d)")
+    ap.add_argument("--billion-arrays", action="store_true",
+                    help="--billion also runs global_topk/topk(magnitude(params)) (|w| as arrays)")
     args = ap.parse_args(argv)
     sizes = [parse_size(x) for x in args.sizes.split(",") if x.strip()]
 
@@ -419,6 +539,13 @@ def main(argv: list[str] | None = None) -> int:
           f"min of {args.reps} reps (argsort: {args.argsort_reps} above "
           f"{size_label(args.argsort_full_reps_upto)}, skipped above "
           f"{size_label(args.skip_argsort_above)}); times in ms")
+    if args.billion:
+        info["billion"] = billion(args)
+        info["loadavg_end"] = os.getloadavg()
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump(dict(info=info), fh, indent=1)
+        return 0 if all(info["billion"]["exact"].values()) else 1
     print(HEADER, flush=True)
 
     fns = make_fns(args.sparsity)

@@ -61,6 +61,7 @@ __all__ = [
     "LazyScores",
     "count_true",
     "keep_count",
+    "select_along",
     "select_groups",
     "sortable_key",
 ]
@@ -508,9 +509,18 @@ def _first_guesses(leaves: Sequence[_Leaf], n_group: Sequence[int], k: jax.Array
     index = np.full((n_groups, width), start, np.int32)
     for g, s in enumerate(slots):
         index[g, : len(s)] = s
-    xs = lax.sort(flat[index], dimension=1)  # ascending x: descending keys
-    m = jnp.asarray([len(s) for s in slots], jnp.float32)
-    q = k.astype(jnp.float32) / jnp.maximum(jnp.asarray(n_group, jnp.float32), 1.0)
+    return _guesses_from_rows(flat[index], jnp.asarray([len(s) for s in slots], jnp.float32),
+                              jnp.asarray(n_group, jnp.float32), k)
+
+
+def _guesses_from_rows(xs: jax.Array, m: jax.Array, n: jax.Array, k: jax.Array) -> jax.Array:
+    """Two first guesses per group from its row of ``xs`` (sampled ``~key``
+    values, ``m`` real ones then padding ``~0``): the sample's estimates of
+    the k-th largest key a few standard errors above and below. Returns
+    ``(2, G)`` uint32 in the search's ``x = ~key`` domain."""
+    n_groups = xs.shape[0]
+    xs = lax.sort(xs, dimension=1)  # ascending x: descending keys
+    q = k.astype(jnp.float32) / jnp.maximum(n, 1.0)
     i_est = q * m
     margin = 2.0 * jnp.sqrt(m * q * (1.0 - q)) + 1.0
     top = jnp.maximum(m - 1.0, 0.0)
@@ -786,3 +796,159 @@ def _keep_vector(keep: Any) -> jax.Array:
     if not len(keep):
         return jnp.zeros((0,), jnp.int32)
     return jnp.stack([jnp.asarray(x, jnp.int32) for x in keep])
+
+
+# --------------------------------------------------------------------------
+# Selection within slices along axes
+
+
+def select_along(scores: jax.Array | LazyScores, axis: int | Sequence[int], keep: Any) -> jax.Array:
+    """Keeps exactly ``keep`` of the largest scores in every slice along ``axis``.
+
+    The axes in ``axis`` form one comparison group; every index of the other
+    axes is its own group, with its own exact count. For a Flax ``(in, out)``
+    kernel, ``axis=0`` compares within each output unit (Wanda's groups);
+    for layer-stacked parameters ``(L, ...)``, ``axis=(1, 2, ...)`` gives
+    every layer its own budget. Same rules as :func:`select_groups`: ties
+    by position (lower flat index within the slice first, the slice's axes
+    in their order), NaN ranked lowest, ``uint32`` scores taken as keys.
+
+    The search runs on all groups at once: every pass reduces one
+    predicate over the group axes, so run time and compile time do not
+    depend on the number of groups beyond the passes over memory.
+
+    Args:
+      scores: a float array, ``uint32`` keys, or :class:`LazyScores`.
+      axis: an int or a tuple of ints (negative counts from the end); ``()``
+        makes every score its own group.
+      keep: how many to keep per slice: an int (every slice), or an integer
+        array with the shape of the other axes (in their order); traced is
+        fine. Clipped to ``[0, slice size]``.
+
+    Returns:
+      A boolean mask of the scores' shape.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> w = jnp.array([[1.0, 5.0], [3.0, 2.0], [2.0, 4.0]])  # (in, out)
+      >>> select_along(w, 0, 2).tolist()  # 2 of 3 inputs per output column
+      [[False, True], [True, False], [True, True]]
+      >>> select_along(w, 1, jnp.array([1, 0, 2])).tolist()  # per row budgets
+      [[False, True], [False, False], [True, True]]
+    """
+    lazy = scores if isinstance(scores, LazyScores) else LazyScores(_identity, (scores,))
+    fn, args = lazy.fn, tuple(lazy.args)
+    out = jax.eval_shape(lambda: fn(*args))
+    shape = tuple(out.shape)
+    axes = _along_axes(axis, len(shape))
+    other_shape = tuple(d for a, d in enumerate(shape) if a not in axes)
+    s = int(np.prod([shape[a] for a in axes], dtype=np.int64))
+    n_groups = int(np.prod(other_shape, dtype=np.int64))
+    if s >= 2**31:
+        raise ValueError(f"select_along: slices of {s} scores are too large (limit 2**31 - 1).")
+    k = _keep_along(keep, other_shape, s)
+    if s == 0 or n_groups == 0:
+        return jnp.zeros(shape, jnp.bool_)
+    group_shape = tuple(1 if a in axes else d for a, d in enumerate(shape))
+
+    def kept(key, cuts, z=None):
+        g = cuts[0].reshape(group_shape)
+        p = lax.bitcast_convert_type(cuts[1], jnp.int32).reshape(group_shape)
+        pos = _slice_position(shape, axes, z)
+        return (key > g) | ((key == g) & (pos < p))
+
+    def count(cuts, js, z):
+        del js
+        return _count_along(kept(_keys_of(fn, args, z), cuts, z), axes).reshape(-1)
+
+    def spread(g, p):
+        return jnp.stack([g, lax.bitcast_convert_type(p, jnp.uint32)])
+
+    n = jnp.full((n_groups,), s, jnp.int32)
+    cuts, _, _ = _search(count, spread, n, k, _first_guesses_along(fn, args, shape, axes, k),
+                         jnp.full((n_groups,), out.dtype == jnp.uint32), 0)
+    return kept(_keys_of(fn, args), cuts)
+
+
+def _along_axes(axis: Any, nd: int) -> tuple[int, ...]:
+    """``axis`` as a sorted tuple of distinct non-negative axes."""
+    axes = (axis,) if isinstance(axis, (int, np.integer)) else tuple(axis)
+    bad = [a for a in axes if not isinstance(a, (int, np.integer)) or not -nd <= a < nd]
+    if bad:
+        raise ValueError(f"select_along: axis={axis!r} is out of range for {nd}-d scores; "
+                         f"give axes in [-{nd}, {nd}).")
+    norm = tuple(sorted({int(a) % nd for a in axes}))
+    if len(norm) != len(axes):
+        raise ValueError(f"select_along: axis={axis!r} repeats an axis.")
+    return norm
+
+
+def _keep_along(keep: Any, other_shape: tuple, s: int) -> jax.Array:
+    """``keep`` as a ``(G,)`` int32 vector, clipped to ``[0, s]``."""
+    k = jnp.asarray(keep)
+    if not (jnp.issubdtype(k.dtype, jnp.integer) or k.dtype == jnp.bool_):
+        raise TypeError(f"select_along: keep must be integers (counts), got dtype {k.dtype}. "
+                        "For a sparsity, use keep_count(slice_size, sparsity).")
+    if k.ndim == 0:
+        k = jnp.broadcast_to(k, other_shape)
+    elif k.shape != other_shape:
+        raise ValueError(f"select_along: keep has shape {k.shape}; give one int, or an array "
+                         f"with the shape of the axes not in axis= {other_shape}.")
+    return jnp.clip(k.astype(jnp.int32).reshape(-1), 0, s)
+
+
+def _slice_position(shape: tuple, axes: tuple, z: jax.Array | None) -> jax.Array:
+    """Every element's flat position within its slice (row-major over the
+    slice's axes), broadcastable to ``shape``; in a loop it depends on ``z``
+    (see :func:`_touch`), so that XLA does not store it for all passes."""
+    pos, stride = None, 1
+    for a in reversed(axes):
+        iota = lax.broadcasted_iota(jnp.int32, tuple(d if i == a else 1 for i, d in enumerate(shape)), a)
+        term = iota * stride if stride != 1 else iota
+        pos = term if pos is None else pos + term
+        stride *= shape[a]
+    if pos is None:  # axis=(): every score is its own slice
+        pos = jnp.zeros((1,) * len(shape), jnp.int32)
+    if z is not None:
+        pos = pos + z.astype(jnp.int32)
+    return jnp.broadcast_to(pos, shape)
+
+
+def _count_along(pred: jax.Array, axes: tuple) -> jax.Array:
+    """``True`` counts of every slice: sums over ``axes``, 32 booleans per
+    ``popcount`` when the last axis is a slice axis of a length divisible by
+    32 (a reduction along the minor axis is slow unpacked); otherwise plain
+    sums (over major axes they vectorise across the minor one)."""
+    shape = pred.shape
+    if axes and axes[-1] == len(shape) - 1 and shape[-1] % 32 == 0:
+        bits = pred.reshape(*shape[:-1], shape[-1] // 32, 32).astype(jnp.uint32)
+        words = jnp.sum(bits << lax.broadcasted_iota(jnp.uint32, (32,), 0), axis=-1, dtype=jnp.uint32)
+        return jnp.sum(lax.population_count(words), axis=axes, dtype=jnp.int32)
+    return jnp.sum(pred, axis=axes, dtype=jnp.int32)
+
+
+def _first_guesses_along(fn: Callable, args: tuple, shape: tuple, axes: tuple, k: jax.Array) -> jax.Array:
+    """First guesses for every slice from a strided sample along its axes
+    (all slices sampled alike, sorted at once). At most about ``size / 8``
+    samples in all, so tiny slices are sampled partly or not at all."""
+    n_groups = k.shape[0]
+    s = int(np.prod([shape[a] for a in axes], dtype=np.int64))
+    size = n_groups * s
+    quota = max(64, min(_SAMPLE_QUOTA, (8 * _SAMPLE_QUOTA) // n_groups))
+    quota = min(quota, s, max(1 << 16, size // 8) // n_groups)
+    if quota < 1:
+        return jnp.zeros((0, n_groups), jnp.uint32)
+    group_sl = _sample_slices(tuple(shape[a] for a in axes), quota)
+    sl = [slice(None)] * len(shape)
+    for a, g in zip(axes, group_sl):
+        sl[a] = g
+    sl = tuple(sl)
+    args = [jnp.asarray(a) for a in args]
+    if all(a.shape == shape for a in args):
+        keys = _keys_of(fn, [a[sl] for a in args])
+    else:
+        keys = _keys_of(fn, args, _opaque_zero(args))[sl]
+    others = [a for a in range(len(shape)) if a not in axes]
+    rows = jnp.transpose(keys, (*others, *axes)).reshape(n_groups, -1)
+    m = jnp.full((n_groups,), rows.shape[1], jnp.float32)
+    return _guesses_from_rows(~rows, m, jnp.full((n_groups,), s, jnp.float32), k)
