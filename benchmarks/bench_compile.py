@@ -21,9 +21,10 @@ shapes only (``jax.ShapeDtypeStruct``: nothing is allocated or run):
   distinct shapes. ``where`` selects every leaf (``all``) or the default
   (``ndim >= 2``: the 145 matrices).
 
-For each: the trace-and-lower time, the XLA compile time and the number of
-fusions in the compiled program. XLA compiles on all cores, so other jobs
-slow it down; the fusion counts do not depend on load.
+For each: the trace-and-lower time, the XLA compile time (wall clock), the
+process CPU time of both (all threads: less sensitive to other jobs than wall
+time, which they slow down) and the number of fusions in the compiled
+program (which does not depend on load).
 
 Run:
   python benchmarks/bench_compile.py                        # all three
@@ -201,8 +202,8 @@ def run_models(names: Sequence[str], reps: int) -> list:
     """Dense and pruned step compile times, ``reps`` fresh compiles each,
     interleaved (dense, pruned, dense, ...) so that load hits them alike."""
     print("| model | leaves | kernels | step | lower s | compile s (min, median) | "
-          "total / dense (median) | fusions |")
-    print("|---|---:|---:|---|---:|---:|---:|---:|")
+          "total / dense (median) | CPU s (median) | CPU / dense | fusions |")
+    print("|---|---:|---:|---|---:|---:|---:|---:|---:|---:|")
     rows = []
     for name in names:
         depth = int(name.replace("resnet", ""))
@@ -216,17 +217,20 @@ def run_models(names: Sequence[str], reps: int) -> list:
                 times.setdefault(label, []).append(
                     time_compile(resnet_step(model, tx), params, bs, opt, x, y))
         dense_total = np.median([t["lower_s"] + t["compile_s"] for t in times["dense"]])
+        dense_cpu = np.median([t["lower_cpu_s"] + t["compile_cpu_s"] for t in times["dense"]])
         for label, ts in times.items():
             lower = np.median([t["lower_s"] for t in ts])
             comp = [t["compile_s"] for t in ts]
             total = np.median([t["lower_s"] + t["compile_s"] for t in ts])
+            cpu = np.median([t["lower_cpu_s"] + t["compile_cpu_s"] for t in ts])
             r = dict(model=name, leaves=n_leaves, kernels=n_kernels, step=label,
                      lower_s=float(lower), compile_s=comp, total_median_s=float(total),
-                     total_over_dense=float(total / dense_total), fusions=ts[0]["fusions"])
+                     total_over_dense=float(total / dense_total), cpu_median_s=float(cpu),
+                     cpu_over_dense=float(cpu / dense_cpu), runs=ts, fusions=ts[0]["fusions"])
             rows.append(r)
             print(f"| {name} | {n_leaves} | {n_kernels} | {label} | {lower:.1f} | "
                   f"{min(comp):.1f}, {np.median(comp):.1f} | {total / dense_total:.2f} | "
-                  f"{r['fusions']} |", flush=True)
+                  f"{cpu:.1f} | {cpu / dense_cpu:.2f} | {r['fusions']} |", flush=True)
     return rows
 
 
@@ -252,8 +256,9 @@ def transformer_shapes(layers: int, d: int = 1024, vocab: int = 50304) -> dict:
 
 
 def run_transformer(layer_counts: Sequence[int], reps: int) -> list:
-    print("| layers | leaves | where | selected | lower s | compile s (min, median) | fusions |")
-    print("|---:|---:|---|---:|---:|---:|---:|")
+    print("| layers | leaves | where | selected | lower s | compile s (min, median) | "
+          "total s (median) | CPU s (median) | fusions |")
+    print("|---:|---:|---|---:|---:|---:|---:|---:|---:|")
     rows = []
     for layers in layer_counts:
         params = transformer_shapes(layers)
@@ -266,12 +271,15 @@ def run_transformer(layer_counts: Sequence[int], reps: int) -> list:
                     jp.scores.magnitude(p), 0.9, where=where))
                 ts.append(time_compile(f, params))
             comp = [t["compile_s"] for t in ts]
+            total = float(np.median([t["lower_s"] + t["compile_s"] for t in ts]))
+            cpu = float(np.median([t["lower_cpu_s"] + t["compile_cpu_s"] for t in ts]))
             r = dict(layers=layers, leaves=n_leaves, where=where_name, selected=n_sel,
                      lower_s=float(np.median([t["lower_s"] for t in ts])), compile_s=comp,
-                     fusions=ts[0]["fusions"])
+                     total_median_s=total, cpu_median_s=cpu, runs=ts, fusions=ts[0]["fusions"])
             rows.append(r)
             print(f"| {layers} | {n_leaves} | {where_name} | {n_sel} | {r['lower_s']:.1f} | "
-                  f"{min(comp):.1f}, {np.median(comp):.1f} | {r['fusions']} |", flush=True)
+                  f"{min(comp):.1f}, {np.median(comp):.1f} | {total:.1f} | {cpu:.1f} | "
+                  f"{r['fusions']} |", flush=True)
     return rows
 
 

@@ -143,7 +143,7 @@ def count_true(pred: jax.Array) -> jax.Array:
     return jnp.sum(lax.population_count(words), dtype=jnp.int32)
 
 
-def keep_count(n: int, sparsity: Any) -> Any:
+def keep_count(n: Any, sparsity: Any) -> Any:
     """How many of ``n`` scores a sparsity keeps: ``round(n * (1 - sparsity))``.
 
     Rounds half to even, like :func:`numpy.round`, and clips to ``[0, n]``.
@@ -153,17 +153,35 @@ def keep_count(n: int, sparsity: Any) -> Any:
     (``n < 2**31``), so a schedule under ``jit`` never drifts by a weight,
     however large ``n`` is. A traced NaN keeps everything.
 
+    ``n`` may also be a sequence or array of sizes (and ``sparsity`` one
+    number or one per size): the counts then come as one array, computed in
+    one vectorised operation. Under ``jit``, one call for all the leaves of
+    a selection compiles one kernel, where one call per leaf compiles one
+    per distinct size.
+
     Example:
       >>> import jax, jax.numpy as jnp
       >>> keep_count(10, 0.25), int(jax.jit(lambda s: keep_count(10, s))(0.25))
       (8, 8)
+      >>> keep_count([10, 3], 0.5).tolist(), jax.jit(lambda s: keep_count([10, 3], s))(0.5).tolist()
+      ([5, 2], [5, 2])
     """
-    concrete_n = isinstance(n, (int, np.integer))
-    if concrete_n and isinstance(sparsity, (int, float, np.number, np.ndarray)) and np.ndim(sparsity) == 0:
-        return int(np.clip(np.round(n * (1.0 - float(sparsity))), 0, n))
-    if concrete_n and not 0 <= n < 2**31:
-        raise ValueError(f"keep_count: n={n} must be in [0, 2**31).")
-    return _keep_count_exact(n, jnp.asarray(sparsity, jnp.float32))
+    concrete_s = isinstance(sparsity, (int, float, np.number, np.ndarray, list, tuple))
+    if isinstance(n, (int, np.integer)):
+        if concrete_s and np.ndim(sparsity) == 0:
+            return int(np.clip(np.round(n * (1.0 - float(sparsity))), 0, n))
+        if not 0 <= n < 2**31:
+            raise ValueError(f"keep_count: n={n} must be in [0, 2**31).")
+        return _keep_count_exact(n, jnp.asarray(sparsity, jnp.float32))
+    if isinstance(n, jax.core.Tracer):
+        return _keep_count_exact(n, jnp.asarray(sparsity, jnp.float32))
+    sizes = np.asarray(n)
+    if sizes.dtype.kind not in "iu" or np.any(sizes < 0) or np.any(sizes >= 2**31):
+        raise ValueError(f"keep_count: sizes must be integers in [0, 2**31), got {n!r}.")
+    if concrete_s:
+        s = np.asarray(sparsity, np.float64)
+        return np.clip(np.round(sizes * (1.0 - s)), 0, sizes).astype(np.int64)
+    return _keep_count_exact(jnp.asarray(sizes, jnp.int32), jnp.asarray(sparsity, jnp.float32))
 
 
 def _keep_count_exact(n: Any, s: jax.Array) -> jax.Array:
@@ -915,27 +933,37 @@ def _slice_position(shape: tuple, axes: tuple, z: jax.Array | None) -> jax.Array
 
 
 def _count_along(pred: jax.Array, axes: tuple) -> jax.Array:
-    """``True`` counts of every slice: sums over ``axes``, 32 booleans per
-    ``popcount`` when the last axis is a slice axis of a length divisible by
-    32 (a reduction along the minor axis is slow unpacked); otherwise plain
-    sums (over major axes they vectorise across the minor one)."""
+    """``True`` counts of every slice (sums over ``axes``), with no temporary
+    of the predicate's size: along the last slice axis (padded with False
+    to a multiple of 32), 32 booleans are packed into a word and counted by
+    ``popcount`` in one kernel, whose ``uint8`` counts (1/32 of the scores)
+    are then summed over the slice axes. (A plain sum of booleans would be
+    converted to int32 and stored by XLA:CPU before reducing.)"""
+    if not axes:
+        return pred.astype(jnp.int32)
+    a = axes[-1]
+    pad = -pred.shape[a] % 32
+    if pad:
+        widths = [(0, 0)] * pred.ndim
+        widths[a] = (0, pad)
+        pred = jnp.pad(pred, widths)
     shape = pred.shape
-    if axes and axes[-1] == len(shape) - 1 and shape[-1] % 32 == 0:
-        bits = pred.reshape(*shape[:-1], shape[-1] // 32, 32).astype(jnp.uint32)
-        words = jnp.sum(bits << lax.broadcasted_iota(jnp.uint32, (32,), 0), axis=-1, dtype=jnp.uint32)
-        return jnp.sum(lax.population_count(words), axis=axes, dtype=jnp.int32)
-    return jnp.sum(pred, axis=axes, dtype=jnp.int32)
+    split = (*shape[:a], shape[a] // 32, 32, *shape[a + 1:])
+    bit = lax.broadcasted_iota(jnp.uint32, tuple(32 if i == a + 1 else 1 for i in range(len(split))), a + 1)
+    words = jnp.sum(pred.reshape(split).astype(jnp.uint32) << bit, axis=a + 1, dtype=jnp.uint32)
+    return jnp.sum(lax.population_count(words).astype(jnp.uint8), axis=axes, dtype=jnp.int32)
 
 
 def _first_guesses_along(fn: Callable, args: tuple, shape: tuple, axes: tuple, k: jax.Array) -> jax.Array:
     """First guesses for every slice from a strided sample along its axes
-    (all slices sampled alike, sorted at once). At most about ``size / 8``
-    samples in all, so tiny slices are sampled partly or not at all."""
+    (all slices sampled alike, sorted at once). At most ``8 * _SAMPLE_QUOTA``
+    samples in all, and about ``size / 32`` (at least 1024): many small
+    slices are sampled sparsely or not at all."""
     n_groups = k.shape[0]
     s = int(np.prod([shape[a] for a in axes], dtype=np.int64))
     size = n_groups * s
     quota = max(64, min(_SAMPLE_QUOTA, (8 * _SAMPLE_QUOTA) // n_groups))
-    quota = min(quota, s, max(1 << 16, size // 8) // n_groups)
+    quota = min(quota, s, max(1024, size // 32) // n_groups)
     if quota < 1:
         return jnp.zeros((0, n_groups), jnp.uint32)
     group_sl = _sample_slices(tuple(shape[a] for a in axes), quota)
