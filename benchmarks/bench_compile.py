@@ -12,14 +12,17 @@ shapes only (``jax.ShapeDtypeStruct``: nothing is allocated or run):
   kernels; ResNet-50: 161 leaves, 54 kernels; full width, 32x32 inputs,
   batch 32, 1000 classes): dense ``optax.adam`` against
   ``jp.prune(optax.adam, sparsity=0.9, allocation=uniform|global,
-  update_every=100)``.
+  update_every=100)``; with ``--sketch`` also :func:`lazy_prune`, the same
+  step with the scores passed lazily and one vectorised ``keep_count``
+  (the caller-side changes proposed for masks.py / transforms.py).
 * ``--transformer``: ``global_topk`` over the parameters of an unstacked
   GPT-style decoder (``d_model`` 1024, MLP 4096, vocabulary 50304,
   no biases: per layer q, k, v, o ``(d, d)``, up ``(d, 4d)``, down
   ``(4d, d)`` and two norm scales ``(d,)``; plus the token embedding and a
   final norm scale), for several layer counts; 24 layers = 195 leaves of 5
   distinct shapes. ``where`` selects every leaf (``all``) or the default
-  (``ndim >= 2``: the 145 matrices).
+  (``ndim >= 2``: the 145 matrices); with ``--sketch`` also every leaf with
+  the scores passed as ``select.LazyScores`` (``all, lazy``).
 
 For each: the trace-and-lower time, the XLA compile time (wall clock), the
 process CPU time of both (all threads: less sensitive to other jobs than wall
@@ -30,6 +33,7 @@ Run:
   python benchmarks/bench_compile.py                        # all three
   python benchmarks/bench_compile.py --synthetic --leaves 10,200 --json out.json
   python benchmarks/bench_compile.py --models resnet18,resnet50 --reps 3
+  python benchmarks/bench_compile.py --models resnet18 --sketch   # + the proposed lazy-score step
   python benchmarks/bench_compile.py --transformer --layers 6,12,24
 """
 
@@ -49,6 +53,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax import lax
 
 import jaxprune as jp
 
@@ -189,16 +194,59 @@ def resnet_shapes(depth: int, batch: int = 32):
     return model, variables["params"], variables["batch_stats"], x, y
 
 
-def step_txs() -> dict:
+def lazy_prune(inner, sparsity: float, update_every: int, allocation: str):
+    """A sketch of ``jp.prune``'s update (magnitude scores, nested masks) with
+    the two changes proposed for masks.py / transforms.py: the scores reach
+    the selection as ``select.LazyScores`` (``where(m, |w|, -inf)`` computed
+    inside every pass, never stored), and the keep counts of all leaves come
+    from one vectorised ``keep_count`` call. Same state, cond and masking."""
+    from jaxprune import select as sel
+    from jaxprune import transforms as jpt
+
+    def init_fn(params):
+        return (jnp.zeros((), jnp.int32), jpt.initial_masks(params, None), inner.init(params))
+
+    def update_fn(updates, state, params=None):
+        count, masks, inner_state = state
+        leaves, treedef = jax.tree.flatten(params)
+        mleaves = treedef.flatten_up_to(masks)
+        idx = [i for i, m in enumerate(mleaves) if m.ndim]
+
+        def recompute():
+            scores = [sel.LazyScores(lambda w, m: jnp.where(m, jnp.abs(w), -jnp.inf),
+                                     (leaves[i], mleaves[i])) for i in idx]
+            sizes = np.array([leaves[i].size for i in idx])
+            s = jpt.schedule_value(sparsity, count)
+            if allocation == "global":
+                new = sel.select_groups(scores, [0] * len(idx), [sel.keep_count(int(sizes.sum()), s)])
+            else:
+                new = sel.select_groups(scores, list(range(len(idx))), sel.keep_count(sizes, s))
+            out = list(mleaves)
+            for i, m in zip(idx, new):
+                out[i] = m
+            return treedef.unflatten(out)
+
+        masks = lax.cond(count % update_every == 0, recompute, lambda: masks)
+        u, inner_state = inner.update(jpt.mask_grads(updates, masks), inner_state, params)
+        return jpt.apply_mask_to_updates(u, params, masks), (count + 1, masks, inner_state)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def step_txs(sketch: bool = False) -> dict:
     adam = optax.adam(1e-3)
-    return {
+    txs = {
         "dense": adam,
         "prune/uniform": jp.prune(adam, sparsity=0.9, allocation="uniform", update_every=100),
         "prune/global": jp.prune(adam, sparsity=0.9, allocation="global", update_every=100),
     }
+    if sketch:
+        txs["sketch/uniform"] = lazy_prune(adam, 0.9, 100, "uniform")
+        txs["sketch/global"] = lazy_prune(adam, 0.9, 100, "global")
+    return txs
 
 
-def run_models(names: Sequence[str], reps: int) -> list:
+def run_models(names: Sequence[str], reps: int, sketch: bool = False) -> list:
     """Dense and pruned step compile times, ``reps`` fresh compiles each,
     interleaved (dense, pruned, dense, ...) so that load hits them alike."""
     print("| model | leaves | kernels | step | lower s | compile s (min, median) | "
@@ -212,7 +260,7 @@ def run_models(names: Sequence[str], reps: int) -> list:
         n_kernels = sum(1 for v in jax.tree.leaves(params) if len(v.shape) >= 2)
         times: dict[str, list] = {}
         for _ in range(reps):
-            for label, tx in step_txs().items():
+            for label, tx in step_txs(sketch).items():
                 opt = jax.eval_shape(tx.init, params)
                 times.setdefault(label, []).append(
                     time_compile(resnet_step(model, tx), params, bs, opt, x, y))
@@ -255,7 +303,19 @@ def transformer_shapes(layers: int, d: int = 1024, vocab: int = 50304) -> dict:
     return params
 
 
-def run_transformer(layer_counts: Sequence[int], reps: int) -> list:
+def _lazy_global(params, sparsity: float):
+    """A global magnitude selection over every leaf with the scores passed
+    as ``select.LazyScores`` (what ``global_topk`` would do if it accepted
+    them): no |w| array is stored, |w| is computed inside every pass."""
+    from jaxprune import select as sel
+
+    leaves = jax.tree.leaves(params)
+    n = sum(int(np.prod(x.shape)) for x in leaves)
+    return sel.select_groups([sel.LazyScores(jnp.abs, (x,)) for x in leaves], [0] * len(leaves),
+                             [sel.keep_count(n, sparsity)])
+
+
+def run_transformer(layer_counts: Sequence[int], reps: int, lazy: bool = False) -> list:
     print("| layers | leaves | where | selected | lower s | compile s (min, median) | "
           "total s (median) | CPU s (median) | fusions |")
     print("|---:|---:|---|---:|---:|---:|---:|---:|---:|")
@@ -263,12 +323,20 @@ def run_transformer(layer_counts: Sequence[int], reps: int) -> list:
     for layers in layer_counts:
         params = transformer_shapes(layers)
         n_leaves = len(jax.tree.leaves(params))
-        for where_name, where in (("all", lambda path, leaf: True), ("default", None)):
+        variants = [("all", lambda path, leaf: True, False), ("default", None, False)]
+        if lazy:
+            variants += [("all, lazy", None, True)]
+        for where_name, where, as_lazy in variants:
             n_sel = sum(1 for v in jax.tree.leaves(params) if where is not None or len(v.shape) >= 2)
+            if as_lazy:
+                n_sel = n_leaves
             ts = []
             for _ in range(reps):
-                f = jax.jit(lambda p, where=where: jp.masks.global_topk(
-                    jp.scores.magnitude(p), 0.9, where=where))
+                if as_lazy:
+                    f = jax.jit(lambda p: _lazy_global(p, 0.9))
+                else:
+                    f = jax.jit(lambda p, where=where: jp.masks.global_topk(
+                        jp.scores.magnitude(p), 0.9, where=where))
                 ts.append(time_compile(f, params))
             comp = [t["compile_s"] for t in ts]
             total = float(np.median([t["lower_s"] + t["compile_s"] for t in ts]))
@@ -301,6 +369,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--leaves", default="25,50,100", help="synthetic: comma-separated leaf counts")
     ap.add_argument("--models", nargs="?", const="resnet18,resnet50", default=None,
                     help="train-step compile of these models (default resnet18,resnet50)")
+    ap.add_argument("--sketch", action="store_true",
+                    help="models: also the step with lazy scores and one keep_count (see "
+                    "lazy_prune); transformer: also the selection with lazy scores")
     ap.add_argument("--transformer", action="store_true", help="global selection on a transformer")
     ap.add_argument("--layers", default="6,12,24", help="transformer: comma-separated layer counts")
     ap.add_argument("--reps", type=int, default=3, help="fresh compiles per model/transformer row")
@@ -317,9 +388,10 @@ def main(argv=None) -> dict:
     if args.synthetic:
         out["synthetic"] = run_synthetic([int(v) for v in args.leaves.split(",")])
     if args.models:
-        out["models"] = run_models(args.models.split(","), args.reps)
+        out["models"] = run_models(args.models.split(","), args.reps, args.sketch)
     if args.transformer:
-        out["transformer"] = run_transformer([int(v) for v in args.layers.split(",")], args.reps)
+        out["transformer"] = run_transformer([int(v) for v in args.layers.split(",")], args.reps,
+                                             args.sketch)
     info["loadavg_end"] = os.getloadavg()[0]
     print(f"load average at end: {info['loadavg_end']:.1f}")
     if args.json:
