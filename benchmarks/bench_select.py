@@ -30,11 +30,14 @@ Run:
   python benchmarks/bench_select.py                  # 1M,4M,16M,64M
   python benchmarks/bench_select.py --sizes 1M,4M --reps 5 --json out.json
   python benchmarks/bench_select.py --sizes 16M --breakdown
+  python benchmarks/bench_select.py --billion --reps 3          # 2**30 weights: time, peak RSS
+  python benchmarks/bench_select.py --billion --billion-d 4096  # the same at 64M, quickly
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import datetime
 import hashlib
 import json
@@ -146,31 +149,22 @@ def time_once(fn, *args) -> float:
 
 
 def count_passes(fn, params) -> list[tuple[str, int]]:
-    """The ``count_true`` calls made by one run of ``fn`` (an untimed trace).
+    """The counting passes made by one run of ``fn`` (an untimed trace).
 
-    Returns ``(phase, count)`` per call: ``"tie"`` once the trace has built a
-    position index (``select._flat_index``, used only by the tie-breaking
-    search and the final masks), else ``"search"``. One pass over
-    ``N_LAYERS`` leaves makes ``N_LAYERS`` calls.
+    Returns ``(phase, count)`` per pass: ``"search"`` while the threshold key
+    is searched, ``"tie"`` once the search has moved on to the position of
+    the last kept tie; ``count`` is the group's count at that pass (the
+    first group's, for a selection with several).
     """
     seen: list[tuple[str, int]] = []
-    phase = {"tie": False}
-    orig_count = jp_select.count_true
-    orig_index = getattr(jp_select, "_flat_index", None)
+    orig_step = jp_select._step
 
-    def counting(pred):
-        tag = "tie" if phase["tie"] else "search"
-        c = orig_count(pred)
-        jax.debug.callback(lambda v, tag=tag: seen.append((tag, int(v))), c)
-        return c
+    def step(s, f_g, target, first_phase):
+        jax.debug.callback(lambda ph, c: seen.append(("tie" if int(ph[0]) == 2 else "search",
+                                                      int(c[0]))), s.phase, f_g)
+        return orig_step(s, f_g, target, first_phase)
 
-    def index(*a, **kw):
-        phase["tie"] = True
-        return orig_index(*a, **kw)
-
-    jp_select.count_true = counting
-    if orig_index is not None:
-        jp_select._flat_index = index
+    jp_select._step = step
     try:
         # A new function object, so that jit traces afresh (its cache is
         # keyed on the function) and the callback is inside.
@@ -178,9 +172,7 @@ def count_passes(fn, params) -> list[tuple[str, int]]:
         jax.block_until_ready(out)
         jax.effects_barrier()
     finally:
-        jp_select.count_true = orig_count
-        if orig_index is not None:
-            jp_select._flat_index = orig_index
+        jp_select._step = orig_step
     return seen
 
 
@@ -320,11 +312,10 @@ def bench_size(size: int, fns: dict, args: argparse.Namespace) -> dict:
         ties_broken=n_ge != k,
     )
     seen = count_passes(fns["_global_fn"], params)
-    per_pass = [seen[i:i + N_LAYERS] for i in range(0, len(seen), N_LAYERS)]
     row.update(
-        search_passes=sum(1 for c in per_pass if c[0][0] == "search"),
-        tie_passes=sum(1 for c in per_pass if c[0][0] == "tie"),
-        pass_counts=[(c[0][0], sum(v for _, v in c)) for c in per_pass],
+        search_passes=sum(1 for ph, _ in seen if ph == "search"),
+        tie_passes=sum(1 for ph, _ in seen if ph == "tie"),
+        pass_counts=seen,
     )
     row["passes"] = f"{row['search_passes']}+{row['tie_passes']}"
 
@@ -387,6 +378,117 @@ def fmt_row(r: dict) -> str:
     )
 
 
+# --------------------------------------------------------------------------
+# --billion: a billion parameters, time and peak resident memory
+
+
+def _proc_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def peak_rise(fn, *args):
+    """Runs ``fn(*args)`` (compiled beforehand) and returns ``(out, seconds,
+    rise)``: ``rise`` is how far the process's peak resident set (VmHWM) rose
+    above its resident set at the start of the call, in bytes. The
+    high-water mark is reset first (``5`` to ``/proc/self/clear_refs``), after
+    ``malloc_trim`` has returned freed heap memory to the system (else the
+    call could reuse pages that count as resident already)."""
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    rss0 = _proc_kib("VmRSS")
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(fn(*args))
+    dt = time.perf_counter() - t0
+    return out, dt, (_proc_kib("VmHWM") - rss0) * 1024
+
+
+def billion(args) -> dict:
+    """``global_topk`` and ``topk`` over ``N_LAYERS`` float32 kernels of
+    ``d x d`` (d = 16384: 2**30 weights, 4 GiB) at ``args.sparsity``.
+
+    Variants: ``lazy`` passes the magnitudes as :class:`select.LazyScores`
+    (``|w|`` computed inside every pass from the kernels, what ``masks.topk``
+    and ``masks.global_topk`` do when given lazy scores); ``arrays`` is
+    today's call, ``global_topk(magnitude(params))``, whose ``|w|`` array is
+    a parameter-sized temporary (run with ``--billion-arrays``). Each variant
+    is compiled first, then timed (min of ``--reps``); its peak resident set
+    rise is measured on the first timed call. ``floor`` is one naive
+    compare-and-count pass, ``packed`` the same with ``count_true``.
+    """
+    d = args.billion_d
+    n = N_LAYERS * d * d
+    s = args.sparsity
+    k = int(np.round(n * (1.0 - s)))
+    k_leaf = int(np.round(d * d * (1.0 - s)))
+    rng = np.random.default_rng(args.seed)
+    ws = []
+    for _ in range(N_LAYERS):
+        host = rng.standard_normal((d, d), dtype=np.float32)
+        ws.append(jax.block_until_ready(jnp.array(host)))
+        del host
+    print(f"{N_LAYERS} kernels {d} x {d} float32 ({n * 4 / 2**30:.2f} GiB), sparsity {s}, "
+          f"k = {k}; resident set now {_proc_kib('VmRSS') / 2**20:.2f} GiB", flush=True)
+
+    def lazy(ws, groups, keep):
+        return jp_select.select_groups([jp_select.LazyScores(jnp.abs, (w,)) for w in ws], groups, keep)
+
+    variants = {
+        "global/lazy": jax.jit(lambda ws: lazy(ws, [0] * N_LAYERS, [k])),
+        "topk/lazy": jax.jit(lambda ws: lazy(ws, list(range(N_LAYERS)), [k_leaf] * N_LAYERS)),
+    }
+    if args.billion_arrays:
+        variants["global/arrays"] = jax.jit(
+            lambda ws: kernels(jaxprune.masks.global_topk(jaxprune.scores.magnitude(_tree(ws)), s)))
+        variants["topk/arrays"] = jax.jit(
+            lambda ws: kernels(jaxprune.masks.topk(jaxprune.scores.magnitude(_tree(ws)), s)))
+    t = jnp.float32(1.6448536)  # about the 90% quantile of |N(0, 1)|
+    floors = {
+        "floor": jax.jit(lambda ws, t: sum(jnp.sum(jnp.abs(w) > t, dtype=jnp.int32) for w in ws)),
+        "packed": jax.jit(lambda ws, t: sum(jp_select.count_true(jnp.abs(w) > t) for w in ws)),
+    }
+    out: dict = dict(d=d, n=n, k=k, k_leaf=k_leaf, sparsity=s, ms={}, peak_rise_gib={},
+                     temp_gib={}, exact={})
+    for name, f in {**floors, **variants}.items():
+        a = (ws, t) if name in floors else (ws,)
+        compiled = f.lower(*a).compile()
+        out["temp_gib"][name] = compiled.memory_analysis().temp_size_in_bytes / 2**30
+        times = []
+        for r in range(args.reps):
+            res, dt, rise = peak_rise(compiled, *a)
+            times.append(dt)
+            if r == 0:
+                out["peak_rise_gib"][name] = rise / 2**30
+                if name in variants:
+                    counts = [int(np.count_nonzero(np.asarray(m))) for m in res]
+                    out["exact"][name] = (sum(counts) == k if name.startswith("global")
+                                          else all(c == k_leaf for c in counts))
+            del res
+        out["ms"][name] = min(times) * 1e3
+        extra = "" if name in floors else (
+            f", exact count {'yes' if out['exact'][name] else 'NO'}")
+        print(f"{name:>14}: {min(times):7.3f} s (min of {args.reps}), peak RSS rise "
+              f"{out['peak_rise_gib'][name]:.2f} GiB, XLA temp {out['temp_gib'][name]:.3f} GiB"
+              + extra, flush=True)
+    masks_gib = n / 2**30
+    budget = masks_gib + 0.1 * n * 4 / 2**30
+    for name in variants:
+        ratio = out["ms"][name] / out["ms"]["floor"]
+        rise = out["peak_rise_gib"][name]
+        print(f"{name}: {ratio:.2f}x one naive pass (target <= 4: {'met' if ratio <= 4 else 'NOT met'}); "
+              f"peak rise {rise:.2f} GiB against masks {masks_gib:.2f} + 10% of the parameters "
+              f"= {budget:.2f} GiB ({'met' if rise <= budget else 'NOT met'})")
+    return out
+
+
+def _tree(ws) -> dict:
+    return {f"layer{i}": {"kernel": w} for i, w in enumerate(ws)}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default="1M,4M,16M,64M",
@@ -403,6 +505,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--breakdown", action="store_true",
                     help="also time the pieces of global_topk (keys, passes, masks)")
     ap.add_argument("--json", metavar="PATH", help="write all numbers here")
+    ap.add_argument("--billion", action="store_true",
+                    help="only the billion-parameter run: time and peak memory (see billion())")
+    ap.add_argument("--billion-d", type=int, default=16384,
+                    help="kernel side for --billion (4 kernels of d x d)")
+    ap.add_argument("--billion-arrays", action="store_true",
+                    help="--billion also runs global_topk/topk(magnitude(params)) (|w| as arrays)")
     args = ap.parse_args(argv)
     sizes = [parse_size(x) for x in args.sizes.split(",") if x.strip()]
 
@@ -431,6 +539,13 @@ def main(argv: list[str] | None = None) -> int:
           f"min of {args.reps} reps (argsort: {args.argsort_reps} above "
           f"{size_label(args.argsort_full_reps_upto)}, skipped above "
           f"{size_label(args.skip_argsort_above)}); times in ms")
+    if args.billion:
+        info["billion"] = billion(args)
+        info["loadavg_end"] = os.getloadavg()
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump(dict(info=info), fh, indent=1)
+        return 0 if all(info["billion"]["exact"].values()) else 1
     print(HEADER, flush=True)
 
     fns = make_fns(args.sparsity)
@@ -442,13 +557,14 @@ def main(argv: list[str] | None = None) -> int:
 
     ok = all(r["exact"] and r["topk_exact"] and r["floor_ok"] and r["matches_argsort"] is not False
              for r in rows)
-    print("\npasses = count passes of global_topk over all kernels (count_true calls / "
-          f"{N_LAYERS}): threshold search + tie-breaking search (if it counts with "
-          "count_true). ties = weights tied at the threshold when some but not all are "
-          "kept (- when none are split). Per pass, the count minus k (search) or the "
-          "count of ties before the guessed position (tie):")
+    print("\npasses = counting passes of global_topk over all kernels: threshold-key "
+          "search + tie-position search (when the threshold key is tied across the cut). "
+          "ties = weights tied at the threshold when some but not all are kept (- when "
+          "none are split). Per pass, the count minus k (threshold passes: #{key >= g}; "
+          "tie passes: #{key > g} + #{key == g before the guessed position}):")
     for r in rows:
-        cs = [f"{c - r['k']:+d}" if ph == "search" else f"tie {c}" for ph, c in r["pass_counts"]]
+        cs = [f"{c - r['k']:+d}" if ph == "search" else f"tie {c - r['k']:+d}"
+              for ph, c in r["pass_counts"]]
         print(f"  {r['label']:>5}: {', '.join(cs)}")
     if args.breakdown:
         print("\nbreakdown of global_topk: its pieces timed round-robin with it (min of "

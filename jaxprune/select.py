@@ -30,8 +30,12 @@ Method
    pass per step, not one search per leaf; under ``jit`` with sharded leaves
    each count is reduced per shard and only scalars cross devices.
 4. Ties at the threshold are broken by position, lower flat index first and
-   leaves in pytree order: one pass counts the ties of every row, one more
-   extracts the row holding the last kept tie.
+   leaves in pytree order: when the threshold key ``g`` is tied across the
+   cut, the same loop goes on to search the tie position ``p`` such that
+   exactly ``k`` scores have ``key > g``, or ``key == g`` at a position below
+   ``p``. Every pass counts that one predicate, and the masks are that
+   predicate, so each leaf compiles to one counting kernel, one mask kernel
+   and one sample kernel, shared by all leaves of its shape.
 
 The result is exact: ``round(n * (1 - sparsity))`` scores are kept for every
 group, on every backend and device count.
@@ -44,6 +48,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -56,6 +61,7 @@ __all__ = [
     "LazyScores",
     "count_true",
     "keep_count",
+    "select_along",
     "select_groups",
     "sortable_key",
 ]
@@ -63,8 +69,6 @@ __all__ = [
 _U32_MAX = np.uint32(0xFFFFFFFF)
 _I32_MAX = np.int32(2**31 - 1)
 _SAMPLE_QUOTA = 8192
-_STORE_KEYS_BELOW = 1 << 16  # elements: a leaf this small stores its keys
-_STORED_KEYS_MAX = 1 << 21  # elements of stored keys per selection, at most
 
 
 def sortable_key(x: jax.Array) -> jax.Array:
@@ -83,11 +87,14 @@ def sortable_key(x: jax.Array) -> jax.Array:
     x = jnp.asarray(x)
     if x.dtype != jnp.float32:
         x = x.astype(jnp.float32)
-    bits = lax.bitcast_convert_type(x, jnp.uint32)
-    neg = (bits >> 31).astype(jnp.bool_)
-    key = jnp.where(neg, ~bits, bits | np.uint32(0x80000000))
-    key = jnp.where(key == np.uint32(0x7FFFFFFF), np.uint32(0x80000000), key)
-    return jnp.where(jnp.isnan(x), np.uint32(0), key)
+    # Negative floats flip every bit, others set the sign bit: one XOR with
+    # the sign-extended sign bit, or'ed with the sign bit.
+    bits = lax.bitcast_convert_type(x, jnp.int32)
+    flip = lax.shift_right_arithmetic(bits, np.int32(31)) | np.int32(-(2**31))
+    key = lax.bitcast_convert_type(bits ^ flip, jnp.uint32)
+    # -0.0 (key 0x7FFFFFFF) shares the key of +0.0; NaN (x != x) ranks lowest.
+    key = key + (key == np.uint32(0x7FFFFFFF)).astype(jnp.uint32)
+    return lax.select(x != x, jnp.zeros_like(key), key)
 
 
 def _rows_view(pred: jax.Array) -> jax.Array:
@@ -136,27 +143,7 @@ def count_true(pred: jax.Array) -> jax.Array:
     return jnp.sum(lax.population_count(words), dtype=jnp.int32)
 
 
-def _count_rows(rows: jax.Array) -> jax.Array:
-    """Per-row ``True`` counts of a 2-D bool array (packed popcount)."""
-    if rows.shape[1] % 32 == 0 and rows.size:
-        return jnp.sum(lax.population_count(_words(rows)), axis=1, dtype=jnp.int32)
-    return jnp.sum(rows, axis=1, dtype=jnp.int32)
-
-
-def _one_row(rows: jax.Array, row: jax.Array) -> jax.Array:
-    """Row ``row`` of a 2-D bool array, as int32 0/1, by a masked reduction over
-    rows on packed words (a dynamic slice would gather a sharded array; this
-    reduces per shard and moves one row)."""
-    r, c = rows.shape
-    sel = lax.broadcasted_iota(jnp.int32, (r, 1), 0) == row
-    if c % 32 == 0 and c:
-        words = jnp.max(jnp.where(sel, _words(rows), jnp.uint32(0)), axis=0)
-        bit = lax.broadcasted_iota(jnp.uint32, (1, 32), 1)
-        return ((words[:, None] >> bit) & jnp.uint32(1)).reshape(c).astype(jnp.int32)
-    return jnp.sum(rows & sel, axis=0, dtype=jnp.int32)
-
-
-def keep_count(n: int, sparsity: Any) -> Any:
+def keep_count(n: Any, sparsity: Any) -> Any:
     """How many of ``n`` scores a sparsity keeps: ``round(n * (1 - sparsity))``.
 
     Rounds half to even, like :func:`numpy.round`, and clips to ``[0, n]``.
@@ -166,17 +153,35 @@ def keep_count(n: int, sparsity: Any) -> Any:
     (``n < 2**31``), so a schedule under ``jit`` never drifts by a weight,
     however large ``n`` is. A traced NaN keeps everything.
 
+    ``n`` may also be a sequence or array of sizes (and ``sparsity`` one
+    number or one per size): the counts then come as one array, computed in
+    one vectorised operation. Under ``jit``, one call for all the leaves of
+    a selection compiles one kernel, where one call per leaf compiles one
+    per distinct size.
+
     Example:
       >>> import jax, jax.numpy as jnp
       >>> keep_count(10, 0.25), int(jax.jit(lambda s: keep_count(10, s))(0.25))
       (8, 8)
+      >>> keep_count([10, 3], 0.5).tolist(), jax.jit(lambda s: keep_count([10, 3], s))(0.5).tolist()
+      ([5, 2], [5, 2])
     """
-    concrete_n = isinstance(n, (int, np.integer))
-    if concrete_n and isinstance(sparsity, (int, float, np.number, np.ndarray)) and np.ndim(sparsity) == 0:
-        return int(np.clip(np.round(n * (1.0 - float(sparsity))), 0, n))
-    if concrete_n and not 0 <= n < 2**31:
-        raise ValueError(f"keep_count: n={n} must be in [0, 2**31).")
-    return _keep_count_exact(n, jnp.asarray(sparsity, jnp.float32))
+    concrete_s = isinstance(sparsity, (int, float, np.number, np.ndarray, list, tuple))
+    if isinstance(n, (int, np.integer)):
+        if concrete_s and np.ndim(sparsity) == 0:
+            return int(np.clip(np.round(n * (1.0 - float(sparsity))), 0, n))
+        if not 0 <= n < 2**31:
+            raise ValueError(f"keep_count: n={n} must be in [0, 2**31).")
+        return _keep_count_exact(n, jnp.asarray(sparsity, jnp.float32))
+    if isinstance(n, jax.core.Tracer):
+        return _keep_count_exact(n, jnp.asarray(sparsity, jnp.float32))
+    sizes = np.asarray(n)
+    if sizes.dtype.kind not in "iu" or np.any(sizes < 0) or np.any(sizes >= 2**31):
+        raise ValueError(f"keep_count: sizes must be integers in [0, 2**31), got {n!r}.")
+    if concrete_s:
+        s = np.asarray(sparsity, np.float64)
+        return np.clip(np.round(sizes * (1.0 - s)), 0, sizes).astype(np.int64)
+    return _keep_count_exact(jnp.asarray(sizes, jnp.int32), jnp.asarray(sparsity, jnp.float32))
 
 
 def _keep_count_exact(n: Any, s: jax.Array) -> jax.Array:
@@ -246,16 +251,6 @@ def _keep_count_exact(n: Any, s: jax.Array) -> jax.Array:
     return jnp.where(nan, n, jnp.clip(k, 0, n)).astype(jnp.int32)
 
 
-def _flat_index(shape: Sequence[int]) -> jax.Array:
-    """Row-major flat index of every element (int32), built from iotas."""
-    idx = jnp.zeros(shape, jnp.int32)
-    stride = 1
-    for ax in range(len(shape) - 1, -1, -1):
-        idx = idx + lax.broadcasted_iota(jnp.int32, tuple(shape), ax) * stride
-        stride *= shape[ax]
-    return idx
-
-
 class LazyScores(NamedTuple):
     """Scores computed on the fly: ``fn(*args)``, elementwise in ``args``.
 
@@ -287,159 +282,484 @@ def _identity(x: jax.Array) -> jax.Array:
 def _touch(a: jax.Array, z: jax.Array) -> jax.Array:
     """``a`` unchanged, but marked as depending on ``z`` (a traced uint32 that
     is always 0 but not provably so): XLA then cannot hoist what is computed
-    from it out of a loop (which would store it), nor merge it with the same
-    computation from another ``z``."""
+    from it out of a loop (which would store it).
+
+    Integers and booleans are XORed with ``z``. Floats go through a select
+    (bit-exact: XLA:CPU flushes subnormals in arithmetic, and a bitcast to
+    integers would itself be hoisted, i.e. copied)."""
+    if a.dtype == jnp.bool_:
+        return a ^ (z != 0)
+    if jnp.issubdtype(a.dtype, jnp.integer):
+        return a ^ z.astype(a.dtype)
     return jnp.where(z != 0, jnp.zeros((), a.dtype), a)
 
 
-def _sample_keys(key: jax.Array, quota: int) -> jax.Array:
-    """A strided sample of about ``quota`` keys, taken along every axis."""
-    if key.size <= quota:
-        return key.reshape(-1)
-    nd = key.ndim
-    ratio = key.size / quota
+# --------------------------------------------------------------------------
+# Leaves: where each array's keys come from
+
+
+class _Leaf(NamedTuple):
+    """One array of a selection, as the passes see it (all static but args)."""
+
+    fn: Callable[..., jax.Array]  # (*args) -> float scores or uint32 keys
+    args: tuple
+    shape: tuple
+    size: int
+    group: int
+    offset: int  # position of its first element within its group
+    raw: bool  # keys given as uint32, so possibly 0xFFFFFFFF
+
+
+def _keys_of(fn: Callable, args: Sequence[jax.Array], z: jax.Array | None = None) -> jax.Array:
+    """``uint32`` keys of ``fn(*args)``; with ``z``, recomputed from args
+    touched by it (see :func:`_touch`), so that a loop recomputes them in
+    every pass instead of storing them."""
+    if z is not None:
+        args = [_touch(jnp.asarray(a), z) for a in args]
+    s = fn(*args)
+    return s if s.dtype == jnp.uint32 else sortable_key(s)
+
+
+# The per-leaf computations of a selection are jitted functions, so that
+# leaves of one shape (and key function) are traced once, not once per leaf
+# (XLA inlines them; this saves half the lowering time of a many-leaf
+# selection). Each compiles to one kernel: a sample, a count, a mask.
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2, 3))
+def _leaf_sample(fn: Callable, args: Sequence[jax.Array], shape: tuple, quota: int) -> jax.Array:
+    """Keys of a strided sample of about ``quota`` of ``fn(*args)``'s
+    positions (of ``shape``), taken along every axis.
+
+    No full-size key computation here may equal a pass's (XLA would share
+    it and store it): when every arg has the keys' shape, the args are
+    sliced before ``fn``; otherwise (e.g. keys computed from positions) the
+    keys come from args touched by a zero computed from the data."""
+    sl = _sample_slices(shape, quota)
+    args = [jnp.asarray(a) for a in args]
+    if all(a.shape == shape for a in args):
+        return _keys_of(fn, [a[sl] for a in args]).reshape(-1)
+    return _keys_of(fn, args, _opaque_zero(args))[sl].reshape(-1)
+
+
+def _opaque_zero(args: Sequence[jax.Array]) -> jax.Array:
+    """A uint32 zero computed from data (the population count of a value is
+    at most 64), which XLA cannot fold."""
+    for a in args:
+        if a.size:
+            v = lax.convert_element_type(a.reshape(-1)[0], jnp.uint32)
+            return lax.shift_right_logical(lax.population_count(v), jnp.uint32(7))
+    return jnp.zeros((), jnp.uint32)
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _leaf_count(fn: Callable, args: Sequence[jax.Array], cuts: jax.Array, j: jax.Array,
+                z: jax.Array) -> jax.Array:
+    """Partial counts of one pass over one leaf (see :func:`_kept`)."""
+    return _partial_counts(_kept(_rows_view(_keys_of(fn, args, z)), *_leaf_cut(cuts, j), z))
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _leaf_mask(fn: Callable, args: Sequence[jax.Array], cuts: jax.Array, j: jax.Array) -> jax.Array:
+    """One leaf's mask."""
+    key = _keys_of(fn, args)
+    return _kept(_rows_view(key), *_leaf_cut(cuts, j)).reshape(key.shape)
+
+
+def _plan(scores: Sequence[Any], groups: Sequence[int], n_groups: int) -> tuple[list[_Leaf], list[int]]:
+    """The leaves of a selection and the size of every group.
+
+    Key storage policy: none. Keys are recomputed inside every pass from the
+    arrays they come from (scores, or a :class:`LazyScores`' args), so a
+    selection stores no key-sized temporary. (Storing the keys of small
+    leaves, as an earlier version did to save compile time, no longer
+    saves any: every leaf of one shape now shares its kernels.)
+    """
+    if len(scores) != len(groups):
+        raise ValueError(
+            f"select_groups: scores and groups differ in length ({len(scores)} score arrays, "
+            f"{len(groups)} group indices). Give one group index per score array, e.g. "
+            "groups=[0] * len(scores) for one selection over all of them, or "
+            "groups=range(len(scores)) for one per array."
+        )
+    bad = [g for g in groups if not (isinstance(g, (int, np.integer)) and 0 <= g < n_groups)]
+    if bad:
+        raise ValueError(
+            f"select_groups: group indices must be ints in [0, {n_groups}) (one per entry of "
+            f"keep, {n_groups} given); got {bad[:5]}."
+        )
+    leaves, n_group = [], [0] * n_groups
+    for s, g in zip(scores, groups):
+        lazy = s if isinstance(s, LazyScores) else LazyScores(_identity, (s,))
+        out = jax.eval_shape(lambda lazy=lazy: lazy.fn(*lazy.args))
+        shape = tuple(out.shape)
+        size = int(np.prod(shape, dtype=np.int64))
+        leaf = _Leaf(lazy.fn, tuple(lazy.args), shape, size, int(g), n_group[g],
+                     out.dtype == jnp.uint32)
+        leaves.append(leaf)
+        n_group[g] += size
+    if max(n_group, default=0) >= 2**31:
+        raise ValueError(
+            f"select_groups: a group of {max(n_group)} scores is too large (limit 2**31 - 1); "
+            "split the selection into smaller groups."
+        )
+    return leaves, n_group
+
+
+def _kept(rows: jax.Array, g: jax.Array, p: jax.Array, z: jax.Array | None = None) -> jax.Array:
+    """The selection predicate on a ``(R, C)`` view of keys: ``key > g``, or
+    ``key == g`` at a flat position below ``p`` (ties broken by position).
+    In a loop, the positions depend on ``z`` (see :func:`_touch`), so that
+    XLA does not store them once for all passes."""
+    r, c = rows.shape
+    row = lax.broadcasted_iota(jnp.int32, (r, c), 0)
+    if z is not None:
+        row = row + z.astype(jnp.int32)
+    pos = row * c + lax.broadcasted_iota(jnp.int32, (r, c), 1)
+    return (rows > g) | ((rows == g) & (pos < p))
+
+
+def _per_leaf(leaves: Sequence[_Leaf], g: jax.Array, p: jax.Array) -> jax.Array:
+    """Every leaf's threshold key and tie cut (a position within the leaf),
+    from its group's ``g`` and ``p`` (a position within the group): a
+    ``(2, len(leaves))`` uint32 array (the cut bitcast)."""
+    grp = np.array([leaf.group for leaf in leaves], np.int32)
+    off = np.array([leaf.offset for leaf in leaves], np.int32)
+    return jnp.stack([g[grp], lax.bitcast_convert_type(p[grp] - off, jnp.uint32)])
+
+
+def _leaf_cut(leaf: jax.Array, j: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Column ``j`` of :func:`_per_leaf`'s array, for a traced ``j`` (a loop
+    state scalar, so that the kernel reading it has no leaf-specific
+    constant: see :func:`_search`)."""
+    col = lax.dynamic_index_in_dim(leaf, j, axis=1, keepdims=False)
+    return col[0], lax.bitcast_convert_type(col[1], jnp.int32)
+
+
+def _partial_counts(rows: jax.Array) -> jax.Array:
+    """Counts of ``True`` in blocks of a ``(R, C)`` bool array: a 1-D int32
+    vector of about ``size / 1024`` partial counts (at least one), in one
+    fused kernel.
+
+    32 booleans are packed into a word and counted with ``popcount``, then
+    up to 32 words are summed, all inside one kernel: nested reductions over
+    at most 32 elements stay in one kernel, while one large reduction is
+    split by XLA into two or three (a tree of reduce-windows), each compiled
+    per leaf shape. Words run along rows when ``C`` divides by 32, so rows
+    stay whole and row sharding is preserved; otherwise the flat array is
+    padded with ``False`` to whole blocks of 1024.
+    """
+    r, c = rows.shape
+    bit = lax.broadcasted_iota(jnp.uint32, (1, 1, 1, 32), 3)
+    if c % 32 == 0:
+        w = c // 32
+        wb = max(d for d in range(1, 33) if w % d == 0)
+        if r * (w // wb) <= max(1, rows.size // 256):
+            words = jnp.sum(rows.reshape(r, w // wb, wb, 32).astype(jnp.uint32) << bit, axis=3,
+                            dtype=jnp.uint32)
+            return jnp.sum(lax.population_count(words), axis=2, dtype=jnp.int32).reshape(-1)
+    flat = rows.reshape(-1)
+    flat = jnp.pad(flat, (0, -flat.size % 1024)).reshape(1, -1, 32, 32)
+    words = jnp.sum(flat.astype(jnp.uint32) << bit, axis=3, dtype=jnp.uint32)
+    return jnp.sum(lax.population_count(words), axis=2, dtype=jnp.int32).reshape(-1)
+
+
+def _group_sums(partials: Sequence[jax.Array], leaves: Sequence[_Leaf], n_groups: int) -> jax.Array:
+    """Sums every leaf's partial counts into per-group counts (int32,
+    ``(n_groups,)``): one reduction for all leaves (small vectors)."""
+    if not partials:
+        return jnp.zeros((n_groups,), jnp.int32)
+    v = jnp.concatenate(partials)
+    if n_groups == 1:
+        return jnp.sum(v, keepdims=True, dtype=jnp.int32)
+    ids = np.repeat(np.array([leaf.group for leaf in leaves], np.int32), [x.shape[0] for x in partials])
+    return jax.ops.segment_sum(v, ids, n_groups)
+
+
+# --------------------------------------------------------------------------
+# The bracket: first guesses from a sample
+
+
+def _sample_slices(shape: Sequence[int], quota: int) -> tuple:
+    """Strided slices that pick about ``quota`` positions of ``shape``, along
+    every axis (all of them if there are at most ``quota``)."""
+    size = int(np.prod(shape, dtype=np.int64))
+    if size <= quota:
+        return tuple(slice(None) for _ in shape)
+    nd = len(shape)
+    remaining = size / quota
     strides = []
-    remaining = ratio
     for ax in range(nd):
-        s = int(max(1, min(key.shape[ax], round(remaining ** (1.0 / (nd - ax))))))
+        s = int(max(1, min(shape[ax], round(remaining ** (1.0 / (nd - ax))))))
         strides.append(s)
         remaining = max(1.0, remaining / s)
-    sl = tuple(slice(None, None, s) for s in strides)
-    return key[sl].reshape(-1)
+    return tuple(slice(None, None, s) for s in strides)
 
 
-def _search(count_fn, lo, hi, f_lo, f_hi, target, first_guesses):
-    """Vectorised safeguarded interpolation search over ``uint32`` domains.
+def _first_guesses(leaves: Sequence[_Leaf], n_group: Sequence[int], k: jax.Array) -> jax.Array:
+    """Two first guesses per group (in the search's ``x = ~key`` domain) from a
+    strided sample: keys a few standard errors above and below the sample's
+    estimate of the k-th largest. Every leaf is sampled at its group's rate
+    (so the sample is unweighted); all groups are sorted at once.
 
-    For each group finds ``x`` with ``f(x) >= target`` and either
-    ``f(x) == target`` or ``f(x - 1) < target`` (``x`` the smallest such).
-    ``f`` is non-decreasing; invariant ``f(lo) < target <= f(hi)``.
+    Returns ``(2, n_groups)`` uint32.
+    """
+    n_groups = len(n_group)
+    live = [leaf for leaf in leaves if leaf.size]
+    if not n_groups or not live:
+        return jnp.zeros((0, n_groups), jnp.uint32)
+    quota = max(64, min(_SAMPLE_QUOTA, (8 * _SAMPLE_QUOTA) // n_groups))
+    pieces, slots = [], [[] for _ in range(n_groups)]  # slots[g]: indices into the samples
+    start = 0
+    for leaf in live:
+        # At most 1/32 of a leaf: a sample of a sharded leaf crosses devices.
+        want = min(round(quota * leaf.size / n_group[leaf.group]), max(64, leaf.size // 32))
+        if want < 1:
+            continue
+        smp = _leaf_sample(leaf.fn, leaf.args, leaf.shape, want)
+        pieces.append(smp)
+        slots[leaf.group].extend(range(start, start + smp.shape[0]))
+        start += smp.shape[0]
+    # Row g holds group g's samples; padding points at a trailing x = ~0
+    # (key 0, which ranks last). One static gather lays out every group.
+    flat = ~jnp.concatenate([*pieces, jnp.zeros((1,), jnp.uint32)])
+    width = max(max(len(s) for s in slots), 1)
+    index = np.full((n_groups, width), start, np.int32)
+    for g, s in enumerate(slots):
+        index[g, : len(s)] = s
+    return _guesses_from_rows(flat[index], jnp.asarray([len(s) for s in slots], jnp.float32),
+                              jnp.asarray(n_group, jnp.float32), k)
+
+
+def _guesses_from_rows(xs: jax.Array, m: jax.Array, n: jax.Array, k: jax.Array) -> jax.Array:
+    """Two first guesses per group from its row of ``xs`` (sampled ``~key``
+    values, ``m`` real ones then padding ``~0``): the sample's estimates of
+    the k-th largest key a few standard errors above and below. Returns
+    ``(2, G)`` uint32 in the search's ``x = ~key`` domain."""
+    n_groups = xs.shape[0]
+    xs = lax.sort(xs, dimension=1)  # ascending x: descending keys
+    q = k.astype(jnp.float32) / jnp.maximum(n, 1.0)
+    i_est = q * m
+    margin = 2.0 * jnp.sqrt(m * q * (1.0 - q)) + 1.0
+    top = jnp.maximum(m - 1.0, 0.0)
+    rows = jnp.arange(n_groups)
+    guesses = jnp.stack([i_est - margin, i_est + margin])  # F likely < k, then >= k
+    return xs[rows, jnp.clip(guesses, 0.0, top).astype(jnp.int32)]
+
+
+# --------------------------------------------------------------------------
+# The search: threshold key, then tie position, in one loop
+
+
+class _Search(NamedTuple):
+    """Per-group search state, every field ``(G,)``.
+
+    Phase 1 searches ``x = ~g`` with ``f(x) = #{key >= g}``; phase 2, entered
+    when the threshold key ``g`` is tied across the cut, searches the tie
+    position ``p`` with ``f(p) = #{key > g} + #{key == g at position < p}``.
+    Both ``f`` are non-decreasing; invariant ``f(lo) < target <= f(hi)``.
+    """
+
+    phase: jax.Array  # int32: 1 or 2
+    lo: jax.Array  # uint32 bracket
+    hi: jax.Array
+    f_lo: jax.Array  # int32 counts at lo and hi
+    f_hi: jax.Array
+    g: jax.Array  # uint32: the threshold key, fixed in phase 2
+    guess: jax.Array  # uint32: the guess being counted
+    w1: jax.Array  # uint32 bracket widths and int32 count gaps of the last two steps
+    w2: jax.Array
+    gap1: jax.Array
+    gap2: jax.Array
+    side: jax.Array  # int32: which end moved last (1 lo, 2 hi)
+    c_lo: jax.Array  # float32 Illinois weights of the two ends
+    c_hi: jax.Array
+    lo_known: jax.Array  # bool: f(lo) was counted, not assumed to be 0
+
+
+_SEARCH_DTYPES = _Search(
+    phase=jnp.int32, lo=jnp.uint32, hi=jnp.uint32, f_lo=jnp.int32, f_hi=jnp.int32, g=jnp.uint32,
+    guess=jnp.uint32, w1=jnp.uint32, w2=jnp.uint32, gap1=jnp.int32, gap2=jnp.int32, side=jnp.int32,
+    c_lo=jnp.float32, c_hi=jnp.float32, lo_known=jnp.bool_)
+
+
+def _pack(s: _Search, z: jax.Array | None = None) -> jax.Array:
+    """The state as one ``(15, G)`` uint32 array: XLA:CPU compiles a kernel
+    per loop-state array, so one array instead of 15 saves most of the
+    bookkeeping's compile time. In the loop, ``z`` (see :func:`_touch`) keeps
+    the row masks inside the kernel (hoisted, each would be a kernel)."""
+    def bits(v):
+        return v.astype(jnp.uint32) if v.dtype == jnp.bool_ else lax.bitcast_convert_type(v, jnp.uint32)
+
+    # A select chain over the row index, not a stack: XLA writes each operand
+    # of a concatenation in its own kernel, but fuses this into one.
+    rows = lax.broadcasted_iota(jnp.int32, (len(s), *s.phase.shape), 0)
+    if z is not None:
+        rows = rows + z
+    out = jnp.zeros(rows.shape, jnp.uint32)
+    for i, v in enumerate(s):
+        out = jnp.where(rows == i, bits(v)[None], out)
+    return out
+
+
+def _unpack(a: jax.Array) -> _Search:
+    def field(row, dtype):
+        return row != 0 if dtype == jnp.bool_ else lax.bitcast_convert_type(row, dtype)
+
+    return _Search(*[field(a[i], dt) for i, dt in enumerate(_SEARCH_DTYPES)])
+
+
+def _fresh_bracket(s: _Search, on: jax.Array, lo, hi, f_lo, f_hi) -> _Search:
+    """``s`` with a new bracket and reset safeguards where ``on``."""
+    def put(new, old):
+        return jnp.where(on, new, old)
+
+    return s._replace(
+        lo=put(lo, s.lo), hi=put(hi, s.hi), f_lo=put(f_lo, s.f_lo), f_hi=put(f_hi, s.f_hi),
+        w1=put(_U32_MAX, s.w1), w2=put(_U32_MAX, s.w2), gap1=put(_I32_MAX, s.gap1),
+        gap2=put(_I32_MAX, s.gap2), side=put(0, s.side), c_lo=put(1.0, s.c_lo),
+        c_hi=put(1.0, s.c_hi))
+
+
+def _next_guess(s: _Search, it: jax.Array, target: jax.Array, first: jax.Array) -> jax.Array:
+    """Safeguarded interpolation (Illinois regula falsi, bisection when two
+    steps halved neither the bracket nor the count gap); the sample's guesses
+    for the first steps of phase 1."""
+    width = s.hi - s.lo
+    gap = s.f_hi - s.f_lo
+    # An end that stays put for consecutive steps has its count's distance to
+    # the target halved each time, so the guesses close in from both sides.
+    d_lo = (target - s.f_lo).astype(jnp.float32) * s.c_lo
+    d_hi = (s.f_hi - target).astype(jnp.float32) * s.c_hi
+    frac = d_lo / jnp.maximum(d_lo + d_hi, 1e-30)
+    step = jnp.floor(frac * width.astype(jnp.float32))
+    step = jnp.clip(step, 1.0, jnp.float32(4294967040.0)).astype(jnp.uint32)
+    interp = s.lo + jnp.minimum(step, width - 1)
+    # Either halving ends the search within ~32 halvings, so at most ~190
+    # passes per phase on adversarial data.
+    use_bisect = (width > s.w2 // 2) & (gap > s.gap2 // 2)
+    guess = jnp.where(use_bisect, s.lo + width // 2, interp)
+    n_first = first.shape[0]
+    if n_first:
+        sampled = first[jnp.minimum(it, n_first - 1)]
+        guess = jnp.where((it < n_first) & (s.phase == 1), sampled, guess)
+    guess = jnp.clip(guess, s.lo + 1, jnp.maximum(s.hi - 1, s.lo + 1))
+    # Raw uint32 keys may equal 0xFFFFFFFF, so f(x = 0) may exceed 0: before
+    # settling on x = 1, count x = 0 (one extra pass, only then).
+    return jnp.where((s.phase == 1) & ~s.lo_known & (width <= 1), s.lo, guess)
+
+
+def _step(s: _Search, f_g, target, first_phase) -> _Search:
+    """Moves the end of each unfinished bracket that ``f(guess)`` replaces."""
+    active = s.f_hi != target
+    up = active & (f_g >= target)
+    down = active & (f_g < target)
+    # The end that moved is fresh; the other is halved if it stayed twice.
+    c_hi = jnp.where(down, jnp.where(s.side == 1, s.c_hi * 0.5, s.c_hi), 1.0)
+    c_lo = jnp.where(up, jnp.where(s.side == 2, s.c_lo * 0.5, s.c_lo), 1.0)
+    # Sample guesses do not count as failed interpolation steps.
+    return s._replace(
+        lo=jnp.where(down, s.guess, s.lo), hi=jnp.where(up, s.guess, s.hi),
+        f_lo=jnp.where(down, f_g, s.f_lo), f_hi=jnp.where(up, f_g, s.f_hi),
+        w2=jnp.where(first_phase, _U32_MAX, s.w1), w1=jnp.where(first_phase, _U32_MAX, s.hi - s.lo),
+        gap2=jnp.where(first_phase, _I32_MAX, s.gap1),
+        gap1=jnp.where(first_phase, _I32_MAX, s.f_hi - s.f_lo),
+        side=jnp.where(up, 2, jnp.where(down, 1, s.side)),
+        c_hi=jnp.where(up | down, c_hi, 1.0), c_lo=jnp.where(up | down, c_lo, 1.0),
+        lo_known=s.lo_known | down)
+
+
+def _to_ties(s: _Search, n: jax.Array, target: jax.Array) -> _Search:
+    """Groups whose threshold key is tied across the cut (``#{key > g} <
+    target < #{key >= g}``) go on to search the tie position ``p`` in
+    ``[0, n]``: ``f(0) = #{key > g}``, ``f(n) = #{key >= g}``."""
+    width = s.hi - s.lo
+    on = (s.phase == 1) & (s.f_hi != target) & ((width == 0) | ((width == 1) & s.lo_known))
+    s = s._replace(phase=jnp.where(on, 2, s.phase), g=jnp.where(on, ~s.hi, s.g))
+    return _fresh_bracket(s, on, jnp.uint32(0), n.astype(jnp.uint32), s.f_lo, s.f_hi)
+
+
+def _pending(s: _Search, k: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per group, the ``(g, p)`` to count next: the guess of an unfinished
+    search; for a finished one its answer, the tied threshold key and the
+    tie cut (phase 2) or the threshold key with every tie kept (phase 1; none
+    at all when ``k == 0``)."""
+    tie = s.phase == 2
+    done = s.f_hi == k
+    g = jnp.where(tie, s.g, jnp.where(done, ~s.hi, ~s.guess))
+    p = jnp.where(tie, jnp.where(done, s.hi, s.guess).astype(jnp.int32),
+                  jnp.where(k == 0, 0, _I32_MAX))
+    return g, p
+
+
+def _search(count, spread, n: jax.Array, k: jax.Array, first: jax.Array, raw: jax.Array,
+            n_leaves: int):
+    """Finds, per group, the threshold key ``g`` and tie cut ``p`` (a position
+    in the group) such that exactly ``k`` keys satisfy ``key > g``, or
+    ``key == g`` at a position below ``p``.
 
     Args:
-      count_fn: ``(x (G,) uint32, active (G,) bool, z) -> f(x) (G,) int32``,
-        one pass over the data of the active groups; ``z`` is a uint32 0 that
-        varies with the loop (see :func:`_touch`).
-      lo, hi: ``(G,)`` uint32 brackets; f_lo, f_hi: their counts.
-      target: ``(G,)`` int32.
-      first_guesses: ``(P, G)`` uint32 guesses for the first ``P`` steps.
+      count: ``(leaf, js, z) -> (G,) int32``, one pass over every leaf
+        counting that predicate, leaf ``i`` with ``(g, p) = leaf[:, js[i]]``;
+        ``z`` is a uint32 0 that varies with the loop (see :func:`_touch`).
+      spread: ``(g (G,) uint32, p (G,) int32) -> leaf``, every leaf's share of
+        its group's ``(g, p)`` as a ``(2, n_leaves)`` uint32 array (see
+        :func:`_per_leaf`).
+      n, k: ``(G,)`` int32 group sizes and keep counts (``0 <= k <= n``).
+      first: ``(P, G)`` uint32 guesses for the first ``P`` steps of phase 1.
+      raw: ``(G,)`` bool, groups with raw uint32 keys (possibly 0xFFFFFFFF).
+      n_leaves: the number of leaves.
 
     Returns:
-      ``(lo, hi, f_lo, f_hi, steps)`` at convergence; the answer is ``hi``.
+      ``(leaf, js, steps)``: every leaf's share of its group's answer, the
+      leaf indices into it, and the number of passes.
+
+    Compile time: leaves of one shape share their kernels (XLA compiles
+    identical kernels once) only if nothing leaf-specific is folded into
+    them as a constant. So the per-leaf ``(g, p)`` of the next pass (or, for a
+    finished group, of its answer) are a loop-state array, and each leaf's
+    index ``js[i]`` into it is a loop-state scalar that XLA cannot prove
+    constant (it adds the loop-varying zero every pass).
     """
-    n_first = first_guesses.shape[0]
+    big = jnp.full(n.shape, _I32_MAX, jnp.int32)
+    none = k == 0  # done at once: hi = lo and f_hi = target = 0
+    umax = jnp.full(n.shape, _U32_MAX)
+    s = _Search(
+        phase=jnp.ones(n.shape, jnp.int32),
+        lo=jnp.zeros(n.shape, jnp.uint32),  # x = 0: g = 0xFFFFFFFF, f = 0 (unless raw)
+        hi=jnp.where(none, jnp.uint32(0), umax),  # x = 0xFFFFFFFF: g = 0, f = n
+        f_lo=jnp.zeros(n.shape, jnp.int32), f_hi=jnp.where(none, 0, n),
+        g=jnp.zeros(n.shape, jnp.uint32), guess=jnp.zeros(n.shape, jnp.uint32),
+        w1=umax, w2=umax, gap1=big, gap2=big, side=jnp.zeros(n.shape, jnp.int32),
+        c_lo=jnp.ones(n.shape, jnp.float32), c_hi=jnp.ones(n.shape, jnp.float32),
+        lo_known=~raw)
+    it0 = jnp.zeros((), jnp.int32)
+    s = s._replace(guess=_next_guess(s, it0, k, first))
 
-    def done(s):
-        lo, hi, f_lo, f_hi = s[:4]
-        return (f_hi == target) | (hi - lo <= 1)
+    def cond(state):
+        return jnp.any(_unpack(state[0]).f_hi != k)
 
-    def cond(s):
-        return jnp.any(~done(s))
+    def body(state):
+        packed, it, leaf, js = state
+        s = _unpack(packed)
+        z = lax.shift_right_logical(it, 31)
+        f_g = count(leaf, js, z.astype(jnp.uint32))
+        s = _step(s, f_g, k, (it < first.shape[0]) & (s.phase == 1))
+        s = _to_ties(s, n, k)
+        s = s._replace(guess=_next_guess(s, it + 1, k, first))
+        return _pack(s, z), it + 1, spread(*_pending(s, k)), [j + z for j in js]
 
-    def body(s):
-        lo, hi, f_lo, f_hi, it, w1, w2, g1, g2, side, c_lo, c_hi = s
-        width = hi - lo
-        gap = f_hi - f_lo
-        # Illinois-style regula falsi: an end that stays put for consecutive
-        # steps has its count's distance to the target halved each time, so
-        # the guesses close in from both sides.
-        d_lo = (target - f_lo).astype(jnp.float32) * c_lo
-        d_hi = (f_hi - target).astype(jnp.float32) * c_hi
-        frac = d_lo / jnp.maximum(d_lo + d_hi, 1e-30)
-        step = jnp.floor(frac * width.astype(jnp.float32))
-        step = jnp.clip(step, 1.0, jnp.float32(4294967040.0)).astype(jnp.uint32)
-        interp = lo + jnp.minimum(step, width - 1)
-        bisect = lo + width // 2
-        # Safeguard: bisect (in key space) when two steps halved neither the
-        # bracket nor the count gap f_hi - f_lo. Either halving ends the search
-        # within ~32 halvings, so at most ~190 passes on adversarial data.
-        use_bisect = (width > w2 // 2) & (gap > g2 // 2)
-        guess = jnp.where(use_bisect, bisect, interp)
-        if n_first:
-            fg = first_guesses[jnp.minimum(it, n_first - 1)]
-            guess = jnp.where(it < n_first, fg, guess)
-        guess = jnp.clip(guess, lo + 1, jnp.maximum(hi - 1, lo + 1))
-        active = ~done((lo, hi, f_lo, f_hi))
-        f_g = count_fn(guess, active, lax.shift_right_logical(it, 31).astype(jnp.uint32))
-        up = active & (f_g >= target)
-        down = active & (f_g < target)
-        new_hi = jnp.where(up, guess, hi)
-        new_fhi = jnp.where(up, f_g, f_hi)
-        new_lo = jnp.where(down, guess, lo)
-        new_flo = jnp.where(down, f_g, f_lo)
-        new_side = jnp.where(up, 2, jnp.where(down, 1, side))
-        # The end that moved is fresh; the other is halved if it stayed twice.
-        c_hi = jnp.where(down, jnp.where(side == 1, c_hi * 0.5, c_hi), 1.0)
-        c_lo = jnp.where(up, jnp.where(side == 2, c_lo * 0.5, c_lo), 1.0)
-        c_hi = jnp.where(up | down, c_hi, 1.0)
-        c_lo = jnp.where(up | down, c_lo, 1.0)
-        # Sample guesses do not count as failed interpolation steps.
-        first_phase = it < n_first
-        new_w2 = jnp.where(first_phase, _U32_MAX, w1)
-        new_w1 = jnp.where(first_phase, _U32_MAX, width)
-        new_g2 = jnp.where(first_phase, _I32_MAX, g1)
-        new_g1 = jnp.where(first_phase, _I32_MAX, gap)
-        return (new_lo, new_hi, new_flo, new_fhi, it + 1, new_w1, new_w2, new_g1, new_g2,
-                new_side, c_lo, c_hi)
-
-    big = jnp.full_like(lo, _U32_MAX)
-    ones = jnp.ones(lo.shape, jnp.float32)
-    side0 = jnp.zeros(lo.shape, jnp.int32)
-    gbig = jnp.full(lo.shape, _I32_MAX, jnp.int32)
-    state = (lo, hi, f_lo, f_hi, jnp.zeros((), jnp.int32), big, big, gbig, gbig, side0, ones, ones)
-    lo, hi, f_lo, f_hi, it = lax.while_loop(cond, body, state)[:5]
-    return lo, hi, f_lo, f_hi, it
+    js = [jnp.int32(i) for i in range(n_leaves)]
+    _, steps, leaf, js = lax.while_loop(cond, body, (_pack(s), it0, spread(*_pending(s, k)), js))
+    return leaf, js, steps
 
 
-def _initial_guesses(keys, sizes, groups, n_group, k) -> jax.Array:
-    """Two first guesses per group (in the search's ``x = ~key`` domain) from a
-    weighted strided sample: keys a few standard errors above and below the
-    sample's estimate of the k-th largest. All groups are sorted at once."""
-    n_groups = len(n_group)
-    if n_groups == 0:
-        return jnp.zeros((0, 0), jnp.uint32)
-    quota = max(64, min(_SAMPLE_QUOTA, (8 * _SAMPLE_QUOTA) // n_groups))
-    samples = [[] for _ in range(n_groups)]
-    weights = [[] for _ in range(n_groups)]
-    for i, key in enumerate(keys):
-        if sizes[i] == 0:
-            continue
-        g = groups[i]
-        # At most 1/32 of a leaf: a sample of a sharded leaf crosses devices.
-        want = min(int(quota * sizes[i] / n_group[g]), max(64, sizes[i] // 32))
-        smp = _sample_keys(key, max(8, want))
-        samples[g].append(smp)
-        weights[g].append(jnp.full(smp.shape, sizes[i] / smp.shape[0], jnp.float32))
-    width = max([sum(int(x.shape[0]) for x in s) for s in samples] + [1])
-    rows_k, rows_w = [], []
-    for g in range(n_groups):
-        sk = jnp.concatenate(samples[g]) if samples[g] else jnp.zeros((0,), jnp.uint32)
-        sw = jnp.concatenate(weights[g]) if weights[g] else jnp.zeros((0,), jnp.float32)
-        pad = width - sk.shape[0]
-        # Padding: key 0 (ranks last) with weight 0.
-        rows_k.append(jnp.pad(sk, (0, pad)))
-        rows_w.append(jnp.pad(sw, (0, pad)))
-    sk, sw = jnp.stack(rows_k), jnp.stack(rows_w)
-    m = jnp.asarray([sum(int(x.shape[0]) for x in s) for s in samples], jnp.int32)
-    # Sort each row by descending key (ascending ~key), weights alongside.
-    nk, sw = lax.sort((~sk, sw), dimension=1, num_keys=1)
-    sk = ~nk
-    cw = jnp.cumsum(sw, axis=1)
-    kf = k.astype(jnp.float32)
-    i_est = jnp.sum(cw < kf[:, None], axis=1).astype(jnp.int32)
-    q = kf / jnp.maximum(jnp.asarray(n_group, jnp.float32), 1.0)
-    margin = (2.0 * jnp.sqrt(m * q * (1.0 - q)) + 1.0).astype(jnp.int32)
-    top = jnp.maximum(m - 1, 0)
-    ia = jnp.clip(i_est - margin, 0, top)
-    ib = jnp.clip(i_est + margin, 0, top)
-    rows = jnp.arange(n_groups)
-    g_hi = sk[rows, ia]  # larger key: F(g) likely < k
-    g_lo = sk[rows, ib]  # smaller key: F(g) likely >= k
-    # The search moves in x = ~key: a large key is a small x.
-    return jnp.stack([~g_hi, ~g_lo])
+# --------------------------------------------------------------------------
+# The engine
 
 
 def select_groups(
-    scores: Sequence[jax.Array],
+    scores: Sequence[jax.Array | LazyScores],
     groups: Sequence[int],
     keep: Sequence[Any],
 ) -> list[jax.Array]:
@@ -449,13 +769,15 @@ def select_groups(
     leaf) and :func:`jaxprune.masks.global_topk` (one group for all leaves).
 
     Args:
-      scores: float arrays (any shapes, including empty); a ``uint32`` array
-        is taken as ready-made keys, ordered as unsigned integers (e.g.
-        random bits, or :func:`sortable_key` of scores computed earlier).
+      scores: float arrays (any shapes, including empty) or
+        :class:`LazyScores`; a ``uint32`` array is taken as ready-made keys,
+        ordered as unsigned integers (e.g. random bits, or
+        :func:`sortable_key` of scores computed earlier).
       groups: the group index of each array, ``0 .. G-1``; within a group,
         arrays are ordered as given (that order breaks ties).
-      keep: per group, how many to keep: a Python int or a traced integer in
-        ``[0, n_g]`` (see :func:`keep_count`).
+      keep: per group, how many to keep: Python ints or traced integers in
+        ``[0, n_g]`` (see :func:`keep_count`; clipped to that range), or one
+        ``(G,)`` integer array.
 
     Returns:
       One boolean mask per input array, of its shape.
@@ -467,166 +789,194 @@ def select_groups(
       [[True, False, True], [[False, True]]]
     """
     n_groups = len(keep)
-    if len(scores) != len(groups):
-        raise ValueError("select_groups: scores and groups differ in length.")
-    zero = jnp.zeros((), jnp.uint32)
+    leaves, n_group = _plan(scores, groups, n_groups)
+    n = jnp.asarray(n_group, jnp.int32)
+    k = jnp.clip(_keep_vector(keep), 0, n)
+    live = [leaf for leaf in leaves if leaf.size]
+    raw = np.zeros(n_groups, bool)
+    for leaf in live:
+        raw[leaf.group] |= leaf.raw
 
-    # Keys are recomputed (fused) wherever they are used, not stored: in the
-    # search loop from args touched by a loop-varying zero (so XLA cannot
-    # hoist them out of the loop and store them), elsewhere from other zeros.
-    lazy = [s if isinstance(s, LazyScores) else LazyScores(_identity, (s,)) for s in scores]
+    def count(leaf_cuts, js, z):
+        partials = [_leaf_count(leaf.fn, leaf.args, leaf_cuts, j, z) for leaf, j in zip(live, js)]
+        return _group_sums(partials, live, n_groups)
 
-    def key_of(i, z=zero):
-        s = lazy[i].fn(*[_touch(jnp.asarray(a), z) for a in lazy[i].args])
-        return s if s.dtype == jnp.uint32 else sortable_key(s)
+    leaf_cuts, js, _ = _search(count, lambda g, p: _per_leaf(live, g, p), n, k,
+                               _first_guesses(leaves, n_group, k), jnp.asarray(raw), len(live))
+    kept = iter(_leaf_mask(leaf.fn, leaf.args, leaf_cuts, j) for leaf, j in zip(live, js))
+    return [next(kept) if leaf.size else jnp.zeros(leaf.shape, jnp.bool_) for leaf in leaves]
 
-    shapes = [jax.eval_shape(lambda i=i: key_of(i)).shape for i in range(len(lazy))]
-    sizes = [int(np.prod(sh)) for sh in shapes]
-    # Except for small leaves: they store their keys once (at most
-    # _STORED_KEYS_MAX in all), so their passes only compare, which keeps the
-    # many small fusions of a many-leaf selection cheap to compile.
-    budget = _STORED_KEYS_MAX
-    for i, size in enumerate(sizes):
-        if 0 < size <= _STORE_KEYS_BELOW and size <= budget:
-            lazy[i] = LazyScores(_identity, (key_of(i),))
-            budget -= size
-    n_group = [0] * n_groups
-    offsets = []
-    for sz, g in zip(sizes, groups):
-        offsets.append(n_group[g])
-        n_group[g] += sz
-    if max(n_group, default=0) >= 2**31:
-        raise ValueError(
-            f"a group of {max(n_group)} scores is too large (limit 2**31 - 1); "
-            "split the selection into smaller groups."
-        )
-    k = jnp.stack([jnp.asarray(kk, jnp.int32) for kk in keep]) if n_groups else jnp.zeros((0,), jnp.int32)
-    n_arr = jnp.asarray(n_group, jnp.int32)
-    members = [[i for i, g in enumerate(groups) if g == gi and sizes[i] > 0] for gi in range(n_groups)]
 
-    def per_group(leaf_count, active):
-        # One pass over every leaf; per-group sums of the per-leaf counts.
-        del active
-        out = []
-        for gi in range(n_groups):
-            cs = [leaf_count(i) for i in members[gi]]
-            out.append(sum(cs[1:], cs[0]) if cs else jnp.zeros((), jnp.int32))
-        return jnp.stack(out) if out else jnp.zeros((0,), jnp.int32)
+def _keep_vector(keep: Any) -> jax.Array:
+    """The keep counts as one ``(G,)`` int32 vector."""
+    if getattr(keep, "ndim", None) == 1:
+        return jnp.asarray(keep, jnp.int32)
+    if not len(keep):
+        return jnp.zeros((0,), jnp.int32)
+    return jnp.stack([jnp.asarray(x, jnp.int32) for x in keep])
 
-    # ---- Phase 1: the threshold key. Search x = ~g, f(x) = #{key >= ~x}.
-    def count_ge(xs, active, z):
-        gs = ~xs
-        return per_group(lambda i: count_true(key_of(i, z) >= gs[groups[i]]), active)
 
-    first = _initial_guesses([key_of(i) for i in range(len(lazy))], sizes, groups, n_group, k)
-    lo0 = jnp.zeros((n_groups,), jnp.uint32)  # g = 0xFFFFFFFF: F = 0
-    hi0 = jnp.full((n_groups,), _U32_MAX, jnp.uint32)  # g = 0: F = n
-    f_lo0 = jnp.zeros((n_groups,), jnp.int32)
-    f_hi0 = n_arr
-    # Groups keeping nothing are done at once: hi = lo (no key is 0xFFFFFFFF).
-    none = k == 0
-    hi0 = jnp.where(none, lo0, hi0)
-    f_hi0 = jnp.where(none, 0, f_hi0)
-    target = jnp.maximum(k, 1)
-    _, hi, f_lo, f_hi, steps = _search(count_ge, lo0, hi0, f_lo0, f_hi0, jnp.where(none, 0, target),
-                                       first)
-    # Later uses recompute the keys from a zero XLA cannot see through, so they
-    # are neither merged with the sample's keys nor stored for all uses.
-    z_out = lax.shift_right_logical(steps, 31).astype(jnp.uint32)
-    # Keep key > thresh and the first `r` keys equal to thresh (by position).
-    # If F(thresh) == k exactly, all of them; else hi - lo == 1, so
-    # f_lo = #{key > thresh} < k < f_hi = #{key >= thresh}.
-    thresh = ~hi
-    exact = f_hi == k
-    r = k - f_lo
-    need_pos = ~exact
+# --------------------------------------------------------------------------
+# Selection within slices along axes
 
-    # ---- Phase 2: ties at the threshold, broken by position, in one pass:
-    # count the ties of every row (last axis) of every leaf, find the row
-    # holding the r-th tie of each group from the (small) cumulative row
-    # counts, then the column within that one row. Per leaf this is two
-    # fused reductions; everything after them runs on small vectors holding
-    # all groups at once (segments at static offsets), so the branch compiles
-    # to a few kernels per leaf, not a few per group.
-    order = [i for gi in range(n_groups) for i in members[gi]]
 
-    def tie_search():
-        views = [_rows_view(key_of(i, z_out)) for i in order]
-        ties = [v == thresh[groups[i]] for v, i in zip(views, order)]
-        n_rows = np.array([v.shape[0] for v in views], np.int64)
-        n_cols = np.array([v.shape[1] for v in views], np.int64)
-        grp = np.array([groups[i] for i in order], np.int64)
+def select_along(scores: jax.Array | LazyScores, axis: int | Sequence[int], keep: Any) -> jax.Array:
+    """Keeps exactly ``keep`` of the largest scores in every slice along ``axis``.
 
-        def layout(sizes):
-            # Per group [start, end) of its members' segments in a flat vector,
-            # each member's start within its group, and each entry's group.
-            start_g = np.zeros(n_groups, np.int64)
-            end_g = np.zeros(n_groups, np.int64)
-            within = np.zeros(len(order), np.int64)
-            pos = 0
-            for gi in range(n_groups):
-                start_g[gi] = pos
-                for m in np.flatnonzero(grp == gi):
-                    within[m] = pos - start_g[gi]
-                    pos += int(sizes[m])
-                end_g[gi] = pos
-            return start_g, end_g, within, np.repeat(grp, sizes)
+    The axes in ``axis`` form one comparison group; every index of the other
+    axes is its own group, with its own exact count. For a Flax ``(in, out)``
+    kernel, ``axis=0`` compares within each output unit (Wanda's groups);
+    for layer-stacked parameters ``(L, ...)``, ``axis=(1, 2, ...)`` gives
+    every layer its own budget. Same rules as :func:`select_groups`: ties
+    by position (lower flat index within the slice first, the slice's axes
+    in their order), NaN ranked lowest, ``uint32`` scores taken as keys.
 
-        def rank_in_groups(counts, start_g, end_g, entry_grp, target):
-            # For every group: how many of its entries have an in-group
-            # cumulative count below ``target``, and that in-group cumulative
-            # count at each entry.
-            cums = jnp.cumsum(counts, dtype=jnp.int32)
-            zc = jnp.concatenate([jnp.zeros((1,), jnp.int32), cums])
-            inside = cums - zc[start_g][entry_grp]
-            below = jnp.concatenate([jnp.zeros((1,), jnp.int32),
-                                     jnp.cumsum((inside < target[entry_grp]).astype(jnp.int32))])
-            return below[end_g] - below[start_g], inside
+    The search runs on all groups at once: every pass reduces one
+    predicate over the group axes, so run time and compile time do not
+    depend on the number of groups beyond the passes over memory.
 
-        # The row holding each group's r-th tie: j rows of the group before it.
-        rs, re_, row_off, row_grp = layout(n_rows)
-        row_ties = jnp.concatenate([_count_rows(t) for t in ties])
-        j, inside = rank_in_groups(row_ties, rs, re_, row_grp, r)
-        prev = jnp.clip(jnp.asarray(rs) + j - 1, 0, max(int(n_rows.sum()) - 1, 0))
-        c = r - jnp.where(j > 0, inside[prev], 0)  # the c-th tie of that row
-        # That row's ties, zero in every member but the one holding it.
-        segs = []
-        for m, t in enumerate(ties):
-            jm = j[grp[m]]
-            here = (jm >= row_off[m]) & (jm < row_off[m] + n_rows[m])
-            local = jnp.clip(jm - int(row_off[m]), 0, int(n_rows[m]) - 1)
-            # A masked reduction over rows (a dynamic slice would gather a
-            # sharded leaf; this reduces per shard and moves one row).
-            segs.append(jnp.where(here, _one_row(t, local), 0))
-        cs, ce, col_off, col_grp = layout(n_cols)
-        at, _ = rank_in_groups(jnp.concatenate(segs), cs, ce, col_grp, c)  # column in the group
-        # The member holding that column, and the flat position after it.
-        first = np.searchsorted(grp, np.arange(n_groups))
-        held = jnp.asarray(col_off) <= at[grp]
-        count = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(held.astype(jnp.int32))])
-        last = np.searchsorted(grp, np.arange(n_groups), side="right")
-        m = jnp.clip(jnp.asarray(first) + count[last] - count[first] - 1, 0, len(order) - 1)
+    Args:
+      scores: a float array, ``uint32`` keys, or :class:`LazyScores`.
+      axis: an int or a tuple of ints (negative counts from the end); ``()``
+        makes every score its own group.
+      keep: how many to keep per slice: an int (every slice), or an integer
+        array with the shape of the other axes (in their order); traced is
+        fine. Clipped to ``[0, slice size]``.
 
-        def static(v):
-            return jnp.asarray(np.asarray(v, np.int64), jnp.int32)[m]
+    Returns:
+      A boolean mask of the scores' shape.
 
-        offs = [offsets[i] for i in order]
-        cut = static(offs) + (j - static(row_off)) * static(n_cols) + (at - static(col_off)) + 1
-        return jnp.where(jnp.asarray(last > first), cut, n_arr)
+    Example:
+      >>> import jax.numpy as jnp
+      >>> w = jnp.array([[1.0, 5.0], [3.0, 2.0], [2.0, 4.0]])  # (in, out)
+      >>> select_along(w, 0, 2).tolist()  # 2 of 3 inputs per output column
+      [[False, True], [True, False], [True, True]]
+      >>> select_along(w, 1, jnp.array([1, 0, 2])).tolist()  # per row budgets
+      [[False, True], [False, False], [True, True]]
+    """
+    lazy = scores if isinstance(scores, LazyScores) else LazyScores(_identity, (scores,))
+    fn, args = lazy.fn, tuple(lazy.args)
+    out = jax.eval_shape(lambda: fn(*args))
+    shape = tuple(out.shape)
+    axes = _along_axes(axis, len(shape))
+    other_shape = tuple(d for a, d in enumerate(shape) if a not in axes)
+    s = int(np.prod([shape[a] for a in axes], dtype=np.int64))
+    n_groups = int(np.prod(other_shape, dtype=np.int64))
+    if s >= 2**31:
+        raise ValueError(f"select_along: slices of {s} scores are too large (limit 2**31 - 1).")
+    k = _keep_along(keep, other_shape, s)
+    if s == 0 or n_groups == 0:
+        return jnp.zeros(shape, jnp.bool_)
+    group_shape = tuple(1 if a in axes else d for a, d in enumerate(shape))
 
-    if order:
-        pos = lax.cond(jnp.any(need_pos), tie_search, lambda: n_arr)
-        pos = jnp.where(need_pos, pos, n_arr)
+    def kept(key, cuts, z=None):
+        g = cuts[0].reshape(group_shape)
+        p = lax.bitcast_convert_type(cuts[1], jnp.int32).reshape(group_shape)
+        pos = _slice_position(shape, axes, z)
+        return (key > g) | ((key == g) & (pos < p))
+
+    def count(cuts, js, z):
+        del js
+        return _count_along(kept(_keys_of(fn, args, z), cuts, z), axes).reshape(-1)
+
+    def spread(g, p):
+        return jnp.stack([g, lax.bitcast_convert_type(p, jnp.uint32)])
+
+    n = jnp.full((n_groups,), s, jnp.int32)
+    cuts, _, _ = _search(count, spread, n, k, _first_guesses_along(fn, args, shape, axes, k),
+                         jnp.full((n_groups,), out.dtype == jnp.uint32), 0)
+    return kept(_keys_of(fn, args), cuts)
+
+
+def _along_axes(axis: Any, nd: int) -> tuple[int, ...]:
+    """``axis`` as a sorted tuple of distinct non-negative axes."""
+    axes = (axis,) if isinstance(axis, (int, np.integer)) else tuple(axis)
+    bad = [a for a in axes if not isinstance(a, (int, np.integer)) or not -nd <= a < nd]
+    if bad:
+        raise ValueError(f"select_along: axis={axis!r} is out of range for {nd}-d scores; "
+                         f"give axes in [-{nd}, {nd}).")
+    norm = tuple(sorted({int(a) % nd for a in axes}))
+    if len(norm) != len(axes):
+        raise ValueError(f"select_along: axis={axis!r} repeats an axis.")
+    return norm
+
+
+def _keep_along(keep: Any, other_shape: tuple, s: int) -> jax.Array:
+    """``keep`` as a ``(G,)`` int32 vector, clipped to ``[0, s]``."""
+    k = jnp.asarray(keep)
+    if not (jnp.issubdtype(k.dtype, jnp.integer) or k.dtype == jnp.bool_):
+        raise TypeError(f"select_along: keep must be integers (counts), got dtype {k.dtype}. "
+                        "For a sparsity, use keep_count(slice_size, sparsity).")
+    if k.ndim == 0:
+        k = jnp.broadcast_to(k, other_shape)
+    elif k.shape != other_shape:
+        raise ValueError(f"select_along: keep has shape {k.shape}; give one int, or an array "
+                         f"with the shape of the axes not in axis= {other_shape}.")
+    return jnp.clip(k.astype(jnp.int32).reshape(-1), 0, s)
+
+
+def _slice_position(shape: tuple, axes: tuple, z: jax.Array | None) -> jax.Array:
+    """Every element's flat position within its slice (row-major over the
+    slice's axes), broadcastable to ``shape``; in a loop it depends on ``z``
+    (see :func:`_touch`), so that XLA does not store it for all passes."""
+    pos, stride = None, 1
+    for a in reversed(axes):
+        iota = lax.broadcasted_iota(jnp.int32, tuple(d if i == a else 1 for i, d in enumerate(shape)), a)
+        term = iota * stride if stride != 1 else iota
+        pos = term if pos is None else pos + term
+        stride *= shape[a]
+    if pos is None:  # axis=(): every score is its own slice
+        pos = jnp.zeros((1,) * len(shape), jnp.int32)
+    if z is not None:
+        pos = pos + z.astype(jnp.int32)
+    return jnp.broadcast_to(pos, shape)
+
+
+def _count_along(pred: jax.Array, axes: tuple) -> jax.Array:
+    """``True`` counts of every slice (sums over ``axes``), with no temporary
+    of the predicate's size: along the last slice axis (padded with False
+    to a multiple of 32), 32 booleans are packed into a word and counted by
+    ``popcount`` in one kernel, whose ``uint8`` counts (1/32 of the scores)
+    are then summed over the slice axes. (A plain sum of booleans would be
+    converted to int32 and stored by XLA:CPU before reducing.)"""
+    if not axes:
+        return pred.astype(jnp.int32)
+    a = axes[-1]
+    pad = -pred.shape[a] % 32
+    if pad:
+        widths = [(0, 0)] * pred.ndim
+        widths[a] = (0, pad)
+        pred = jnp.pad(pred, widths)
+    shape = pred.shape
+    split = (*shape[:a], shape[a] // 32, 32, *shape[a + 1:])
+    bit = lax.broadcasted_iota(jnp.uint32, tuple(32 if i == a + 1 else 1 for i in range(len(split))), a + 1)
+    words = jnp.sum(pred.reshape(split).astype(jnp.uint32) << bit, axis=a + 1, dtype=jnp.uint32)
+    return jnp.sum(lax.population_count(words).astype(jnp.uint8), axis=axes, dtype=jnp.int32)
+
+
+def _first_guesses_along(fn: Callable, args: tuple, shape: tuple, axes: tuple, k: jax.Array) -> jax.Array:
+    """First guesses for every slice from a strided sample along its axes
+    (all slices sampled alike, sorted at once). At most ``8 * _SAMPLE_QUOTA``
+    samples in all, and about ``size / 32`` (at least 1024): many small
+    slices are sampled sparsely or not at all."""
+    n_groups = k.shape[0]
+    s = int(np.prod([shape[a] for a in axes], dtype=np.int64))
+    size = n_groups * s
+    quota = max(64, min(_SAMPLE_QUOTA, (8 * _SAMPLE_QUOTA) // n_groups))
+    quota = min(quota, s, max(1024, size // 32) // n_groups)
+    if quota < 1:
+        return jnp.zeros((0, n_groups), jnp.uint32)
+    group_sl = _sample_slices(tuple(shape[a] for a in axes), quota)
+    sl = [slice(None)] * len(shape)
+    for a, g in zip(axes, group_sl):
+        sl[a] = g
+    sl = tuple(sl)
+    args = [jnp.asarray(a) for a in args]
+    if all(a.shape == shape for a in args):
+        keys = _keys_of(fn, [a[sl] for a in args])
     else:
-        pos = n_arr
-
-    masks = []
-    for i in range(len(lazy)):
-        g = groups[i]
-        if not sizes[i]:
-            masks.append(jnp.zeros(shapes[i], jnp.bool_))
-            continue
-        key = key_of(i, z_out)
-        local = jnp.clip(pos[g] - offsets[i], 0, sizes[i])
-        masks.append((key > thresh[g]) | ((key == thresh[g]) & (_flat_index(key.shape) < local)))
-    return masks
+        keys = _keys_of(fn, args, _opaque_zero(args))[sl]
+    others = [a for a in range(len(shape)) if a not in axes]
+    rows = jnp.transpose(keys, (*others, *axes)).reshape(n_groups, -1)
+    m = jnp.full((n_groups,), rows.shape[1], jnp.float32)
+    return _guesses_from_rows(~rows, m, jnp.full((n_groups,), s, jnp.float32), k)

@@ -403,17 +403,6 @@ def test_count_true():
             assert int(f(jnp.asarray(x))) == int(np.sum(x)), (shape, p)
 
 
-@pytest.mark.parametrize("shape", [(5, 64), (3, 7), (33, 32), (1, 96), (4, 0)])
-def test_count_rows_and_one_row(shape):
-    rng = np.random.default_rng(6)
-    x = rng.random(shape) < 0.3
-    rows = jax.jit(sel._count_rows)(jnp.asarray(x))
-    np.testing.assert_array_equal(np.asarray(rows), x.sum(axis=1))
-    one = jax.jit(sel._one_row)
-    for r in range(shape[0]):
-        np.testing.assert_array_equal(np.asarray(one(jnp.asarray(x), jnp.int32(r))), x[r])
-
-
 @settings(max_examples=30, **SETTINGS)
 @given(data=score_trees(("packed",)), ss=st.lists(SPARSITIES, min_size=1, max_size=3))
 def test_packing_paths_topk_and_global(data, ss):
@@ -441,10 +430,7 @@ _SELECT_EAGER = jax.jit(
        fracs=st.lists(st.floats(0, 1), min_size=2, max_size=2))
 def test_lazy_scores_equal_materialised_scores(seed, kinds, fracs):
     # LazyScores recompute the keys inside each pass; the masks must equal the
-    # selection on the stored scores and the numpy oracle, ties included. The
-    # first leaf is above select._STORE_KEYS_BELOW, so its keys stay lazy;
-    # the small ones store theirs.
-    assert 320 * 224 > sel._STORE_KEYS_BELOW
+    # selection on the stored scores and the numpy oracle, ties included.
     rng = np.random.default_rng(seed)
     shapes = [(320, 224), (3, 96), (5, 7)]
     xs = [jnp.asarray(oracle.gen_scores(rng, sh, kd, BF16)) for sh, kd in zip(shapes, kinds)]
@@ -481,20 +467,3 @@ def test_select_groups_all_equal_large(k):
     want = np.zeros(64 * 64, bool)
     want[:k] = True
     np.testing.assert_array_equal(np.asarray(m).ravel(), want)
-
-
-@pytest.mark.parametrize("stored_max", [0, 300, 1 << 21])
-def test_stored_and_lazy_keys_mix(monkeypatch, stored_max):
-    # Small leaves store their keys until the budget is spent; the rest stay
-    # lazy. Any mix gives the oracle's masks (ties included: a bf16 leaf).
-    monkeypatch.setattr(sel, "_STORED_KEYS_MAX", stored_max)
-    rng = np.random.default_rng(9)
-    specs = [((16, 16), "dup", BF16), ((7, 9), "special", F32), ((4, 64), "normal", F32)]
-    xs = [jnp.asarray(oracle.gen_scores(rng, sh, kind, dt)) for sh, kind, dt in specs]
-    keep = [jnp.int32(100), jnp.int32(40)]
-    masks = jax.jit(lambda xs: sel.select_groups(xs, [0, 1, 0], keep))(xs)
-    both = np.concatenate([oracle.to_f32(xs[0]).ravel(), oracle.to_f32(xs[2]).ravel()])
-    g0 = oracle.topk_leaf(both, 100)
-    np.testing.assert_array_equal(np.asarray(masks[0]).ravel(), g0[:256])
-    np.testing.assert_array_equal(np.asarray(masks[2]).ravel(), g0[256:])
-    np.testing.assert_array_equal(np.asarray(masks[1]), oracle.topk_leaf(xs[1], 40))
