@@ -26,6 +26,7 @@ from jaxprune import (
 from jaxprune.dynamic import DynamicState, STEState, rigl, set_training, ste, straight_through
 from jaxprune.lottery import LotteryState, lottery_ticket
 from jaxprune.masks import apply_masks, pack, sparsity, summary, unpack
+from jaxprune.search import SearchResult, search
 from jaxprune.snip import snip
 from jaxprune.transforms import PruneState, get_masks, keep_masks, prune
 
@@ -36,6 +37,7 @@ __all__ = [
     "LotteryState",
     "PruneState",
     "STEState",
+    "SearchResult",
     "__version__",
     "allocation",
     "apply_masks",
@@ -51,6 +53,7 @@ __all__ = [
     "regularizers",
     "rigl",
     "scores",
+    "search",
     "select",
     "sensitivity",
     "set_training",
