@@ -37,6 +37,7 @@ References:
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -297,19 +298,19 @@ def _group_layers(graph: ModelGraph, params: PyTree, where: Any, scores: Any) ->
                    tuple(g.index for g in groups), ranks, graph.treedef, graph)
 
 
-def _masked(layers: _Layers, params: PyTree, kept: jax.Array) -> PyTree:
+def _masked(layers: _Layers, ranks: tuple, params: PyTree, kept: jax.Array) -> PyTree:
     """``params`` with layer ``l`` pruned to its ``kept[l]`` best entries."""
     if layers.granularity == "leaf":
         leaves = list(jax.tree_util.tree_leaves(params))
         for li, i in enumerate(layers.index):
             x = leaves[i]
-            keep = (layers.ranks[li] < kept[li]).reshape(np.shape(x))
+            keep = (ranks[li] < kept[li]).reshape(np.shape(x))
             leaves[i] = jnp.where(keep, x, jnp.zeros((), jnp.result_type(x)))
         return jax.tree_util.tree_unflatten(layers.treedef, leaves)
     from jaxprune.structured import _leaf_masks
 
-    units = {i: layers.ranks[li] < kept[li] if layers.graph.groups[i].layers
-             else layers.ranks[li][0] < kept[li] for li, i in enumerate(layers.index)}
+    units = {i: ranks[li] < kept[li] if layers.graph.groups[i].layers
+             else ranks[li][0] < kept[li] for li, i in enumerate(layers.index)}
     masks = _arrays_of(layers.graph, _leaf_masks(layers.graph, units))
     _, leaves, treedef = _tree.flatten(params)
     static = dict(layers.graph.static)
@@ -370,15 +371,28 @@ def batch_size_for(metric_fn: Callable, params: PyTree, rows: int,
     return int(np.clip(max_bytes // max(_row_bytes(metric_fn, params), 1), 1, rows))
 
 
+_EVALUATORS: OrderedDict = OrderedDict()
+
+
 def evaluator(metric_fn: Callable, layers: _Layers, batch_size: int) -> Callable:
     """``(params, kept (R, L)) -> (R,)`` metrics, jitted, ``batch_size`` rows
-    vmapped at a time."""
+    vmapped at a time. The compiled function is cached per metric, layers and
+    batch size (the ranks are an argument), so repeated scans of the same
+    model (adaptive budgets) compile once."""
+    key = (metric_fn, layers.granularity, layers.index, layers.treedef,
+           id(layers.graph), int(batch_size))
+    if key not in _EVALUATORS:
+        def run(params, ranks, kept):
+            def one(k):
+                return jnp.asarray(metric_fn(_masked(layers, ranks, params, k)), jnp.float32)
 
-    def run(params, kept):
-        one = lambda k: jnp.asarray(metric_fn(_masked(layers, params, k)), jnp.float32)  # noqa: E731
-        return jax.lax.map(one, kept, batch_size=min(batch_size, kept.shape[0]))
+            return jax.lax.map(one, kept, batch_size=min(batch_size, kept.shape[0]))
 
-    return jax.jit(run)
+        _EVALUATORS[key] = (jax.jit(run), layers.graph)  # the graph kept alive with its id
+        while len(_EVALUATORS) > 8:
+            _EVALUATORS.popitem(last=False)
+    fn = _EVALUATORS[key][0]
+    return lambda params, kept: fn(params, layers.ranks, kept)
 
 
 # --------------------------------------------------------------------------
