@@ -62,6 +62,9 @@ from jaxprune.graph import ModelGraph
 
 PyTree = Any
 
+# jp.tree.select is jp.tree.flags on the vocabulary branch.
+_flags = getattr(_tree, "flags", None) or _tree.select
+
 __all__ = ["RegularizerState", "group_lasso", "l1", "slimming", "threshold"]
 
 
@@ -156,12 +159,12 @@ def l1(strength: Any, *, learning_rate: Any = None,
     """
 
     def grad_fn(updates, params, lam):
-        sel = _tree.select(params, where)
+        sel = _flags(params, where)
         return _map_selected(lambda u, p: (u + lam * jnp.sign(p)).astype(u.dtype),
                              sel, updates, params)
 
     def prox_fn(z, t):
-        return _map_selected(lambda x: _soft(x, t), _tree.select(z, where), z)
+        return _map_selected(lambda x: _soft(x, t), _flags(z, where), z)
 
     return _transform("l1", strength, learning_rate, grad_fn, prox_fn)
 

@@ -31,18 +31,6 @@ Both finish every candidate the same way: counts rounded down (the budget is
 met), then units added back layer by layer while the cost stays within the
 budget (so it is met to within one unit's cost).
 
-Example:
-  >>> import jax, jax.numpy as jnp
-  >>> import jaxprune as jp
-  >>> k1, k2 = jax.random.split(jax.random.key(0))
-  >>> params = {"a": jax.random.normal(k1, (4, 16)), "b": jax.random.normal(k2, (16, 3))}
-  >>> x = jnp.ones((8, 4))
-  >>> metric = lambda p: -jnp.mean((jnp.tanh(x @ p["a"]) @ p["b"]) ** 2)
-  >>> res = jp.search(metric, params, 0.5, granularity="leaf", cost="params", agent="es",
-  ...                 iterations=3, population=8)
-  >>> len(res.curve), sorted(res.budget)
-  (3, ['a', 'b'])
-
 References:
   He et al., "AMC: AutoML for model compression and acceleration on mobile
   devices", ECCV 2018; Lillicrap et al., "Continuous control with deep
@@ -373,6 +361,18 @@ def search(metric_fn: Callable[[PyTree], Any], params: PyTree, sparsity: float, 
 
     Raises:
       ValueError: an unknown agent, or a budget that ``max_sparsity`` cannot meet.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> import jaxprune as jp
+      >>> k1, k2 = jax.random.split(jax.random.key(0))
+      >>> params = {"a": jax.random.normal(k1, (4, 16)), "b": jax.random.normal(k2, (16, 3))}
+      >>> x = jnp.ones((8, 4))
+      >>> metric = lambda p: -jnp.mean((jnp.tanh(x @ p["a"]) @ p["b"]) ** 2)
+      >>> res = jp.search(metric, params, 0.5, granularity="leaf", cost="params",
+      ...                 iterations=3, population=8)
+      >>> len(res.curve), sorted(res.budget), int(res.kept.sum())
+      (3, ['a', 'b'], 56)
 
     References:
       He et al., "AMC: AutoML for model compression and acceleration on
