@@ -36,6 +36,7 @@ References:
 
 from __future__ import annotations
 
+import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -275,6 +276,8 @@ def _chosen(graph: ModelGraph, where: Any) -> list:
     names = {g.name: g for g in graph.groups}
     if where is None:
         out = list(graph.prunable)
+    elif isinstance(where, str):
+        out = [g for g in graph.prunable if re.search(where, g.name)]
     elif callable(where):
         out = [g for g in graph.groups if g.prunable and where(g)]
     else:
@@ -441,8 +444,9 @@ def scan(metric_fn: Callable[[PyTree], Any], params: PyTree,
       params: the parameters (for ``"group"``, the variables the graph traced).
       levels: sparsities to test, strictly increasing in ``[0, 1]``.
       where: leaf granularity: which leaves (as everywhere; default the
-        float leaves with ndim >= 2); group granularity: which groups (names,
-        indices or a callable ``group -> bool``; default every prunable one).
+        float leaves with ndim >= 2); group granularity: which groups (a
+        regex on group names, a sequence of names or indices, or a callable
+        ``group -> bool``; default every prunable one).
       granularity: ``"leaf"`` (unstructured) or ``"group"`` (units).
       graph: the model graph (required for ``"group"``; for ``"leaf"`` it
         adds the ``"flops"`` cost model).

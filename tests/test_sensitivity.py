@@ -331,6 +331,8 @@ def test_contribution_curves_give_budgets():
         assert np.all(np.diff(curves.damage(), axis=1) >= -1e-6)
         rates = jp.allocation.from_sensitivity(curves, 0.5, "flops")
         assert curves.cost(rates, "flops") <= 0.5 + 1e-9
+    one = jp.sensitivity.from_scores(st["taylor"], levels=(0.5,), graph=g, where="conv1")
+    assert one.names == ("params/conv1:2",)
     # Unstructured: saliency scores make leaf curves.
     p = mlp_params()
     grads = jax.grad(mlp_metric)(p)
