@@ -19,6 +19,9 @@ Per-layer budgets (channels kept in each of the five groups) come from:
 * ``adaptive``: gradual pruning over the first half of fine-tuning; at each
   of its mask updates the curves are re-measured on the current weights and
   the solver re-run at the scheduled (cubic) budget;
+* ``gradual_global``: the same gradual schedule with one global threshold on
+  the normalised unit norms at each update instead (the control that
+  separates adaptive budgets from gradual pruning);
 * ``search``: ``jp.search`` (the agent of ``--agent``) maximising validation
   accuracy of the pruned, not fine-tuned, model;
 * ``slimming``: the network is trained with L1 on the BatchNorm scales
@@ -76,7 +79,8 @@ import jaxprune as jp
 CHANNELS = (16, 32, 32, 64, 64)
 KERNELS = (5, 3, 3, 3, 3)
 STRIDES = (1, 2, 1, 2, 1)
-METHODS = ("uniform", "global", "sensitivity", "adaptive", "search", "slimming")
+METHODS = ("uniform", "global", "sensitivity", "adaptive", "gradual_global", "search",
+           "slimming")
 BUDGETS = {"flops": 0.5, "params": 0.7}  # fraction of the dense cost removed
 
 
@@ -229,11 +233,13 @@ def one_shot(method, ctx, budget):
     return v, jp.structured.masks(g, scores, rates), seconds
 
 
-def adaptive(ctx, budget):
-    """Gradual pruning over ``prune_steps``: at each update the curves are
-    re-measured on the current weights and the solver re-run at the
-    scheduled budget. Returns the masked variables, their masks, the scan
-    seconds and the per-update budgets."""
+def gradual(ctx, budget, how):
+    """Gradual pruning over ``prune_steps``. At each update the budget is
+    re-solved at the scheduled cost: ``how="sensitivity"`` re-measures the
+    curves on the current weights (adaptive budgets), ``how="global"`` puts
+    one threshold on the current normalised unit norms. Returns the masked
+    variables, their masks, the seconds spent on budgets and the kept units
+    after each update."""
     cfg, g, d = ctx["cfg"], ctx["graph"], ctx["data"]
     v, masks = ctx["dense"], ones_like(ctx["dense"])
     s_final, updates = BUDGETS[budget], cfg.updates
@@ -241,10 +247,15 @@ def adaptive(ctx, budget):
     seconds, history = 0.0, []
     for u in range(updates):
         s_now = s_final * (1 - (1 - (u + 1) / updates) ** 3)
-        curves = jp.sensitivity.scan(ctx["val_loss"], v, granularity="group", graph=g)
-        seconds += curves.seconds
-        rates = jp.allocation.from_sensitivity(curves, s_now, budget)
-        masks = jp.structured.masks(g, jp.structured.scores(g, v), rates)
+        t0 = time.perf_counter()
+        scores = jp.structured.scores(g, v)
+        if how == "sensitivity":
+            curves = jp.sensitivity.scan(ctx["val_loss"], v, granularity="group", graph=g)
+            rates = jp.allocation.from_sensitivity(curves, s_now, budget)
+        else:
+            rates = jp.allocation.global_budget(g, scores, s_now, budget)
+        seconds += time.perf_counter() - t0
+        masks = jp.structured.masks(g, scores, rates)
         v = jp.apply_masks(v, masks)
         history.append(kept_units(g, masks).tolist())
         v = fit(v, masks, jax.random.fold_in(ctx["key"], 1000 + u), d["x"], d["y"], cfg.lr_ft,
@@ -284,8 +295,9 @@ def run_method(method, budget, ctx) -> dict:
     and gradients, with one compile for every method), compaction, measures."""
     cfg, g, d = ctx["cfg"], ctx["graph"], ctx["data"]
     steps, history = cfg.ft_steps, None
-    if method == "adaptive":
-        base, masks, seconds, history = adaptive(ctx, budget)
+    if method in ("adaptive", "gradual_global"):
+        how = "sensitivity" if method == "adaptive" else "global"
+        base, masks, seconds, history = gradual(ctx, budget, how)
         steps = cfg.ft_steps - cfg.prune_steps
     else:
         base, masks, seconds = one_shot(method, ctx, budget)
@@ -345,7 +357,7 @@ def run_seed(seed: int, data: dict, cfg) -> dict:
 
 def _progress(cfg, seed, budget, method, row):
     if not cfg.no_progress:
-        print(f"seed {seed} {budget:>6} {method:>11}: acc {100 * row['accuracy']:.1f} "
+        print(f"seed {seed} {budget:>6} {method:>14}: acc {100 * row['accuracy']:.1f} "
               f"(pruned {100 * row['pruned']:.1f}), macs {row['macs']:,}, params "
               f"{row['params']:,}, {row['latency_ms']:.2f} ms, search {row['search_s']:.1f} s",
               file=sys.stderr)
@@ -369,6 +381,8 @@ def summarise(cfg, seeds: list, wall: float) -> dict:
             row["params_frac"] = row["params_mean"] / dense["params"]
             row["macs_frac"] = row["macs_mean"] / dense["macs"]
             row["kept"] = np.mean([p["kept"] for p in per], axis=0).tolist()
+            if per[0]["history"] is not None:
+                row["history"] = np.mean([p["history"] for p in per], axis=0).tolist()
             rows.append(row)
     acc = np.array([s["dense"]["accuracy"] for s in seeds])
     lat = np.array([s["dense"]["latency_ms"] for s in seeds])
@@ -422,7 +436,8 @@ def plot(out: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     budgets = out["config"]["budgets"]
-    fig, axes = plt.subplots(1, len(budgets), figsize=(6 * len(budgets), 3.8), squeeze=False)
+    panels = len(budgets) + ("agents" in out)
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 3.8), squeeze=False)
     for ax, budget in zip(axes[0], budgets):
         rows = [r for r in out["rows"] if r["budget"] == budget]
         width = 0.8 / len(rows)
@@ -434,7 +449,20 @@ def plot(out: dict, path: str) -> None:
         ax.set_ylabel("fraction of channels kept")
         frac = "50% of MACs" if budget == "flops" else "30% of params"
         ax.set_title(f"per-layer budgets, keep {frac}")
-        ax.set_ylim(0, 1.05)
+        ax.set_ylim(0, 1.5)
+        ax.set_yticks([0, 0.25, 0.5, 0.75, 1.0])
+        ax.legend(fontsize=7, ncol=2, loc="upper center")
+    if "agents" in out:
+        ax = axes[0][-1]
+        for a, c in (("es", "C0"), ("ddpg", "C3")):
+            curves = 100 * np.array([s["agents"][a]["curve"] for s in out["per_seed"]])
+            means = 100 * np.array([s["agents"][a]["mean"] for s in out["per_seed"]])
+            it = np.arange(1, curves.shape[1] + 1) * out["config"]["population"]
+            ax.plot(it, curves.mean(0), color=c, label=f"{a}: best so far")
+            ax.plot(it, means.mean(0), color=c, ls=":", label=f"{a}: batch mean")
+        ax.set_xlabel("candidates evaluated")
+        ax.set_ylabel("validation accuracy, pruned (%)")
+        ax.set_title("jp.search agents, keep 50% of MACs")
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
