@@ -24,9 +24,11 @@ from jaxprune import (
     lottery,
     masks,
     oneshot,
+    regularizers,
     resize,
     scores,
     select,
+    sensitivity,
     structured,
     transform_base,
     transforms,
@@ -50,6 +52,7 @@ from jaxprune.masks import (
     summary,
     unpack,
 )
+from jaxprune.search import SearchResult, search
 from jaxprune.transforms import PruneState, get_masks, keep_masks, prune
 
 __version__ = "0.1.0"
@@ -59,6 +62,7 @@ __all__ = [
     "LotteryState",
     "PruneState",
     "STEState",
+    "SearchResult",
     "__version__",
     "allocation",
     "apply_masks",
@@ -77,10 +81,13 @@ __all__ = [
     "oneshot",
     "pack",
     "prune",
+    "regularizers",
     "resize",
     "rigl",
     "scores",
+    "search",
     "select",
+    "sensitivity",
     "set_training",
     "snip",
     "sparsity_of",

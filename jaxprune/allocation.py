@@ -46,9 +46,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxprune import _budget
 from jaxprune import deprecation as _deprecation
 from jaxprune import masks as _masks
 from jaxprune import scores as _scores
+from jaxprune import select as _select
 from jaxprune import tree as _tree
 
 PyTree = Any
@@ -58,11 +60,14 @@ __all__ = [
     "check",
     "compute_masks",
     "erk",
+    "from_sensitivity",
+    "global_budget",
     "masks",
     "owl",
     "per_leaf",
     "random_masks",
     "sparsities",
+    "uniform_budget",
 ]
 
 NAMES = ("uniform", "global", "erk")
@@ -443,3 +448,237 @@ def _owl_sparsities(ratio: jax.Array, size: np.ndarray, s: jax.Array, lam: float
         denom = jnp.sum(jnp.where(free, w, 0.0))
         out = clipped + jnp.where(free, excess / jnp.where(denom > 0, denom, 1.0), 0.0)
     return jnp.clip(out, 0.0, 1.0)
+
+
+# --------------------------------------------------------------------------
+# Layer-aware budgets (sensitivity curves, cost budgets)
+
+
+def from_sensitivity(curves: Any, sparsity: Any = None, cost: str = "params") -> Any:
+    """Per-layer sparsities that meet a budget with the least predicted damage.
+
+    Each layer's damage curve (metric loss against sparsity, from
+    :func:`jaxprune.sensitivity.scan` or
+    :func:`jaxprune.sensitivity.from_scores`) is replaced by its convex
+    minorant and interpolated linearly; weights or units are then removed
+    where the predicted damage per unit of cost saved is smallest, until the
+    cost kept is ``(1 - sparsity)`` of the dense cost:
+    ``min sum_l d_l(s_l)  subject to  cost(s) <= (1 - sparsity) cost(0)``.
+
+    * Leaf curves (unstructured): a fractional knapsack over the curve
+      segments, solved exactly: with ``cost="params"`` exactly
+      ``round(N (1 - sparsity))`` of the ``N`` scanned weights are kept
+      (as :func:`jaxprune.masks.topk` rounds each leaf's rate, for leaves of
+      up to ~8M weights under ``jit``). ``cost="flops"`` weighs each weight
+      by its kernel's MACs per weight.
+    * Group curves (structured): one unit at a time from the group with the
+      least damage per cost saved, costs recomputed from the graph (removing
+      a channel shrinks its producer and its consumers); the cost kept is at
+      most the target and within one unit's cost of it. ``"params"`` counts
+      every variable but running statistics; ``"flops"`` the graph's MACs.
+
+    No layer goes past its last scanned level (scan up to 0.95 or 1.0 to
+    allow more).
+
+    Args:
+      curves: :class:`jaxprune.sensitivity.Curves`.
+      sparsity: the fraction of the dense cost removed. ``None`` (leaf
+        curves only) returns a callable allocation for
+        :func:`jaxprune.prune`, which solves for each (scheduled, traced)
+        sparsity inside the jitted update.
+      cost: ``"params"`` or ``"flops"``.
+
+    Returns:
+      Leaf curves: a tree of per-leaf sparsities with the scanned
+      parameters' structure (``0.0`` for leaves not scanned), usable as the
+      sparsity of :func:`jaxprune.masks.topk`; with ``sparsity=None`` a
+      callable ``(params, sparsity) -> tree`` for ``allocation=``. Group
+      curves: ``{group name: sparsity}`` for :func:`jaxprune.structured.masks`.
+
+    Raises:
+      ValueError: an unknown cost, or a budget the curves cannot meet.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import jaxprune as jp
+      >>> params = {"fragile": jnp.arange(1.0, 101.0).reshape(10, 10),
+      ...           "robust": jnp.arange(1.0, 101.0).reshape(10, 10)}
+      >>> metric = lambda p: 10 * jnp.sum(p["fragile"] == 0) + jnp.sum(p["robust"] == 0)
+      >>> curves = jp.sensitivity.scan(metric, params, levels=(0.5, 0.9))
+      >>> s = jp.allocation.from_sensitivity(curves, 0.45)
+      >>> s["fragile"], s["robust"]
+      (0.0, 0.9)
+
+    References:
+      Han et al., NeurIPS 2015 (sensitivity-driven per-layer thresholds);
+      He et al., "AMC: AutoML for model compression", ECCV 2018 (FLOPs
+      budgets per layer).
+    """
+    _budget.check_kind(cost)
+    model = curves.model(cost)
+    if curves.granularity == "group":
+        if sparsity is None:
+            raise ValueError("from_sensitivity: group curves need a sparsity (the fraction of "
+                             f"the dense {cost} removed); the structured budget is solved "
+                             "on the host.")
+        return _group_budget(curves, model, _concrete(sparsity), cost)
+    if sparsity is None:
+        return lambda params, s: _leaf_budget(curves, model, s, cost, jax.tree_util.tree_structure(params))
+    return _leaf_budget(curves, model, _concrete(sparsity), cost, None)
+
+
+def _concrete(sparsity: Any) -> float:
+    _masks.check_sparsity(sparsity)
+    if isinstance(sparsity, jax.core.Tracer):
+        raise ValueError("from_sensitivity: a traced sparsity needs sparsity=None (a callable "
+                         "allocation solved inside jit).")
+    return float(sparsity)
+
+
+def _leaf_budget(curves: Any, model: Any, sparsity: Any, cost: str, treedef: Any) -> Any:
+    removed, damage = curves.removed(), curves.damage()
+    exact = cost == "params"
+    total = int(curves.sizes.sum())
+    if exact:
+        target = total - _select.keep_count(total, sparsity)
+    else:
+        target = jnp.asarray(sparsity, jnp.float32) * model.dense
+    if not isinstance(sparsity, jax.core.Tracer):
+        most = float(model(curves.sizes) - model(curves.sizes - removed[:, -1]))
+        if float(target) > most + 1e-6 * max(model.dense, 1.0):
+            raise ValueError(
+                f"from_sensitivity: sparsity {sparsity} of the {cost} cannot be met: with every "
+                f"layer at its last scanned level ({curves.levels[-1]:g}) at most "
+                f"{most / model.dense:.4f} of it is removed. Scan higher levels (up to 1.0).")
+    per_weight = model.leaf_cost / np.maximum(curves.sizes, 1)
+    r = _budget.linear_solve(removed, damage, per_weight, target, exact)
+    if treedef is not None and treedef != curves.treedef:
+        raise ValueError("from_sensitivity: the parameters do not have the structure of the "
+                         f"scanned ones ({treedef} vs {curves.treedef}).")
+    concrete = not isinstance(r, jax.core.Tracer)
+    out: list = [0.0 if concrete else jnp.float32(0.0)] * curves.treedef.num_leaves
+    for li, i in enumerate(curves.index):
+        n = int(curves.sizes[li])
+        out[i] = int(r[li]) / n if concrete else r[li].astype(jnp.float32) / np.float32(n)
+    return jax.tree_util.tree_unflatten(curves.treedef, out)
+
+
+def _group_budget(curves: Any, model: Any, sparsity: float, cost: str) -> dict:
+    target = (1.0 - sparsity) * model.dense
+    kmin = curves.kept[:, -1]
+    _check_reachable(model, kmin, target, sparsity, cost,
+                     f"every group at its last scanned level ({curves.levels[-1]:g})")
+    k = _budget.unit_greedy(model, curves.removed(), curves.damage(), curves.sizes, kmin, target)
+    return _rates(curves.names, curves.sizes, k)
+
+
+def _check_reachable(model: Any, kmin: np.ndarray, target: float, sparsity: float, cost: str,
+                     how: str) -> None:
+    least = float(model(kmin))
+    if least > target * (1 + 1e-9):
+        raise ValueError(
+            f"the budget cannot be met: removing {sparsity} of the {cost} leaves "
+            f"{target:,.0f}, but {how} still keeps {least:,.0f} ({least / model.dense:.1%} of "
+            f"the dense {model.dense:,.0f}). Lower the sparsity, or allow more pruning.")
+
+
+def _rates(names: Sequence[str], sizes: np.ndarray, kept: np.ndarray) -> dict:
+    return {n: float(int(s) - int(k)) / int(s) for n, s, k in zip(names, sizes, kept)}
+
+
+def uniform_budget(graph: Any, sparsity: float, cost: str = "params", groups: Any = None) -> dict:
+    """One structured rate for every group, the smallest meeting a cost budget.
+
+    The keep fraction ``q`` is the largest for which counts
+    ``max(1, round(n_g q))`` keep at most ``(1 - sparsity)`` of the dense
+    cost (bisection; removing units shrinks producers and consumers, so the
+    cost falls faster than ``q``).
+
+    Args:
+      graph: the model graph.
+      sparsity: the fraction of the dense cost removed.
+      cost: ``"params"`` or ``"flops"``.
+      groups: which groups (default every prunable one; names, indices or a
+        callable ``group -> bool``).
+
+    Returns:
+      ``{group name: sparsity}`` for :func:`jaxprune.structured.masks`.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import jaxprune as jp
+      >>> p = {"a": jnp.ones((4, 8)), "b": jnp.ones((8, 8)), "c": jnp.ones((8, 2))}
+      >>> g = jp.graph.trace(lambda p, x: jnp.tanh(jnp.tanh(x @ p["a"]) @ p["b"]) @ p["c"],
+      ...                    p, jnp.ones((1, 4)))
+      >>> jp.allocation.uniform_budget(g, 0.75, "flops")
+      {'a:1': 0.625, 'b:1': 0.625}
+    """
+    chosen, model = _graph_model(graph, groups, cost)
+    target = (1.0 - _concrete(sparsity)) * model.dense
+    sizes = np.array([g.size for g in chosen])
+    ones = np.ones(len(chosen), np.int64)
+    _check_reachable(model, ones, target, sparsity, cost, "one unit per group")
+    return _rates([g.name for g in chosen], sizes, _budget.uniform_counts(model, sizes, ones, target))
+
+
+def global_budget(graph: Any, scores: Sequence, sparsity: float, cost: str = "params",
+                  groups: Any = None, normalize: bool = True) -> dict:
+    """Structured rates from one threshold on unit scores, under a cost budget.
+
+    Units are removed in ascending score order (scores divided by their
+    group's mean when ``normalize``) until at most ``(1 - sparsity)`` of the
+    dense cost is kept; each group keeps at least one unit. With
+    ``score="bn_scale"`` this is network slimming's single threshold on
+    ``|gamma|`` (Liu et al. 2017, without normalisation).
+
+    Args:
+      graph: the model graph.
+      scores: from :func:`jaxprune.structured.scores` (aligned with the groups).
+      sparsity: the fraction of the dense cost removed.
+      cost: ``"params"`` or ``"flops"``.
+      groups: which groups (default every prunable one).
+      normalize: divide each group's scores by their mean first.
+
+    Returns:
+      ``{group name: sparsity}`` for :func:`jaxprune.structured.masks`.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import jaxprune as jp
+      >>> p = {"a": jnp.ones((4, 4)), "b": jnp.ones((4, 2))}
+      >>> g = jp.graph.trace(lambda p, x: jnp.tanh(x @ p["a"]) @ p["b"], p, jnp.ones((1, 4)))
+      >>> jp.allocation.global_budget(g, (jnp.array([4.0, 3.0, 2.0, 1.0]), None), 0.5,
+      ...                             normalize=False)
+      {'a:1': 0.5}
+
+    References:
+      Liu et al., "Learning efficient convolutional networks through network
+      slimming", ICCV 2017.
+    """
+    chosen, model = _graph_model(graph, groups, cost)
+    target = (1.0 - _concrete(sparsity)) * model.dense
+    ones = np.ones(len(chosen), np.int64)
+    _check_reachable(model, ones, target, sparsity, cost, "one unit per group")
+    vecs = []
+    for g in chosen:
+        if g.layers:
+            raise ValueError(f"global_budget: group {g.name!r} belongs to a scanned stack; "
+                             "use uniform_budget or from_sensitivity.")
+        v = np.asarray(scores[g.index], np.float64).reshape(-1)
+        vecs.append(v / max(float(np.mean(v)), 1e-30) if normalize else v)
+    k = _budget.order_counts(model, vecs, ones, target)
+    return _rates([g.name for g in chosen], np.array([g.size for g in chosen]), k)
+
+
+def _graph_model(graph: Any, groups: Any, cost: str) -> tuple:
+    _budget.check_kind(cost)
+    if groups is None:
+        chosen = list(graph.prunable)
+    elif callable(groups):
+        chosen = [g for g in graph.groups if g.prunable and groups(g)]
+    else:
+        names = {g.name: g for g in graph.groups}
+        chosen = [names[k] if isinstance(k, str) else graph.groups[k] for k in groups]
+    if not chosen:
+        raise ValueError("no prunable group selected; print(graph) lists the groups.")
+    return chosen, _budget.graph_model(graph, chosen, cost)

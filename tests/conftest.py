@@ -43,3 +43,7 @@ def make_step():
 def load_example():
     """``load_example(name)``: ``examples/<name>.py`` as a module."""
     return harness.load_example
+
+# A worker script that test_multiprocess.py starts with arguments, not a test
+# module (--doctest-modules would import it).
+collect_ignore = ["multiprocess_child.py"]
