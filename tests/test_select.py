@@ -9,6 +9,7 @@ the sparsities vary freely.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -40,7 +41,7 @@ class Params(NamedTuple):
 # float dtype, a zero-size kernel, a (1, 1) kernel, unselected 1-D leaves and
 # a leaf above the 2048-entry sampling quota of select.py (64x80). Leaf
 # order (tree_leaves): conv/bias, conv/kernel, dense.w, dense.b, dense.emb,
-# seq/0, seq/1/0, seq/1/1/0, seq/2. Default where=None selects ndim >= 2.
+# seq/0, seq/1/0, seq/1/1/0, seq/2. The tests select ndim >= 2 (ALL_2D).
 TEMPLATES = {
     # Shapes for every packing path of select.count_true and the tie phase:
     # rows % 32 == 0 (words across rows), last axis % 32 == 0 (words along a
@@ -137,10 +138,17 @@ def check_global(tree, masks, s, traced, selected=default_selected):
         )
 
 
-TOPK = jax.jit(jp.masks.topk)
-GLOBAL = jax.jit(jp.masks.global_topk)
-TOPK_STATIC = jax.jit(jp.masks.topk, static_argnums=1)
-GLOBAL_STATIC = jax.jit(jp.masks.global_topk, static_argnums=1)
+# These tests are about exact selection, so they select by the rule they
+# check (every float leaf with ndim >= 2), not by the library's default
+# where= (kernels by name and shape, tested in test_tree.py).
+def ALL_2D(path, leaf):
+    return default_selected(leaf)
+
+
+TOPK = jax.jit(functools.partial(jp.masks.topk, where=ALL_2D))
+GLOBAL = jax.jit(functools.partial(jp.masks.global_topk, where=ALL_2D))
+TOPK_STATIC = jax.jit(functools.partial(jp.masks.topk, where=ALL_2D), static_argnums=1)
+GLOBAL_STATIC = jax.jit(functools.partial(jp.masks.global_topk, where=ALL_2D), static_argnums=1)
 
 
 # --------------------------------------------------------------------------
