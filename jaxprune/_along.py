@@ -1,21 +1,18 @@
 """Exact top-k within comparison groups along axes (per row, per slice).
 
-A stand-in for ``select.select_along`` (same signature), written with a
-stable sort per group: fine for kernel-sized arrays. :func:`jaxprune.masks.topk`
-and :mod:`jaxprune.oneshot` import :func:`select_along` from here only, so
-moving to the selection engine is a one-line change of that import.
+The helpers that :func:`jaxprune.masks.topk` (``axis=``) and
+:mod:`jaxprune.oneshot` share around :func:`jaxprune.select.select_along`:
+axis normalisation, group shapes, per-group keep counts.
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 from jaxprune import select as _select
 
@@ -51,22 +48,9 @@ def keep_counts(n: int, sparsity: Any, gshape: Sequence[int]) -> Any:
     return np.clip(np.round(n * (1.0 - s)), 0, n).astype(np.int32)
 
 
-@functools.partial(jax.jit, static_argnums=1)
 def select_along(scores: jax.Array, axis: int | Sequence[int], keep: Any) -> jax.Array:
-    """Keeps the ``keep`` largest scores of every group along ``axis``.
-
-    Every index of the other axes is its own group; ``keep`` is an int or an
-    integer array broadcastable to the groups' shape (the shape without
-    ``axis``). Ties go to the lower (row-major) index along ``axis``; NaN
-    ranks lowest. Two stable sorts per group, vectorised over all groups.
-
-    Args:
-      scores: a float array (``uint32`` is taken as ready-made keys).
-      axis: an axis or a tuple of axes forming one comparison group.
-      keep: entries kept per group.
-
-    Returns:
-      A boolean mask of ``scores.shape``.
+    """:func:`jaxprune.select.select_along` with ``keep`` broadcast to the
+    groups' shape (the shape without ``axis``).
 
     Example:
       >>> import jax.numpy as jnp
@@ -75,18 +59,9 @@ def select_along(scores: jax.Array, axis: int | Sequence[int], keep: Any) -> jax
     """
     scores = jnp.asarray(scores)
     axes = normalize_axes(axis, scores.ndim)
-    rest = tuple(i for i in range(scores.ndim) if i not in axes)
-    key = scores if scores.dtype == jnp.uint32 else _select.sortable_key(scores)
-    moved = jnp.transpose(key, rest + axes)
-    gshape = moved.shape[: len(rest)]
-    n = int(np.prod(moved.shape[len(rest):], dtype=np.int64))
-    flat = moved.reshape(gshape + (n,))
-    iota = lax.broadcasted_iota(jnp.int32, flat.shape, flat.ndim - 1)
-    _, order = lax.sort((~flat, iota), dimension=flat.ndim - 1, is_stable=True, num_keys=1)
-    _, rank = lax.sort((order, iota), dimension=flat.ndim - 1, is_stable=True, num_keys=1)
-    k = jnp.broadcast_to(jnp.asarray(keep, jnp.int32), gshape)
-    kept = (rank < k[..., None]).reshape(moved.shape)
-    return jnp.transpose(kept, np.argsort(rest + axes))
+    gshape = group_shape(scores.shape, axes)
+    keep = keep if np.ndim(keep) == 0 else jnp.broadcast_to(jnp.asarray(keep, jnp.int32), gshape)
+    return _select.select_along(scores, axes, keep)
 
 
 def leaf_topk(path: str, scores: Any, sparsity: Any, axis: Any) -> jax.Array:
