@@ -138,7 +138,7 @@ def l1(strength: Any, *, learning_rate: Any = None,
       strength: the penalty weight (a number or an optax schedule).
       learning_rate: the step size for the proximal form (a number or an
         optax schedule); ``None`` for the subgradient form.
-      where: which leaves (default the float leaves with ndim >= 2).
+      where: which leaves (default :func:`jaxprune.tree.is_kernel`: dense and conv kernels).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` with a

@@ -443,8 +443,8 @@ def scan(metric_fn: Callable[[PyTree], Any], params: PyTree,
         batch); pure JAX, as it is vmapped.
       params: the parameters (for ``"group"``, the variables the graph traced).
       levels: sparsities to test, strictly increasing in ``[0, 1]``.
-      where: leaf granularity: which leaves (as everywhere; default the
-        float leaves with ndim >= 2); group granularity: which groups (a
+      where: leaf granularity: which leaves (as everywhere; default
+        :func:`jaxprune.tree.is_kernel`); group granularity: which groups (a
         regex on group names, a sequence of names or indices, or a callable
         ``group -> bool``; default every prunable one).
       granularity: ``"leaf"`` (unstructured) or ``"group"`` (units).

@@ -46,19 +46,19 @@ def test_proximal_l1_exact_zeros_and_soft_threshold():
 
 
 def test_l1_schedule_learning_rate_and_subgradient():
-    p = {"w": jnp.array([[1.0, -2.0, 0.0]])}
-    g = {"w": jnp.array([[0.5, 0.5, 0.5]])}
+    p = {"w": jnp.array([[1.0, -2.0, 0.0], [1.0, -2.0, 0.0]])}  # (2, 3): a kernel
+    g = {"w": jnp.full((2, 3), 0.5)}
     tx = optax.chain(jp.regularizers.l1(0.1), optax.sgd(1.0))
     u, _ = tx.update(g, tx.init(p), p)
-    np.testing.assert_allclose(u["w"], [[-0.6, -0.4, -0.5]], rtol=1e-6)
+    np.testing.assert_allclose(u["w"], [[-0.6, -0.4, -0.5]] * 2, rtol=1e-6)
     sched = optax.linear_schedule(1.0, 0.0, 10)
     tx = optax.chain(optax.sgd(sched), jp.regularizers.l1(0.5, learning_rate=sched))
     u, s = tx.update(g, tx.init(p), p)
-    np.testing.assert_allclose(optax.apply_updates(p, u)["w"], [[0.0, -2.0, 0.0]], atol=1e-6)
+    np.testing.assert_allclose(optax.apply_updates(p, u)["w"], [[0.0, -2.0, 0.0]] * 2, atol=1e-6)
     assert int(s[1].count) == 1
     tx = optax.inject_hyperparams(jp.regularizers.l1)(strength=0.2)
     u, _ = jax.jit(tx.update)(g, tx.init(p), p)
-    np.testing.assert_allclose(u["w"], [[0.7, 0.3, 0.5]], rtol=1e-6)
+    np.testing.assert_allclose(u["w"], [[0.7, 0.3, 0.5]] * 2, rtol=1e-6)
 
 
 def one_group_model():
