@@ -234,6 +234,7 @@ def masks(graph: ModelGraph, scores: Sequence, sparsity: Any, *, allocation: str
     if allocation == "global" and (keep or isinstance(sparsity, Mapping)):
         raise ValueError("structured.masks: allocation='global' takes one sparsity and no "
                          "keep=. Use allocation='uniform' for per-group sparsities or counts.")
+    _check_group_keys(graph, sparsity, "structured.masks")
     if isinstance(sparsity, Mapping):
         sparsity = {k: jnp.asarray(v, jnp.float32) for k, v in sparsity.items()}
     for s in (sparsity.values() if isinstance(sparsity, Mapping) else [sparsity]):
@@ -698,10 +699,14 @@ def prune(inner: optax.GradientTransformation, *, graph: ModelGraph, sparsity: A
       inner: the optimizer to wrap.
       graph: the model graph (:func:`jaxprune.graph.trace`).
       sparsity: fraction of units removed per group: a number or an optax
-        schedule of the step.
+        schedule of the step; or per-group budgets, a mapping from group
+        index or name to a number or schedule (groups not in it are not
+        pruned), e.g. :func:`jaxprune.allocation.from_sensitivity` of group
+        curves or :func:`jaxprune.search`'s ``budget``.
       score: as in :func:`scores` (``"l2"``, ``"l1"``, ``"taylor"``,
         ``"bn_scale"``, ``"random"``).
-      allocation: ``"uniform"`` or ``"global"`` (see :func:`masks`).
+      allocation: ``"uniform"`` or ``"global"`` (see :func:`masks`;
+        ``"global"`` takes one sparsity, not a mapping).
       round_to: unit counts at multiples of this.
       update_every: mask-update period in steps.
       groups: which groups to prune (see :func:`masks`).
@@ -731,7 +736,8 @@ def prune(inner: optax.GradientTransformation, *, graph: ModelGraph, sparsity: A
       Zhu & Gupta 2017 (gradual schedules); Fang et al., DepGraph, CVPR 2023;
       Molchanov et al., CVPR 2019.
     """
-    _tb.check_schedule(sparsity)
+    _check_prune_sparsity(sparsity, allocation)
+    _check_group_keys(graph, sparsity, "structured.prune")
     if not callable(score) and score not in SCORES:
         raise ValueError(f"structured.prune: unknown score {score!r}; use one of {SCORES}.")
     _tb.check_positive_int(update_every, "structured.prune", "update_every")
@@ -757,7 +763,8 @@ def prune(inner: optax.GradientTransformation, *, graph: ModelGraph, sparsity: A
         sc = list(scores(graph, full, score, grads=g_full, key=key))
         for g, kept in zip(chosen, state.units):
             sc[g.index] = jnp.where(kept, sc[g.index], -jnp.inf)  # removed units stay removed
-        s_now = _tb.schedule_value(sparsity, state.count)
+        s_now = ({k: _tb.schedule_value(v, state.count) for k, v in sparsity.items()}
+                 if isinstance(sparsity, Mapping) else _tb.schedule_value(sparsity, state.count))
         keep = keep_fn(chosen, sc, s_now, rmap)
         masks_ = _leaf_masks(graph, dict(zip([g.index for g in chosen], keep)))
         return tuple(keep), link.from_graph(masks_), key_data
@@ -776,6 +783,34 @@ def prune(inner: optax.GradientTransformation, *, graph: ModelGraph, sparsity: A
                                   inner_state)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _check_group_keys(graph: ModelGraph, sparsity: Any, what: str) -> None:
+    """Every key of a per-group sparsity mapping names a group (a typo would
+    otherwise leave that group unpruned without a word)."""
+    if not isinstance(sparsity, Mapping):
+        return
+    known = {g.index for g in graph.groups} | {g.name for g in graph.groups}
+    bad = [k for k in sparsity if k not in known]
+    if bad:
+        names = [g.name for g in graph.groups if g.prunable]
+        raise ValueError(f"{what}: sparsity keys {bad!r} name no group of the graph; use group "
+                         f"indices or names (prunable groups: {names}).")
+
+
+def _check_prune_sparsity(sparsity: Any, allocation: str) -> None:
+    if allocation not in ("uniform", "global"):
+        raise ValueError(f"structured.prune: allocation must be 'uniform' or 'global', got "
+                         f"{allocation!r}.")
+    if not isinstance(sparsity, Mapping):
+        _tb.check_schedule(sparsity)
+        return
+    if allocation == "global":
+        raise ValueError("structured.prune: allocation='global' takes one sparsity (a number "
+                         "or schedule), not per-group budgets; use allocation='uniform' with "
+                         "a mapping.")
+    for k, v in sparsity.items():
+        _tb.check_schedule(v, f"sparsity[{k!r}]")
 
 
 class _Link(NamedTuple):

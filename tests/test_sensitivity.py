@@ -385,3 +385,24 @@ def test_granularity_errors():
         jp.sensitivity.scan(mlp_metric, mlp_params(), granularity="layer")
     with raises(ValueError, "graph="):
         jp.sensitivity.scan(mlp_metric, mlp_params(), granularity="group")
+
+
+def test_group_budgets_plug_into_structured_prune():
+    """A {group: sparsity} budget is accepted by jp.structured.prune as its
+    sparsity and gives, on the same variables, structured.masks' masks; an
+    unknown group name is an error that lists the names."""
+    v, g, curves = cnn_scan()
+    rates = jp.allocation.from_sensitivity(curves, 0.5, "flops")
+    scores = jp.structured.scores(g, v)
+    want = jp.structured.masks(g, scores, rates)
+    tx = jp.structured.prune(optax.sgd(0.0), graph=g, sparsity=rates, update_every=1)
+    zero = jax.tree.map(jnp.zeros_like, v)
+    _, state = jax.jit(tx.update)(zero, tx.init(v), v)
+    got = jp.get_masks(state)
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(want)[0], jax.tree.leaves(got)):
+        np.testing.assert_array_equal(np.broadcast_to(a, np.shape(b)), b,
+                                      err_msg=jax.tree_util.keystr(path))
+    with pytest.raises(ValueError, match="name no group"):
+        jp.structured.prune(optax.sgd(0.0), graph=g, sparsity={"no such group": 0.5})
+    with pytest.raises(ValueError, match="takes one sparsity"):
+        jp.structured.prune(optax.sgd(0.0), graph=g, sparsity=rates, allocation="global")
