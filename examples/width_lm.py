@@ -281,7 +281,8 @@ def main(argv=None) -> dict:
                     help="training steps of the model (default 1000; 60 with --quick)")
     ap.add_argument("--recovery-steps", type=int, default=None,
                     help="training steps after pruning (default 100; 5 with --quick)")
-    ap.add_argument("--recovery-lr", type=float, default=5e-4)
+    ap.add_argument("--recovery-lr", type=float, default=1e-4,
+                    help="peak learning rate of recovery (the end of the model's cosine schedule)")
     ap.add_argument("--reps", type=int, default=None, help="timed calls per variant")
     ap.add_argument("--results", default=os.path.join("results", "prune_lm"),
                     help="folder of the trained checkpoints (shared with prune_lm.py)")
