@@ -32,7 +32,8 @@ The default rule (:func:`is_kernel`). A leaf is a kernel if and only if
    ``offset``, ``shift``, ``mean``, ``var``, ``embedding``, ``count``, ...);
 4. no component of its path names an embedding, a normalisation module or a
    non-parameter collection: none contains ``embed`` or ``norm``, none is
-   ``wte`` or ``wpe``, none matches ``^(ln|bn|gn)(_?\\w{0,3})?$`` (``ln_f``,
+   an embedding name (``emb``, ``pos``, ``pe``, ``wte``, ``wpe``, ``tok_emb*``,
+   ``pos_emb*``, ``*_emb``), none matches ``^(ln|bn|gn)(_?\\w{0,3})?$`` (``ln_f``,
    ``bn1``, ``gn``), none is ``batch_stats``, ``cache`` or
    ``intermediates``.
 
@@ -172,9 +173,12 @@ def is_float(x: Any) -> bool:
     return is_array(x) and jnp.issubdtype(_dtype(x), jnp.floating)
 
 
+_EMBEDDING_NAME = re.compile(r"^(emb|embs|wte|wpe|pos|pe|tok_?emb\w*|pos_?emb\w*|\w+_emb)$")
+
+
 def _names_non_kernel(component: str) -> bool:
     c = component.lower()
-    return ("embed" in c or "norm" in c or c in ("wte", "wpe")
+    return ("embed" in c or "norm" in c or bool(_EMBEDDING_NAME.match(c))
             or c in _NON_PARAM_COLLECTIONS or bool(_NORM_MODULE.match(c)))
 
 

@@ -189,6 +189,13 @@ def test_where_keyword_defaults_do_not_make_it_ambiguous():
     ("layers/moving_variance", (4, 8), jnp.float32, False),
     ("decoder/embed_tokens/weight", (10, 4), jnp.float32, False),
     ("transformer/wte/weight", (10, 4), jnp.float32, False),
+    ("emb", (256, 64), jnp.float32, False),  # plain-dict GPTs (examples/prune_lm.py)
+    ("pos", (128, 64), jnp.float32, False),
+    ("model/tok_emb", (256, 64), jnp.float32, False),
+    ("model/pos_embedding/w", (128, 64), jnp.float32, False),
+    ("patch_emb", (16, 64), jnp.float32, False),
+    ("emb_proj/kernel", (64, 64), jnp.float32, True),  # a projection after an embedding
+    ("head", (64, 256), jnp.float32, True),  # an LM head is a dense kernel
     ("h/0/ln_1/weight", (4, 4), jnp.float32, False),
     ("features/bn1/weight", (4, 4), jnp.float32, False),
     ("RMSNorm_0/kernel", (4, 4), jnp.float32, False),
