@@ -246,3 +246,26 @@ def test_gqa_head_count_and_round_to_errors():
         jp.structured.masks(gq, jp.structured.scores(gq, q), 0.5, round_to={"head_dims": 4},
                             **every)
     jp.structured.masks(gq, jp.structured.scores(gq, q), 0.5, round_to={"head_dims": 3}, **every)
+
+
+def test_position_table_is_an_embedding_and_biases_stay_biases():
+    """x = tok[ids] + pos[:t]: ``pos`` varies along the sequence, so it is an
+    embedding; a (d,) bias and a (heads, head_dim) attention bias, constant
+    over tokens, are biases."""
+    r = np.random.default_rng(0)
+    p = {"tok": r.standard_normal((20, 8)), "pos": r.standard_normal((16, 8)),
+         "wq": r.standard_normal((8, 2, 4)), "bq": r.standard_normal((2, 4)),
+         "b": r.standard_normal(8), "out": r.standard_normal((2, 4, 8))}
+    p = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), p)
+
+    def f(p, ids):
+        x = p["tok"][ids] + p["pos"][: ids.shape[1]] + p["b"]
+        q = jnp.einsum("btd,dhk->bthk", x, p["wq"]) + p["bq"]
+        return jnp.einsum("bthk,hkd->btd", jnp.tanh(q), p["out"])
+
+    g = jp.graph.trace(f, p, jnp.zeros((2, 6), jnp.int32))
+    roles = {k: g.leaf(k).role for k in p}
+    assert roles == {"tok": "embedding", "pos": "embedding", "wq": "kernel", "bq": "bias",
+                     "b": "bias", "out": "kernel"}
+    assert g.leaf("pos").out_axes == (1,)
+    assert jp.tree.selected(p, where=g.kernels) == ["out", "wq"]

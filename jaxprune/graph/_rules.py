@@ -111,8 +111,27 @@ def _leaf_role(w: Walker, prim, k: int, leaf: V, other: V) -> None:
             w.use(leaf.meta.leaf, "norm", kind="shift")
         elif prim is P.sub_p and k == 1:
             w.use(leaf.meta.leaf, "stat")
+        elif _varies_along_free_axis(leaf, other):
+            # A learned position table (x + pos[:t]): it varies along an
+            # activation axis that carries no channel (the sequence), which
+            # a bias never does.
+            chans = [a for a in range(min(leaf.rank, other.rank)) if _has_ids(other.axes[a])]
+            w.use(leaf.meta.leaf, "embedding", ids_out=_ids(leaf, chans))
         else:
             w.use(leaf.meta.leaf, "bias")
+
+
+def _has_ids(ax) -> bool:
+    return any(np.any((f.block.ids if isinstance(f, BlockDim) else f) >= 0) for f in ax)
+
+
+def _varies_along_free_axis(leaf: V, other: V) -> bool:
+    """Whether ``leaf`` has element ids on an axis (longer than 1) on which
+    the activation ``other`` has none."""
+    if leaf.rank != other.rank:
+        return False
+    return any(_has_ids(la) and not _has_ids(oa) and n > 1
+               for la, oa, n in zip(leaf.axes, other.axes, leaf.shape()))
 
 
 def _tags(prim, args) -> frozenset:
