@@ -12,6 +12,26 @@ shapes, so the compacted variables run through the same function):
   stride 2, 3x3 max pool with stride 2), the network Torch-Pruning was
   measured on: at 32x32 its last stages run at 2x2 and 1x1 pixels.
 
+Transformers (section ``transformer``; batch 8 x 128 tokens, ``--tf-batch``,
+``--tf-config vocab=2048,...`` to change sizes):
+
+* ``encoder``: pre-norm, d 256, 6 layers, 8 heads of 32, GELU MLP 1024,
+  LayerNorm, learned positions, vocabulary 8192, mean-pooled 10-class head;
+  attention written as Flax (NNX) does: kernels ``(d, heads, head_dim)`` and
+  ``(heads, head_dim, d)``, biases ``(heads, head_dim)``;
+* ``decoder``: pre-norm causal decoder, Llama style: fused QKV projection
+  split and reshaped into heads, rotary embeddings, GQA (8 query heads, 4
+  key/value heads, by ``repeat``), causal mask, RMSNorm, SwiGLU MLP 1024,
+  tied input/output embeddings (vocabulary 8192, logits at every position).
+
+``--quick`` runs both at d 64, 2 layers, 4 heads of 16, sequence 32. The
+sparsity is that of the heads (for GQA: of the key/value groups, each with
+its query heads) and of the MLP neurons of every layer; ``round_to`` applies
+to MLP neurons only. Rows add the kept heads and neurons per layer, the
+share of MACs in attention (query-key and attention-value products) and
+outside the blocks (the embedding as LM head; it is not pruned), and XLA's
+flops / 2 against ``graph.macs``.
+
 For every model and structured sparsity (30%, 50%, 70% of the units of every
 prunable group; ``jp.structured.masks(..., allocation="uniform")`` on group-L2
 scores of random weights), the variables are masked and compacted with
@@ -57,6 +77,7 @@ same round-robin; a rounding that changes no count is not timed twice.
 Run:
   python benchmarks/bench_compact.py --json docs/bench_compact.json
   python benchmarks/bench_compact.py --quick          # smoke run, well under a minute
+  python benchmarks/bench_compact.py --skip pruning,speed,trace,conv,macs  # transformers only
   python benchmarks/bench_compact.py --models resnet18 --fold-bn --round-to 1,16
 """
 
@@ -810,7 +831,9 @@ def main(argv=None) -> dict:
     skip = set(filter(None, args.skip.split(",")))
     t_start = time.time()
     info = run_info(batch=args.batch, reps=args.reps, round_to=args.round_to,
-                    fold_bn=args.fold_bn, quick=q, threads=os.cpu_count())
+                    fold_bn=args.fold_bn, quick=q, threads=os.cpu_count(),
+                    transformers=args.transformers, tf_batch=args.tf_batch,
+                    tf_config=args.tf_config)
     dev = jax.devices()[0]
     print(f"device: {dev.platform} / {dev.device_kind}, {os.cpu_count()} CPUs, jax "
           f"{jax.__version__}, load average {os.getloadavg()[0]:.1f}, commit {info['commit']}")
