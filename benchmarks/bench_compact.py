@@ -12,6 +12,26 @@ shapes, so the compacted variables run through the same function):
   stride 2, 3x3 max pool with stride 2), the network Torch-Pruning was
   measured on: at 32x32 its last stages run at 2x2 and 1x1 pixels.
 
+Transformers (section ``transformer``; batch 8 x 128 tokens, ``--tf-batch``,
+``--tf-config vocab=2048,...`` to change sizes):
+
+* ``encoder``: pre-norm, d 256, 6 layers, 8 heads of 32, GELU MLP 1024,
+  LayerNorm, learned positions, vocabulary 8192, mean-pooled 10-class head;
+  attention written as Flax (NNX) does: kernels ``(d, heads, head_dim)`` and
+  ``(heads, head_dim, d)``, biases ``(heads, head_dim)``;
+* ``decoder``: pre-norm causal decoder, Llama style: fused QKV projection
+  split and reshaped into heads, rotary embeddings, GQA (8 query heads, 4
+  key/value heads, by ``repeat``), causal mask, RMSNorm, SwiGLU MLP 1024,
+  tied input/output embeddings (vocabulary 8192, logits at every position).
+
+``--quick`` runs both at d 64, 2 layers, 4 heads of 16, sequence 32. The
+sparsity is that of the heads (for GQA: of the key/value groups, each with
+its query heads) and of the MLP neurons of every layer; ``round_to`` applies
+to MLP neurons only. Rows add the kept heads and neurons per layer, the
+share of MACs in attention (query-key and attention-value products) and
+outside the blocks (the embedding as LM head; it is not pruned), and XLA's
+flops / 2 against ``graph.macs``.
+
 For every model and structured sparsity (30%, 50%, 70% of the units of every
 prunable group; ``jp.structured.masks(..., allocation="uniform")`` on group-L2
 scores of random weights), the variables are masked and compacted with
@@ -57,12 +77,14 @@ same round-robin; a rounding that changes no count is not timed twice.
 Run:
   python benchmarks/bench_compact.py --json docs/bench_compact.json
   python benchmarks/bench_compact.py --quick          # smoke run, well under a minute
+  python benchmarks/bench_compact.py --skip pruning,speed,trace,conv,macs  # transformers only
   python benchmarks/bench_compact.py --models resnet18 --fold-bn --round-to 1,16
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -215,6 +237,134 @@ def init_resnet(seed: int, depth: int = 18, stem: str = "cifar", classes: int = 
                                             jnp.float32),
                       "bias": jnp.zeros(classes)}
     return params
+
+
+# --------------------------------------------------------------------------
+# Transformers: an encoder with Flax-style head kernels and a causal decoder
+# with a fused QKV projection, rotary embeddings, GQA and tied embeddings
+
+
+TRANSFORMERS = {  # d, layers, heads, kv heads, head_dim, MLP, seq, vocab
+    "encoder": dict(d=256, layers=6, heads=8, kv=8, hd=32, mlp=1024, seq=128, vocab=8192),
+    "decoder": dict(d=256, layers=6, heads=8, kv=4, hd=32, mlp=1024, seq=128, vocab=8192),
+}
+TRANSFORMER_QUICK = dict(d=64, layers=2, heads=4, kv=2, hd=16, mlp=256, seq=32, vocab=512)
+
+
+def layer_norm(x: jax.Array, p: dict) -> jax.Array:
+    mu = jnp.mean(x, -1, keepdims=True)
+    var = jnp.mean(jnp.square(x - mu), -1, keepdims=True)
+    return (x - mu) * lax.rsqrt(var + 1e-6) * p["scale"] + p["bias"]
+
+
+def rms_norm(x: jax.Array, scale: jax.Array) -> jax.Array:
+    return x * lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-6) * scale
+
+
+def rope(x: jax.Array) -> jax.Array:
+    """Rotary embedding, rotate-half style, on ``(b, t, heads, head_dim)``."""
+    t, hd = x.shape[1], x.shape[-1]
+    freq = 1.0 / (10000 ** (jnp.arange(0, hd, 2) / hd))
+    ang = jnp.arange(t)[:, None] * freq[None]
+    cos = jnp.concatenate([jnp.cos(ang)] * 2, -1)[None, :, None]
+    sin = jnp.concatenate([jnp.sin(ang)] * 2, -1)[None, :, None]
+    x1, x2 = x[..., : hd // 2], x[..., hd // 2:]
+    return x * cos + jnp.concatenate([-x2, x1], -1) * sin
+
+
+def encoder(params: dict, tokens: jax.Array) -> jax.Array:
+    """Pre-norm transformer encoder, Flax (NNX ``MultiHeadAttention``)
+    style: query/key/value kernels ``(d, heads, head_dim)`` with biases
+    ``(heads, head_dim)``, output kernel ``(heads, head_dim, d)``; LayerNorm,
+    GELU MLP, learned positions, mean-pooled classifier head."""
+    t = tokens.shape[1]
+    x = params["embed"][tokens] + params["pos"][:t]
+    for p in params["layers"]:
+        a = p["attn"]
+        h = layer_norm(x, p["ln1"])
+        q, k, v = (jnp.einsum("btd,dhk->bthk", h, a[n]["kernel"]) + a[n]["bias"]
+                   for n in ("query", "key", "value"))
+        s = jnp.einsum("bthk,bshk->bhts", q, k) / np.sqrt(q.shape[-1])
+        o = jnp.einsum("bhts,bshk->bthk", jax.nn.softmax(s, -1), v)
+        x = x + jnp.einsum("bthk,hkd->btd", o, a["out"]["kernel"]) + a["out"]["bias"]
+        h = layer_norm(x, p["ln2"])
+        h = jax.nn.gelu(h @ p["mlp1"]["kernel"] + p["mlp1"]["bias"])
+        x = x + h @ p["mlp2"]["kernel"] + p["mlp2"]["bias"]
+    x = layer_norm(x, params["ln_f"])
+    return jnp.mean(x, 1) @ params["head"]["kernel"] + params["head"]["bias"]
+
+
+def decoder(params: dict, tokens: jax.Array, head_dim: int = 32) -> jax.Array:
+    """Pre-norm causal decoder, Llama style: fused QKV projection split and
+    reshaped into heads of ``head_dim`` (a constant of the code: head counts
+    are read from the shapes), rotary embeddings, GQA by ``repeat``, causal mask,
+    RMSNorm, SwiGLU MLP, tied input/output embeddings (logits for every
+    position)."""
+    b, t = tokens.shape
+    hd = head_dim
+    x = params["embed"][tokens]
+    mask = jnp.tril(jnp.ones((t, t), bool))
+    for p in params["layers"]:
+        h = rms_norm(x, p["norm1"])
+        n_q = p["wo"].shape[0] // hd
+        n_kv = (p["wqkv"].shape[1] // hd - n_q) // 2
+        q, k, v = jnp.split(h @ p["wqkv"], [n_q * hd, (n_q + n_kv) * hd], axis=-1)
+        q, k, v = (z.reshape(b, t, -1, hd) for z in (q, k, v))
+        q, k = rope(q), rope(k)
+        k, v = jnp.repeat(k, n_q // n_kv, axis=2), jnp.repeat(v, n_q // n_kv, axis=2)
+        s = jnp.einsum("bthk,bshk->bhts", q, k) / np.sqrt(hd)
+        s = jnp.where(mask, s, jnp.finfo(s.dtype).min)
+        o = jnp.einsum("bhts,bshk->bthk", jax.nn.softmax(s, -1), v).reshape(b, t, n_q * hd)
+        x = x + o @ p["wo"]
+        h = rms_norm(x, p["norm2"])
+        x = x + (jax.nn.silu(h @ p["wg"]) * (h @ p["wu"])) @ p["wd"]
+    return rms_norm(x, params["norm_f"]) @ params["embed"].T
+
+
+def init_transformer(kind: str, seed: int, d: int, layers: int, heads: int, kv: int, hd: int,
+                     mlp: int, seq: int, vocab: int, classes: int = 10) -> dict:
+    """Random weights (numpy's generator): normal(0, 1/fan_in) kernels,
+    norm scales 1 +- 0.1, small biases."""
+    rng = np.random.default_rng(seed)
+
+    def w(*shape, fan_in=None):
+        fan_in = fan_in or shape[0]
+        return jnp.asarray(rng.normal(size=shape) / np.sqrt(fan_in), jnp.float32)
+
+    def small(*shape):
+        return jnp.asarray(0.02 * rng.normal(size=shape), jnp.float32)
+
+    def scale(n):
+        return jnp.asarray(1 + 0.1 * rng.normal(size=n), jnp.float32)
+
+    if kind == "encoder":
+        blocks = [{"ln1": {"scale": scale(d), "bias": small(d)},
+                   "attn": {**{n: {"kernel": w(d, heads, hd), "bias": small(heads, hd)}
+                               for n in ("query", "key", "value")},
+                            "out": {"kernel": w(heads, hd, d, fan_in=heads * hd),
+                                    "bias": small(d)}},
+                   "ln2": {"scale": scale(d), "bias": small(d)},
+                   "mlp1": {"kernel": w(d, mlp), "bias": small(mlp)},
+                   "mlp2": {"kernel": w(mlp, d), "bias": small(d)}} for _ in range(layers)]
+        return {"embed": w(vocab, d, fan_in=1), "pos": small(seq, d), "layers": blocks,
+                "ln_f": {"scale": scale(d), "bias": small(d)},
+                "head": {"kernel": w(d, classes), "bias": small(classes)}}
+    blocks = [{"norm1": scale(d), "wqkv": w(d, (heads + 2 * kv) * hd),
+               "wo": w(heads * hd, d), "norm2": scale(d),
+               "wg": w(d, mlp), "wu": w(d, mlp), "wd": w(mlp, d)} for _ in range(layers)]
+    return {"embed": w(vocab, d, fan_in=d), "layers": blocks, "norm_f": scale(d)}
+
+
+def make_transformer(name: str, seed: int, batch: int, quick: bool = False, **over):
+    """``(apply_fn, params, tokens, config)`` for ``encoder`` or ``decoder``."""
+    cfg = dict(TRANSFORMER_QUICK if quick else TRANSFORMERS[name], **over)
+    if name == "encoder":
+        cfg["kv"] = cfg["heads"]
+    fn = encoder if name == "encoder" else functools.partial(decoder, head_dim=cfg["hd"])
+    params = init_transformer(name, seed, **cfg)
+    rng = np.random.default_rng(seed + 1000)
+    tokens = jnp.asarray(rng.integers(0, cfg["vocab"], size=(batch, cfg["seq"])), jnp.int32)
+    return fn, params, tokens, cfg
 
 
 def fold_bn(params):
@@ -420,14 +570,23 @@ def _stats(ms: list[float]) -> dict:
     return dict(min=float(a.min()), median=float(med), q1=float(q1), q3=float(q3))
 
 
-def bench_model(name: str, args, seed: int) -> dict:
-    apply_fn, params, x = make_model(name, seed, args.batch, args.width_div)
+def bench_model(name: str, args, seed: int, model=None, rounding=lambda r: r,
+                extra=None) -> dict:
+    """Dense and compacted variants of one model, checked and timed together.
+
+    ``model``: ``(apply_fn, params, x)`` instead of :func:`make_model`;
+    ``rounding``: ``round_to`` value -> the ``round_to=`` argument of
+    ``masks`` (e.g. ``{"channels": r}``); ``extra``: ``(graph, params,
+    apply_fn, x, compacted graph or None) -> dict`` of more row fields."""
+    apply_fn, params, x = model or make_model(name, seed, args.batch, args.width_div)
     graph = jp.graph.trace(apply_fn, params, x)
     sc = jp.structured.scores(graph, params)
-    entries = [dict(variant="dense", sparsity=0.0, round_to=1, params=params, macs=graph.macs)]
+    entries = [dict(variant="dense", sparsity=0.0, round_to=1, params=params, macs=graph.macs,
+                    graph=graph)]
     seen = {}
     for r in args.round_to:
-        select = jax.jit(lambda sc, s, r=r: jp.structured.masks(graph, sc, s, round_to=r))
+        select = jax.jit(lambda sc, s, r=r: jp.structured.masks(graph, sc, s,
+                                                                round_to=rounding(r)))
         for s in args.sparsities:
             m = select(sc, s)
             small = jp.structured.compact(graph, params, m)
@@ -440,9 +599,12 @@ def bench_model(name: str, args, seed: int) -> dict:
             ref = apply_fn(jp.apply_masks(params, m), x)
             got = apply_fn(small, x)
             err = float(jnp.max(jnp.abs(got - ref)) / jnp.maximum(jnp.max(jnp.abs(ref)), 1e-30))
-            macs = jp.graph.trace(apply_fn, small, x).macs
-            entries.append(dict(variant=v, sparsity=s, round_to=r, params=small, macs=macs,
-                                rel_err=err))
+            if not err <= 1e-5:
+                raise AssertionError(f"{name} {v}: compacted output differs from the masked "
+                                     f"model's by {err:.2e} (relative), more than 1e-5")
+            g_small = jp.graph.trace(apply_fn, small, x)
+            entries.append(dict(variant=v, sparsity=s, round_to=r, params=small,
+                                macs=g_small.macs, rel_err=err, graph=g_small))
     pruned = [g for g in graph.groups if g.prunable]
     print(f"\n{name}: {len(jax.tree.leaves(params))} leaves, {len(graph.groups)} groups "
           f"({len(pruned)} prunable: {sum(g.size for g in pruned)} units), batch {args.batch}"
@@ -462,6 +624,8 @@ def bench_model(name: str, args, seed: int) -> dict:
                    params=count_params(e["params"]),
                    macs=int(e["macs"]), mac_reduction=graph.macs / e["macs"],
                    rel_err=e.get("rel_err", 0.0), inner=t["_inner"])
+        if extra:
+            row.update(extra(graph, e["params"], apply_fn, x, e["graph"]))
         for clock in ("wall", "cpu"):
             ms = np.asarray(t[v][clock])
             st = _stats(ms)
@@ -478,6 +642,58 @@ def bench_model(name: str, args, seed: int) -> dict:
     return dict(model=name, leaves=len(jax.tree.leaves(params)), groups=len(graph.groups),
                 prunable_groups=len(pruned), rows=rows,
                 _compacted=(apply_fn, params, x, small))
+
+
+def _transformer_extra(graph, params, apply_fn, x, g) -> dict:
+    """Row fields of a transformer variant: kept heads and MLP neurons per
+    layer, where the MACs go, and XLA's count."""
+    heads, kv, mlp = [], [], []
+    for p in params["layers"]:  # counted from the shapes
+        if "wqkv" in p:
+            hd = apply_fn.keywords["head_dim"]
+            heads.append(p["wo"].shape[0] // hd)
+            kv.append((p["wqkv"].shape[1] // hd - heads[-1]) // 2)
+            mlp.append(p["wg"].shape[1])
+        else:
+            heads.append(p["attn"]["query"]["kernel"].shape[1])
+            kv.append(p["attn"]["key"]["kernel"].shape[1])
+            mlp.append(p["mlp1"]["kernel"].shape[1])
+    leaf = sum(info.macs for info in g.leaves)
+    outside = sum(info.macs for info in g.leaves if not info.path.startswith("layers/"))
+    return dict(heads=heads, kv_heads=kv, mlp_neurons=mlp,
+                macs_attention=int(g.macs - leaf),  # activation x activation dots
+                macs_outside_blocks=int(outside),  # embedding / LM head / classifier
+                xla_macs=xla_macs(apply_fn, params, x))
+
+
+def transformer_section(args, quick: bool) -> list[dict]:
+    """The encoder and the decoder, dense and compacted at ``args.sparsities``
+    of heads and MLP neurons (``round_to`` on MLP neurons only: a head
+    count rounds to a divisor of the head count)."""
+    out = []
+    targs = argparse.Namespace(**{**vars(args), "batch": args.tf_batch})
+    over = {}
+    for kv in filter(None, (args.tf_config or "").split(",")):
+        k, v = kv.split("=")
+        over[k] = int(v)
+    for i, name in enumerate(args.transformers):
+        fn, params, x, cfg = make_transformer(name, 10 + i, args.tf_batch, quick, **over)
+        print(f"\n{name}: d {cfg['d']}, {cfg['layers']} layers, {cfg['heads']} heads "
+              f"({cfg['kv']} key/value) of {cfg['hd']}, MLP {cfg['mlp']}, vocab {cfg['vocab']}, "
+              f"batch {args.tf_batch} x seq {cfg['seq']}", flush=True)
+        res = bench_model(name, targs, i, model=(fn, params, x),
+                          rounding=lambda r: {"channels": r}, extra=_transformer_extra)
+        print("| variant | heads (key/value) per layer | MLP per layer | MACs in attention "
+              "| MACs outside blocks | XLA flops/2 / graph.macs |\n|---|---:|---:|---:|---:|---:|")
+        for r in res["rows"]:
+            print(f"| {r['variant']} | {r['heads'][0]} ({r['kv_heads'][0]}) | "
+                  f"{r['mlp_neurons'][0]} | {r['macs_attention'] / r['macs']:.1%} | "
+                  f"{r['macs_outside_blocks'] / r['macs']:.1%} | "
+                  f"{r['xla_macs'] / r['macs']:.3f} |", flush=True)
+        res.update(config=cfg, batch=args.tf_batch)
+        del res["_compacted"]
+        out.append(res)
+    return out
 
 
 def table(rows: list[dict]) -> str:
@@ -589,7 +805,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--fold-bn", action="store_true",
                     help="fold BatchNorm into the convolutions (dense and compacted)")
     ap.add_argument("--skip", default="",
-                    help="comma-separated sections to skip: pruning, speed, trace, conv, macs")
+                    help="comma-separated sections to skip: pruning, speed, transformer, "
+                    "trace, conv, macs")
+    ap.add_argument("--transformers", default="encoder,decoder",
+                    help="transformer section: comma-separated encoder, decoder")
+    ap.add_argument("--tf-batch", type=int, default=8, help="transformer batch (default 8)")
+    ap.add_argument("--tf-config", default="",
+                    help="transformer size overrides, e.g. vocab=2048,heads=4,hd=64")
     ap.add_argument("--json", metavar="PATH", help="write all numbers here")
     ap.add_argument("--pruning-child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -603,12 +825,15 @@ def main(argv=None) -> dict:
                                                                    "0.3,0.5,0.7")).split(","))
     args.models = (args.models or ("mlp,resnet10" if q else "mlp,resnet18,resnet18-tv")).split(",")
     args.width_div = 4 if q else 1
+    args.transformers = args.transformers.split(",")
     if q:
         args.block_s = min(args.block_s, 0.02)
     skip = set(filter(None, args.skip.split(",")))
     t_start = time.time()
     info = run_info(batch=args.batch, reps=args.reps, round_to=args.round_to,
-                    fold_bn=args.fold_bn, quick=q, threads=os.cpu_count())
+                    fold_bn=args.fold_bn, quick=q, threads=os.cpu_count(),
+                    transformers=args.transformers, tf_batch=args.tf_batch,
+                    tf_config=args.tf_config)
     dev = jax.devices()[0]
     print(f"device: {dev.platform} / {dev.device_kind}, {os.cpu_count()} CPUs, jax "
           f"{jax.__version__}, load average {os.getloadavg()[0]:.1f}, commit {info['commit']}")
@@ -636,6 +861,9 @@ def main(argv=None) -> dict:
         section("speed")
         result["speed"] = [bench_model(name, args, i)
                            for i, name in enumerate(args.models)]
+    if "transformer" not in skip:
+        section("transformer")
+        result["transformer"] = transformer_section(args, q)
     if "trace" not in skip:
         section("trace")
         print("\nTrace time against leaf count (median of 3):\n"
