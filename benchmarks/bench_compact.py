@@ -605,9 +605,9 @@ def bench_model(name: str, args, seed: int, model=None, rounding=lambda r: r,
             g_small = jp.graph.trace(apply_fn, small, x)
             entries.append(dict(variant=v, sparsity=s, round_to=r, params=small,
                                 macs=g_small.macs, rel_err=err, graph=g_small))
-    pruned = [g for g in graph.groups if g.prunable]
+    pruned = [g for g in graph.groups if g.prunable and g.kind != "head_dims"]  # masks' default
     print(f"\n{name}: {len(jax.tree.leaves(params))} leaves, {len(graph.groups)} groups "
-          f"({len(pruned)} prunable: {sum(g.size for g in pruned)} units), batch {args.batch}"
+          f"({len(pruned)} pruned: {sum(g.size for g in pruned)} units), batch {args.batch}"
           + (", BatchNorm folded" if args.fold_bn else "")
           + (f", round_to {args.round_to}" if args.round_to != (1,) else ""), flush=True)
     if args.fold_bn:
