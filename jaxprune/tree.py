@@ -425,6 +425,21 @@ def broadcast_values(value: Any, tree: PyTree, what: str) -> list[Any]:
     return jax.tree_util.tree_leaves(full)
 
 
+def _graph_layers(graph: Any, names: Sequence[str]) -> list[Any]:
+    """The graph's layer count of every path (``None`` if not stacked); a
+    path may also name a subtree's leaf (Linen ``params`` of traced
+    ``variables``: ``layers/kernel`` is the graph's ``params/layers/kernel``)."""
+    by_path = {info.path: info.layers for info in graph.leaves}
+    out = []
+    for p in names:
+        if p in by_path:
+            out.append(by_path[p])
+            continue
+        hits = [c for q, c in by_path.items() if q.endswith("/" + p)]
+        out.append(hits[0] if len(hits) == 1 else None)
+    return out
+
+
 def stacked_axes(tree: PyTree, layers: Any, layer_axis: Any = 0, sel: Sequence[bool] | None = None,
                  what: str = "layers") -> list[int | None]:
     """The layer axis of every leaf of ``tree`` that ``layers=`` marks as a
@@ -434,7 +449,8 @@ def stacked_axes(tree: PyTree, layers: Any, layer_axis: Any = 0, sel: Sequence[b
     ``layers`` is a ``where=``-style selection (regex, callable, bool prefix
     tree) or a model graph (:func:`jaxprune.graph.trace`: the leaves it saw
     read inside a ``scan``, whose layer counts are checked against the
-    shapes). Only leaves in ``sel`` (the leaves a function prunes) are
+    shapes; ``tree`` may be a subtree of the traced variables, such as
+    Linen's ``params``). Only leaves in ``sel`` (the leaves a function prunes) are
     considered; ``layer_axis`` (an int, default 0) is the layer axis of each.
 
     Raises:
@@ -462,8 +478,7 @@ def stacked_axes(tree: PyTree, layers: Any, layer_axis: Any = 0, sel: Sequence[b
     given = f"layers={layers!r}"
     if hasattr(layers, "stacked") and hasattr(layers, "leaves"):  # a ModelGraph
         given = "layers=graph (its leaves read inside a scan)"
-        by_path = {info.path: info.layers for info in layers.leaves}
-        counts = [by_path.get(p) for p in names]
+        counts = _graph_layers(layers, names)
         marked = [c is not None for c in counts]
     else:
         marked = flags(tree, layers, what=f"{what}: layers")

@@ -156,6 +156,20 @@ def test_prune_with_the_graph_as_layers():
     assert rows == ["head/kernel"] + [f"layers/{k}[{i}]" for k in ("w1", "w2") for i in range(L)]
 
 
+def test_linen_scan_stack_with_the_graph():
+    import models
+
+    apply_fn, variables, x = models.linen_scan_stack(layers=4)
+    g = jp.graph.trace(apply_fn, variables, x)
+    params = variables["params"]
+    tx = jp.prune(optax.sgd(0.1), sparsity=0.75, update_every=1, layers=g)
+    _, (masks,) = run(tx, params, 1)
+    assert layer_counts(masks["layers"]["Dense_0"]["kernel"]) == [16] * 4
+    assert int(masks["head"]["kernel"].sum()) == 6  # (8, 3) at 75%: 6 kept
+    rows = jp.summary(masks, layers=g).rows
+    assert [r["kept"] for r in rows if r["path"].startswith("layers/")] == [16] * 4
+
+
 @pytest.mark.parametrize("allocation", ["uniform", "global"])
 def test_lottery_ticket_stacked(allocation):
     p = stacked_params()
