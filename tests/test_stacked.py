@@ -247,3 +247,41 @@ def test_bad_layer_axis_errors():
     with pytest.raises(ValueError, match=r"layers=graph \(its leaves read inside a scan\) "
                                          "marks none"):
         jp.set_training(optax.sgd(0.1), sparsity=0.5, layers=g).init(unstack(p))
+
+
+def test_nnx_scan_stack_with_the_graph():
+    from flax import nnx
+
+    class Block(nnx.Module):
+        def __init__(self, rngs):
+            self.lin = nnx.Linear(8, 8, rngs=rngs)
+
+        def __call__(self, x):
+            return x + jax.nn.relu(self.lin(x))
+
+    class Model(nnx.Module):
+        def __init__(self, rngs):
+            @nnx.split_rngs(splits=L)
+            @nnx.vmap(in_axes=(0,), out_axes=0)
+            def make(rngs):
+                return Block(rngs)
+
+            self.blocks = make(rngs)
+            self.head = nnx.Linear(8, 2, rngs=rngs)
+
+        def __call__(self, x):
+            @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+            def body(x, block):
+                return block(x)
+
+            return self.head(body(x, self.blocks))
+
+    graphdef, params = nnx.split(Model(nnx.Rngs(0)), nnx.Param)
+    g = jp.graph.trace(lambda p, x: nnx.merge(graphdef, p)(x), params, jnp.ones((2, 8)))
+    assert g.leaf("blocks/lin/kernel").layers == L
+    tx = jp.prune(optax.sgd(0.1), sparsity=0.75, update_every=1, layers=g)
+    state = tx.init(params)
+    _, state = jax.jit(tx.update)(params, state, params)
+    rows = jp.summary(jp.get_masks(state), layers=g).rows
+    assert [(r["path"], r["kept"]) for r in rows] == [
+        *[(f"blocks/lin/kernel[{i}]", 16) for i in range(L)], ("head/kernel", 4)]
