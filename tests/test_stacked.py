@@ -215,6 +215,14 @@ def test_ste_training_stacked_equals_unstacked():
     assert_same(unstack(hs[-1]), hu[-1])
 
 
+def test_snip_uniform_per_layer():
+    p = stacked_params()
+    x = jax.random.normal(jax.random.key(3), (16, D))
+    loss = lambda p, x: jnp.mean(apply_fn(p, x) ** 2)  # noqa: E731
+    m = jp.snip(loss, p, x, 0.5, "uniform", layers="layers/")
+    assert layer_counts(m["layers"]["w1"]) == [D * H // 2] * L
+
+
 # --------------------------------------------------------------------------
 # Summary and errors
 
