@@ -342,7 +342,8 @@ def _assemble(treedef, n_leaves: int, idx: Sequence[int], masks: Sequence[jax.Ar
     return _tree.unflatten(treedef, out)
 
 
-def random_like(key: jax.Array, masks: PyTree) -> PyTree:
+def random_like(key: jax.Array, masks: PyTree, *, layers: Any = None,
+                layer_axis: int = 0) -> PyTree:
     """A random mask with the same number of kept entries in every leaf.
 
     Each array leaf of ``masks`` keeps exactly as many entries as it does in
@@ -355,6 +356,9 @@ def random_like(key: jax.Array, masks: PyTree) -> PyTree:
     Args:
       key: a PRNG key.
       masks: a mask tree (e.g. a ticket's, :func:`jaxprune.get_masks`).
+      layers: stacked leaves (a ``where=``-style selection or a model
+        graph): each of their layers keeps its own count.
+      layer_axis: the layer axis of the stacked leaves (default 0).
 
     Returns:
       A mask tree with the same per-leaf kept counts. Works under ``jit``.
@@ -370,7 +374,9 @@ def random_like(key: jax.Array, masks: PyTree) -> PyTree:
       pruning control).
     """
     leaves, treedef = jax.tree_util.tree_flatten(masks)
-    idx = [i for i, m in enumerate(leaves) if _tree.is_array(m) and np.ndim(m) and np.size(m)]
+    arr = [_tree.is_array(m) and bool(np.ndim(m)) and bool(np.size(m)) for m in leaves]
+    stack = _tree.stacked_axes(masks, layers, layer_axis, arr, "random_like")
+    idx = [i for i, a in enumerate(arr) if a and stack[i] is None]
     bits = [jax.random.bits(jax.random.fold_in(key, i), np.shape(leaves[i]), jnp.uint32)
             for i in idx]
     counts = [_select.count_true(jnp.asarray(leaves[i], jnp.bool_)) for i in idx]
@@ -378,6 +384,12 @@ def random_like(key: jax.Array, masks: PyTree) -> PyTree:
     out = [jnp.asarray(m, jnp.bool_) if _tree.is_array(m) else m for m in leaves]
     for i, m in zip(idx, chosen):
         out[i] = m
+    for i, a in enumerate(stack):
+        if a is not None:
+            m = jnp.asarray(leaves[i], jnp.bool_)
+            others = tuple(x for x in range(m.ndim) if x != a)
+            bits = jax.random.bits(jax.random.fold_in(key, i), m.shape, jnp.uint32)
+            out[i] = _select.select_along(bits, others, jnp.sum(m, axis=others, dtype=jnp.int32))
     return jax.tree_util.tree_unflatten(treedef, out)
 
 

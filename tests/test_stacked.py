@@ -215,6 +215,13 @@ def test_ste_training_stacked_equals_unstacked():
     assert_same(unstack(hs[-1]), hu[-1])
 
 
+def test_random_like_keeps_per_layer_counts():
+    m = {"w": jnp.arange(3 * 4 * 5).reshape(3, 4, 5) % 7 < jnp.array([1, 3, 6])[:, None, None]}
+    r = jp.masks.random_like(jax.random.key(0), m, layers="w")
+    assert layer_counts(r["w"]) == layer_counts(m["w"])
+    assert not np.array_equal(r["w"], m["w"])
+
+
 def test_snip_uniform_per_layer():
     p = stacked_params()
     x = jax.random.normal(jax.random.key(3), (16, D))
