@@ -20,6 +20,13 @@ An *allocation* turns one overall sparsity into per-leaf sparsities
 Every function here takes ``(tree, sparsity, allocation, *, where=None,
 ...)`` in that order.
 
+Stacked layers (``layers=``, ``layer_axis=``): parameters stacked along a
+layer axis (``nnx.scan``, ``nn.scan``, MaxText) get per-layer budgets, as
+if every layer were its own leaf: ``"uniform"`` and the per-leaf
+allocations keep ``round(n * (1 - s))`` in *every layer*, ERK computes a
+layer's density from the shape of one layer, and ``"global"`` is one
+threshold over all weights, stacked or not (only the total count matters).
+
 Example:
   >>> import jax.numpy as jnp
   >>> import jaxprune as jp
@@ -74,8 +81,12 @@ __all__ = [
 NAMES = ("uniform", "global", "erk")
 
 
-def check(allocation: Any, params: PyTree | None = None, where: Any = None) -> None:
-    """Validates an allocation (names, regex keys) early, with a clear error."""
+def check(allocation: Any, params: PyTree | None = None, where: Any = None, *,
+          layers: Any = None, layer_axis: int = 0, what: str = "allocation") -> None:
+    """Validates an allocation (names, regex keys) early, with a clear error;
+    with ``params``, also ``layers=`` / ``layer_axis=`` on them."""
+    if params is not None and layers is not None:
+        _tree.stacked_axes(params, layers, layer_axis, _tree.flags(params, where), what)
     if isinstance(allocation, str):
         if allocation not in NAMES:
             raise ValueError(
@@ -112,7 +123,8 @@ def check(allocation: Any, params: PyTree | None = None, where: Any = None) -> N
     )
 
 
-def erk(params: PyTree, sparsity: Any, where: Any = None, power: float = 1.0) -> PyTree:
+def erk(params: PyTree, sparsity: Any, where: Any = None, power: float = 1.0, *,
+        layers: Any = None, layer_axis: int = 0) -> PyTree:
     """Erdos-Renyi-Kernel per-leaf sparsities for an overall ``sparsity``.
 
     Works with a traced ``sparsity``. Unselected leaves get ``0.0``. The same
@@ -123,6 +135,10 @@ def erk(params: PyTree, sparsity: Any, where: Any = None, power: float = 1.0) ->
       sparsity: overall fraction of zeros among the selected weights.
       where: which leaves are pruned.
       power: exponent on the ERK scale (1.0 is the standard).
+      layers: stacked leaves (see :func:`jaxprune.tree.stacked_axes`): each
+        layer is its own layer, its scale from the shape of one layer (all
+        layers of a stack get the same sparsity).
+      layer_axis: their layer axis.
 
     Returns:
       A tree of float32 scalars: the sparsity of each leaf.
@@ -135,13 +151,14 @@ def erk(params: PyTree, sparsity: Any, where: Any = None, power: float = 1.0) ->
     """
     paths, leaves, treedef = _tree.flatten(params)
     sel = _tree.flags(params, where)
+    stack = _tree.stacked_axes(params, layers, layer_axis, sel, "erk")
     idx = [i for i, s in enumerate(sel) if s]
     sizes = np.array([np.size(leaves[i]) for i in idx], np.float64)
+    shapes = [_layer_shape(np.shape(leaves[i]), stack[i]) for i in idx]
     scales = np.array(
         [
-            (np.sum(np.shape(leaves[i])) / max(np.prod(np.shape(leaves[i])), 1)) ** power
-            if np.size(leaves[i]) else 0.0
-            for i in idx
+            (np.sum(shp) / max(np.prod(shp), 1)) ** power if np.size(leaves[i]) else 0.0
+            for i, shp in zip(idx, shapes)
         ],
         np.float64,
     )
@@ -164,7 +181,13 @@ def erk(params: PyTree, sparsity: Any, where: Any = None, power: float = 1.0) ->
     return _tree.unflatten(treedef, out)
 
 
-def _per_leaf(params: PyTree, sparsity: Any, allocation: Any, where: Any, step: Any) -> list[Any]:
+def _layer_shape(shape: tuple, axis: int | None) -> tuple:
+    """The shape of one layer of a stacked leaf (the leaf's shape if not stacked)."""
+    return tuple(shape) if axis is None else tuple(d for a, d in enumerate(shape) if a != axis)
+
+
+def _per_leaf(params: PyTree, sparsity: Any, allocation: Any, where: Any, step: Any,
+              layers: Any = None, layer_axis: int = 0) -> list[Any]:
     """Per-leaf sparsities in leaf order (``0.0`` for unselected leaves)."""
     paths, leaves, _ = _tree.flatten(params)
     sel = _tree.flags(params, where)
@@ -178,7 +201,8 @@ def _per_leaf(params: PyTree, sparsity: Any, allocation: Any, where: Any, step: 
     if allocation == "uniform":
         out = [sparsity] * len(leaves)
     elif allocation == "erk":
-        out = jax.tree_util.tree_leaves(erk(params, sparsity, where))
+        out = jax.tree_util.tree_leaves(erk(params, sparsity, where, layers=layers,
+                                            layer_axis=layer_axis))
     elif isinstance(allocation, dict):
         out = [_regex_value(allocation, p, sparsity, step) if s else sparsity
                for p, s in zip(paths, sel)]
@@ -195,7 +219,8 @@ def _regex_value(allocation: dict, path: str, sparsity: Any, step: Any) -> Any:
 
 
 def sparsities(params: PyTree, sparsity: Any, allocation: Any = "uniform", *,
-               where: Any = None, step: Any = None) -> PyTree:
+               where: Any = None, step: Any = None, layers: Any = None,
+               layer_axis: int = 0) -> PyTree:
     """Per-leaf sparsities of an allocation, for an overall ``sparsity``.
 
     Args:
@@ -207,9 +232,12 @@ def sparsities(params: PyTree, sparsity: Any, allocation: Any = "uniform", *,
         per-leaf sparsities depend on the scores.
       where: which leaves are pruned (others get ``0.0``).
       step: the step, for schedules inside a dict allocation.
+      layers: stacked leaves, each layer its own layer for ERK (see the
+        module docstring); ``layer_axis`` their layer axis.
 
     Returns:
-      A tree with the structure of ``params``: each leaf's sparsity.
+      A tree with the structure of ``params``: each leaf's sparsity (of
+      every layer, for a stacked leaf).
 
     Example:
       >>> import jax.numpy as jnp
@@ -217,12 +245,13 @@ def sparsities(params: PyTree, sparsity: Any, allocation: Any = "uniform", *,
       >>> sparsities(p, 0.5, {"^c": 0.9})
       {'a': {'kernel': 0.5}, 'c': {'kernel': 0.9}}
     """
-    values = _per_leaf(params, sparsity, allocation, where, step)
+    values = _per_leaf(params, sparsity, allocation, where, step, layers, layer_axis)
     return _tree.unflatten(jax.tree_util.tree_structure(params), values)
 
 
 def masks(scores: PyTree, sparsity: Any, allocation: Any = "uniform", *, where: Any = None,
-          params: PyTree | None = None, step: Any = None) -> PyTree:
+          params: PyTree | None = None, step: Any = None, layers: Any = None,
+          layer_axis: int = 0) -> PyTree:
     """Masks for ``scores`` at an overall ``sparsity`` under an allocation.
 
     ``"uniform"`` and the per-leaf allocations run :func:`jaxprune.masks.topk`
@@ -237,6 +266,10 @@ def masks(scores: PyTree, sparsity: Any, allocation: Any = "uniform", *, where: 
       params: the parameters (for shape-based allocations and for
         ``where=``; defaults to ``scores``).
       step: the step, for schedules inside a dict allocation.
+      layers: which selected leaves are stacks of layers (a ``where=``-style
+        selection, or a model graph): every layer gets its own budget, as if
+        it were a leaf (``"global"``: one threshold over everything anyway).
+      layer_axis: the layer axis of the stacked leaves (default 0).
 
     Returns:
       A mask tree.
@@ -247,6 +280,9 @@ def masks(scores: PyTree, sparsity: Any, allocation: Any = "uniform", *, where: 
       >>> m = masks(s, 0.5, "global")
       >>> int(m["a"].sum()), int(m["c"].sum())
       (0, 4)
+      >>> m = masks(s, 0.5, "uniform", layers="a")  # a stack of 2 layers
+      >>> m["a"].tolist()
+      [[False, True], [False, True]]
     """
     params = scores if params is None else params
     _tree.check_same_structure(params, scores, "params", "scores")
@@ -254,13 +290,18 @@ def masks(scores: PyTree, sparsity: Any, allocation: Any = "uniform", *, where: 
     treedef = jax.tree_util.tree_structure(scores)
     chosen = _tree.unflatten(treedef, sel)
     if allocation == "global":
+        _tree.stacked_axes(params, layers, layer_axis, sel, "masks")  # the checks only
         return _masks.global_topk(scores, sparsity, where=chosen)
-    sp = _per_leaf(params, sparsity, allocation, where, step)
-    return _masks.topk(scores, _tree.unflatten(treedef, sp), where=chosen)
+    sp = _per_leaf(params, sparsity, allocation, where, step, layers, layer_axis)
+    stack = None if layers is None else _tree.unflatten(
+        treedef, [a is not None for a in _tree.stacked_axes(params, layers, layer_axis, sel,
+                                                            "masks")])
+    return _masks.topk(scores, _tree.unflatten(treedef, sp), where=chosen, layers=stack,
+                       layer_axis=layer_axis)
 
 
 def random_masks(key: jax.Array, params: PyTree, sparsity: Any, allocation: Any = "uniform", *,
-                 where: Any = None) -> PyTree:
+                 where: Any = None, layers: Any = None, layer_axis: int = 0) -> PyTree:
     """Random masks at the per-leaf sparsities of an allocation.
 
     Each selected leaf keeps exactly the count its allocation gives it
@@ -274,6 +315,8 @@ def random_masks(key: jax.Array, params: PyTree, sparsity: Any, allocation: Any 
       allocation: ``"uniform"`` (default), ``"erk"``, ``"global"``, a dict or
         a callable.
       where: which leaves to prune.
+      layers: stacked leaves (every layer keeps its own count); ``layer_axis``
+        their layer axis (see :func:`masks`).
 
     Returns:
       A mask tree.
@@ -285,7 +328,7 @@ def random_masks(key: jax.Array, params: PyTree, sparsity: Any, allocation: Any 
       10
     """
     return masks(_scores.random(params, key=key), sparsity, allocation, where=where,
-                 params=params)
+                 params=params, layers=layers, layer_axis=layer_axis)
 
 
 def per_leaf(allocation: Any, params: PyTree, sparsity: Any, where: Any = None,

@@ -104,6 +104,9 @@ def snip(
     sparsity: float,
     allocation: Any = "global",
     where: Any = None,
+    *,
+    layers: Any = None,
+    layer_axis: int = 0,
 ) -> PyTree:
     """SNIP: masks at initialisation from connection sensitivity ``|w * g|``.
 
@@ -122,6 +125,10 @@ def snip(
       allocation: ``"global"`` (default), ``"uniform"``, ``"erk"``, a dict
         ``{regex: sparsity}`` or a callable.
       where: which leaves to prune (default: :func:`jaxprune.tree.is_kernel`).
+      layers: which pruned leaves are stacks of layers (a ``where=``-style
+        selection or a model graph): with a per-leaf allocation every layer
+        gets its own budget (see :mod:`jaxprune.allocation`).
+      layer_axis: the layer axis of the stacked leaves (default 0).
 
     Returns:
       A mask tree (bool arrays for selected leaves, scalar ``True`` elsewhere).
@@ -147,7 +154,8 @@ def snip(
     """
     _check_loss_fn(loss_fn, params, _batches(batch)[0])
     _masks.check_sparsity(sparsity, "snip: sparsity")
-    _alloc.check(allocation, params, where)
+    _alloc.check(allocation, params, where, layers=layers, layer_axis=layer_axis, what="snip")
     _masks.selection(params, where, "params")
     scores = snip_scores(loss_fn, params, batch)
-    return _alloc.masks(scores, sparsity, allocation, where=where, params=params)
+    return _alloc.masks(scores, sparsity, allocation, where=where, params=params,
+                        layers=layers, layer_axis=layer_axis)

@@ -106,7 +106,8 @@ def random_masks(key: jax.Array, params: PyTree, sparsity: Any, allocation: Any 
 
 
 def drop_and_grow(
-    params: PyTree, masks: PyTree, grow_scores: PyTree, drop_fraction: Any
+    params: PyTree, masks: PyTree, grow_scores: PyTree, drop_fraction: Any, *,
+    layers: Any = None, layer_axis: int = 0,
 ) -> tuple[PyTree, PyTree]:
     """One SET/RigL connection exchange, per leaf, with exact counts.
 
@@ -125,6 +126,10 @@ def drop_and_grow(
         :class:`jaxprune.select.LazyScores` computing either on the fly.
       drop_fraction: fraction of each leaf's kept weights to exchange (a
         number or a traced scalar).
+      layers: which leaves are stacks of layers (a ``where=``-style
+        selection or a model graph): every layer of one exchanges its own
+        ``d = min(round(drop_fraction * k_l), n_l - k_l)``, so per-layer
+        counts stay constant. ``layer_axis``: their layer axis.
 
     Returns:
       ``(new_masks, grown)``: the new masks, and masks of the positions that
@@ -151,8 +156,14 @@ def drop_and_grow(
     _, pleaves, treedef = _tree.flatten(params)
     mleaves = treedef.flatten_up_to(masks)
     gleaves = treedef.flatten_up_to(grow_scores)  # LazyScores leaves stay whole
-    idx = [i for i, m in enumerate(mleaves) if jnp.ndim(m) > 0]
+    stack = _tree.stacked_axes(params, layers, layer_axis,
+                               [jnp.ndim(m) > 0 for m in mleaves], "drop_and_grow")
+    new, grown = list(mleaves), [jnp.zeros((), jnp.bool_)] * len(mleaves)
     frac = jnp.asarray(drop_fraction, jnp.float32)
+    for i, a in enumerate(stack):
+        if a is not None:
+            new[i], grown[i] = _exchange_layers(pleaves[i], mleaves[i], gleaves[i], frac, a)
+    idx = [i for i, m in enumerate(mleaves) if jnp.ndim(m) > 0 and stack[i] is None]
     # Drop and grow keys are computed on the fly inside each counting pass
     # (LazyScores), from the parameters, masks and growth scores: the exchange
     # stores no score-sized temporary.
@@ -167,12 +178,24 @@ def drop_and_grow(
         groups += [2 * j, 2 * j + 1]
         keep += [k - d, d]
     sel = _select.select_groups(scores, groups, keep) if idx else []
-    new, grown = list(mleaves), [jnp.zeros((), jnp.bool_)] * len(mleaves)
     for j, i in enumerate(idx):
         kept, grow = sel[2 * j], sel[2 * j + 1]
         new[i] = kept | grow
         grown[i] = grow
     return _tree.unflatten(treedef, new), _tree.unflatten(treedef, grown)
+
+
+def _exchange_layers(p: jax.Array, m: jax.Array, g: Any, frac: jax.Array,
+                     axis: int) -> tuple[jax.Array, jax.Array]:
+    """:func:`drop_and_grow` of a stacked leaf: every layer (index of
+    ``axis``) exchanges its own share; ``(new mask, grown)``."""
+    others = tuple(a for a in range(m.ndim) if a != axis)
+    n = int(np.prod([m.shape[a] for a in others], dtype=np.int64))
+    k = jnp.sum(m, axis=others, dtype=jnp.int32)
+    d = jnp.clip(jnp.round(frac * k.astype(jnp.float32)).astype(jnp.int32), 0, n - k)
+    kept = _select.select_along(_select.LazyScores(_drop_score, (p, m)), others, k - d)
+    grow = _select.select_along(_grow_lazy(g, m), others, d)
+    return kept | grow, grow
 
 
 def _drop_score(p: jax.Array, m: jax.Array) -> jax.Array:
@@ -370,30 +393,34 @@ def _is_exchange_step(count: jax.Array, update_every: Any, end_step: Any) -> jax
     return is_update if end_step is None else is_update & (count < end_step)
 
 
-def _exchange(ex: _Exchange, state: DynamicState, params: PyTree, grads: PyTree, key_data):
+def _exchange(ex: _Exchange, state: DynamicState, params: PyTree, grads: PyTree, key_data,
+              layers: Any = None, layer_axis: int = 0):
     """One exchange: ``(new masks, masks of positions trained this step, key)``.
     Just-grown positions are not trained on this step (their moments and
     gradients start from zero)."""
     key_data, sub = _base.split_key(key_data)
     frac = jnp.asarray(ex.fraction_at(state.count), jnp.float32)
-    new, grown = drop_and_grow(params, state.masks, ex.grow_scores(sub, params, grads), frac)
+    new, grown = drop_and_grow(params, state.masks, ex.grow_scores(sub, params, grads), frac,
+                               layers=layers, layer_axis=layer_axis)
     train = jax.tree.map(lambda n, g: n & ~g, new, grown)
     return new, train, key_data
 
 
 def _dynamic(inner: optax.GradientTransformation, ex: _Exchange, *, sparsity: Any,
-             update_every: Any, allocation: Any, where: Any,
-             seed: Any) -> optax.GradientTransformationExtraArgs:
+             update_every: Any, allocation: Any, where: Any, seed: Any,
+             layers: Any = None, layer_axis: int = 0) -> optax.GradientTransformationExtraArgs:
     """The SET / RigL transform: a random initial mask, then exchanges."""
     inner = optax.with_extra_args_support(inner)
 
     def init_fn(params):
         _base.validate_params(params, where, ex.name)
-        _alloc.check(allocation, params, where)
+        _alloc.check(allocation, params, where, layers=layers, layer_axis=layer_axis,
+                     what=ex.name)
         key, sub = jax.random.split(jax.random.key(seed))
         return DynamicState(
             count=jnp.zeros((), jnp.int32),
-            masks=_alloc.random_masks(sub, params, sparsity, allocation, where=where),
+            masks=_alloc.random_masks(sub, params, sparsity, allocation, where=where,
+                                      layers=layers, layer_axis=layer_axis),
             key=jax.random.key_data(key),
             inner_state=inner.init(params),
         )
@@ -405,7 +432,7 @@ def _dynamic(inner: optax.GradientTransformation, ex: _Exchange, *, sparsity: An
         # Only the (small) masks go through the first cond; the optimizer
         # state goes through its own cond, whose identity branch XLA can alias.
         masks, train, key_data = lax.cond(
-            is_update, lambda k: _exchange(ex, state, params, updates, k),
+            is_update, lambda k: _exchange(ex, state, params, updates, k, layers, layer_axis),
             lambda k: (state.masks, state.masks, k), state.key)
         inner_state = lax.cond(is_update, lambda s: zero_state_outside(inner, s, train),
                                lambda s: s, state.inner_state)
@@ -430,6 +457,8 @@ def set_training(
     allocation: Any = "erk",
     where: Any = None,
     seed: int = 0,
+    layers: Any = None,
+    layer_axis: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
     """Sparse Evolutionary Training (SET): drop smallest, regrow at random.
 
@@ -452,6 +481,11 @@ def set_training(
         exchanges), a dict or a callable (see :mod:`jaxprune.allocation`).
       where: which leaves to prune (default: :func:`jaxprune.tree.is_kernel`).
       seed: seed of the initial mask and of the random regrowth.
+      layers: which pruned leaves are stacks of layers (``nnx.scan``,
+        MaxText): a ``where=``-style selection or a model graph. Each layer
+        then starts at its own budget (ERK from the shape of one layer) and
+        exchanges its own connections, so every layer keeps its count.
+      layer_axis: the layer axis of the stacked leaves (default 0).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` with a :class:`DynamicState`.
@@ -479,7 +513,8 @@ def set_training(
     fraction_at = drop_fraction if callable(drop_fraction) else _constant(drop_fraction)
     ex = _Exchange("set_training", _random_growth, fraction_at, None)
     return _dynamic(inner, ex, sparsity=sparsity, update_every=update_every,
-                    allocation=allocation, where=where, seed=seed)
+                    allocation=allocation, where=where, seed=seed, layers=layers,
+                    layer_axis=layer_axis)
 
 
 def _rigl_fraction(drop_fraction: Any, end_step: Any) -> Callable[[jax.Array], Any]:
@@ -507,6 +542,8 @@ def rigl(
     allocation: Any = "erk",
     where: Any = None,
     seed: int = 0,
+    layers: Any = None,
+    layer_axis: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
     """RigL: drop smallest magnitudes, regrow where the dense gradient is largest.
 
@@ -533,6 +570,11 @@ def rigl(
         ``"global"``, a dict or a callable.
       where: which leaves to prune (default: :func:`jaxprune.tree.is_kernel`).
       seed: seed of the initial random mask.
+      layers: which pruned leaves are stacks of layers (``nnx.scan``,
+        MaxText): a ``where=``-style selection or a model graph. Each layer
+        then starts at its own budget (ERK from the shape of one layer) and
+        exchanges its own connections, so every layer keeps its count.
+      layer_axis: the layer axis of the stacked leaves (default 0).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` with a :class:`DynamicState`.
@@ -558,7 +600,8 @@ def rigl(
     _check_dynamic("rigl", sparsity, drop_fraction, update_every, end_step, allocation)
     ex = _Exchange("rigl", _gradient_growth, _rigl_fraction(drop_fraction, end_step), end_step)
     return _dynamic(inner, ex, sparsity=sparsity, update_every=update_every,
-                    allocation=allocation, where=where, seed=seed)
+                    allocation=allocation, where=where, seed=seed, layers=layers,
+                    layer_axis=layer_axis)
 
 
 # --------------------------------------------------------------------------
@@ -582,6 +625,8 @@ def ste_training(
     allocation: Any = "uniform",
     where: Any = None,
     seed: int = 0,
+    layers: Any = None,
+    layer_axis: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
     """Straight-through sparse training: dense weights, mask recomputed from them.
 
@@ -609,6 +654,9 @@ def ste_training(
         callable.
       where: which leaves to prune (default: :func:`jaxprune.tree.is_kernel`).
       seed: seed of the PRNG key used by random scores.
+      layers: which pruned leaves are stacks of layers: every layer gets its
+        own budget, as in :func:`jaxprune.prune`.
+      layer_axis: the layer axis of the stacked leaves (default 0).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` with a :class:`STEState`.
@@ -636,7 +684,7 @@ def ste_training(
     return scheduled_masks(
         inner, sparsity=sparsity, score=score, allocation=allocation,
         update_every=update_every, where=where, nested=False, seed=seed,
-        apply=False, name="ste_training",
+        apply=False, name="ste_training", layers=layers, layer_axis=layer_axis,
     )
 
 

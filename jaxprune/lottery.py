@@ -235,9 +235,12 @@ class _Plan(NamedTuple):
     scorer: _scores.Scorer
     allocation: Any
     where: Any
+    layers: Any = None
+    layer_axis: int = 0
 
 
-def _plan(rounds, steps_per_round, prune_rate, rewind_step, allocation, score, where) -> _Plan:
+def _plan(rounds, steps_per_round, prune_rate, rewind_step, allocation, score, where,
+          layers=None, layer_axis=0) -> _Plan:
     """Checks the arguments of :func:`lottery_ticket`."""
     r = _static_int(rounds, "lottery_ticket: rounds", 1,
                     "Pass the number of pruning rounds, e.g. rounds=10.")
@@ -247,15 +250,21 @@ def _plan(rounds, steps_per_round, prune_rate, rewind_step, allocation, score, w
     rate = _prune_rate(prune_rate)
     scorer = _scores.get_scorer(score)
     _alloc.check(allocation)
-    return _Plan(r, s, k, rate, scorer, allocation, where)
+    return _Plan(r, s, k, rate, scorer, allocation, where, layers, layer_axis)
 
 
 def _round_keep(plan: _Plan, params: PyTree, scores: PyTree, next_round: jax.Array) -> Any:
     """What the next round keeps: ``keep=`` for ``"global"`` (an int) and
-    ``"uniform"`` (a per-leaf tree of ints), else the overall sparsity."""
+    ``"uniform"`` (a per-leaf tree of ints, per layer for stacked leaves),
+    else the overall sparsity."""
     _, leaves, _ = _tree.flatten(params)
     sel = _tree.flags(params, plan.where)
-    sizes = [int(np.size(x)) for x, on in zip(leaves, sel) if on]
+    stack = _tree.stacked_axes(params, plan.layers, plan.layer_axis, sel, "lottery_ticket")
+    if plan.allocation != "uniform":  # "global" counts all weights together
+        stack = [None] * len(stack)
+    # a stacked leaf's count is per layer (every layer prunes its own share)
+    sizes = [int(np.size(x)) // (1 if a is None else max(np.shape(x)[a], 1))
+             for x, on, a in zip(leaves, sel, stack) if on]
     if plan.allocation == "global":
         table = _keep_table(sum(sizes), plan.rounds, plan.prune_rate)
         return jnp.asarray(np.array(table, np.int32))[next_round]
@@ -275,14 +284,20 @@ def _new_masks(plan: _Plan, state: LotteryState, params: PyTree, grads: PyTree,
     scores = plan.scorer.score(score_state, params, grads, sub)
     scores = _base.nested_scores(scores, state.masks)
     keep = _round_keep(plan, params, scores, state.round + 1)
-    chosen = _tree.unflatten(jax.tree_util.tree_structure(scores), _tree.flags(params, plan.where))
+    treedef = jax.tree_util.tree_structure(scores)
+    sel = _tree.flags(params, plan.where)
+    chosen = _tree.unflatten(treedef, sel)
+    stack = None if plan.layers is None else _tree.unflatten(treedef, [
+        a is not None for a in _tree.stacked_axes(params, plan.layers, plan.layer_axis, sel,
+                                                  "lottery_ticket")])
     if plan.allocation == "global":
         masks = _masks.global_topk(scores, where=chosen, keep=keep)
     elif plan.allocation == "uniform":
-        masks = _masks.topk(scores, where=chosen, keep=keep)
+        masks = _masks.topk(scores, where=chosen, keep=keep, layers=stack,
+                            layer_axis=plan.layer_axis)
     else:
         masks = _alloc.masks(scores, keep, plan.allocation, where=plan.where, params=params,
-                             step=state.count)
+                             step=state.count, layers=stack, layer_axis=plan.layer_axis)
     masks = jax.tree.map(lambda new, old: new & old, masks, state.masks)
     return masks, key_data
 
@@ -325,6 +340,8 @@ def lottery_ticket(
     score: str | Callable[..., PyTree] | _scores.Scorer = "magnitude",
     where: Any = None,
     seed: int = 0,
+    layers: Any = None,
+    layer_axis: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
     """Wraps an optimizer so training runs iterative magnitude pruning with rewinding.
 
@@ -384,6 +401,13 @@ def lottery_ticket(
         the round-end call.
       where: which leaves to prune (default: :func:`jaxprune.tree.is_kernel`).
       seed: seed of the PRNG key used by random scores.
+      layers: which pruned leaves are stacks of layers (``nnx.scan``,
+        MaxText): a ``where=``-style selection or a model graph. With
+        ``"uniform"`` every layer keeps exactly ``round(n * (1 - prune_rate)
+        ** r)`` of its ``n`` weights, as if it were its own leaf (ERK and
+        the other allocations also budget per layer); ``"global"`` counts
+        all weights together either way.
+      layer_axis: the layer axis of the stacked leaves (default 0).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is a
@@ -418,12 +442,14 @@ def lottery_ticket(
       Carbin, "Linear mode connectivity and the lottery ticket hypothesis",
       ICML 2020 (rewinding to ``theta_k``, ``k > 0``).
     """
-    plan = _plan(rounds, steps_per_round, prune_rate, rewind_step, allocation, score, where)
+    plan = _plan(rounds, steps_per_round, prune_rate, rewind_step, allocation, score, where,
+                 layers, layer_axis)
     inner = optax.with_extra_args_support(inner)
 
     def init_fn(params):
         _base.validate_params(params, where, "lottery_ticket")
-        _alloc.check(allocation, params, where)
+        _alloc.check(allocation, params, where, layers=layers, layer_axis=layer_axis,
+                     what="lottery_ticket")
         zero = jnp.zeros((), jnp.int32)
         return LotteryState(
             count=zero, round=zero, event=zero, masks=_base.initial_masks(params, where),

@@ -176,7 +176,7 @@ def _one_of(sparsity: Any, keep: Any, fn: str) -> None:
 
 
 def topk(scores: PyTree, sparsity: Any = None, where: Any = None, *, keep: Any = None,
-         axis: Any = None) -> PyTree:
+         axis: Any = None, layers: Any = None, layer_axis: int = 0) -> PyTree:
     """Per-leaf top-k masks: each selected leaf keeps its largest scores.
 
     Each selected leaf with ``n`` entries keeps ``round(n * (1 - s))`` of
@@ -188,7 +188,11 @@ def topk(scores: PyTree, sparsity: Any = None, where: Any = None, *, keep: Any =
     per layer and unit of a stacked one); a leaf's sparsity may then be an
     array broadcast to the groups' shape. Without ``axis``, a sparsity array
     of rank ``r`` compares within each index of the leaf's leading ``r`` axes
-    (per-layer budgets).
+    (per-layer budgets). With ``layers`` (stacked leaves, as from ``nnx.scan``
+    or MaxText), every layer of a stacked leaf is its own comparison group:
+    it keeps ``round(n * (1 - s))`` of its ``n`` entries (or ``keep`` of
+    them), exactly as if the layers were separate leaves; its sparsity may
+    be one value per layer.
 
     Args:
       scores: a pytree of float scores (e.g. :func:`jaxprune.scores.magnitude`).
@@ -196,9 +200,15 @@ def topk(scores: PyTree, sparsity: Any = None, where: Any = None, *, keep: Any =
         (prefix) tree of numbers with one value per leaf.
       where: which leaves to prune (see :mod:`jaxprune.tree`).
       keep: instead of ``sparsity``, the number of entries each selected leaf
-        keeps: an int, a traced integer, or a (prefix) tree of them.
+        keeps: an int, a traced integer, or a (prefix) tree of them (for a
+        stacked leaf, per layer: one value or one per layer).
       axis: ``None`` (the whole leaf) or the axes of one comparison group
         (with ``sparsity``).
+      layers: which selected leaves are stacks of layers: ``None`` (none), a
+        ``where=``-style selection, or a model graph (:func:`jaxprune.graph.trace`;
+        its ``scan``-read leaves). See :func:`jaxprune.tree.stacked_axes`.
+      layer_axis: the layer axis of the stacked leaves (``0`` for
+        ``nnx.scan`` / ``nn.scan``; ``1`` for MaxText's ``param_scan_axis=1``).
 
     Returns:
       A mask tree: bool arrays for selected leaves, scalar ``True`` elsewhere.
@@ -210,6 +220,8 @@ def topk(scores: PyTree, sparsity: Any = None, where: Any = None, *, keep: Any =
       ([[False, True], [True, False]], [[False, True], [False, False]])
       >>> topk({"w": jnp.array([[1.0, 0.0], [3.0, 2.0]])}, 0.5, axis=0)["w"].tolist()
       [[False, False], [True, True]]
+      >>> topk({"w": jnp.array([[1.0, 0.0], [3.0, 2.0]])}, 0.5, layers="w")["w"].tolist()
+      [[True, False], [True, False]]
 
     References:
       Han et al., "Learning both weights and connections for efficient neural
@@ -218,22 +230,58 @@ def topk(scores: PyTree, sparsity: Any = None, where: Any = None, *, keep: Any =
     _one_of(sparsity, keep, "topk")
     paths, leaves, treedef, sel = selection(scores, where)
     idx = [i for i, s in enumerate(sel) if s]
+    stack = _tree.stacked_axes(scores, layers, layer_axis, sel, "topk")
+    if axis is not None and layers is not None:
+        raise ValueError("topk: axis= already makes every index of the other axes (every "
+                         "layer of a stack among them) its own group; pass axis= or layers=, "
+                         "not both.")
     if keep is None:
         sp = per_leaf_sparsity(sparsity, scores, paths, sel)
-        if axis is not None or any(np.ndim(sp[i]) for i in idx):
+        if axis is not None:
             masks = [_leaf_topk(paths[i], leaves[i], sp[i], axis) for i in idx]
             return _assemble(treedef, len(leaves), idx, masks)
     elif axis is not None:
         raise ValueError("topk: axis= takes a sparsity (one exact count per comparison "
                          "group); pass sparsity= instead of keep=.")
-    arrays = [jnp.asarray(leaves[i]) for i in idx]
-    if keep is None:
-        counts = [_select.keep_count(int(a.size), sp[i]) for i, a in zip(idx, arrays)]
     else:
         ks = _tree.broadcast_values(keep, scores, "keep")
-        counts = [_keep_value(ks[i], int(a.size), f"leaf {paths[i]!r}") for i, a in zip(idx, arrays)]
-    masks = _select.select_groups(arrays, list(range(len(idx))), counts)
-    return _assemble(treedef, len(leaves), idx, masks)
+    out, whole = {}, []  # per-slice masks; leaves selected whole, in one batch
+    for i in idx:
+        if stack[i] is not None:
+            out[i] = _layer_topk(paths[i], leaves[i], stack[i], None if keep is None else ks[i],
+                                 None if keep is not None else sp[i])
+        elif keep is None and np.ndim(sp[i]):
+            out[i] = _leaf_topk(paths[i], leaves[i], sp[i], None)
+        else:
+            whole.append(i)
+    arrays = [jnp.asarray(leaves[i]) for i in whole]
+    if keep is None:
+        counts = [_select.keep_count(int(a.size), sp[i]) for i, a in zip(whole, arrays)]
+    else:
+        counts = [_keep_value(ks[i], int(a.size), f"leaf {paths[i]!r}") for i, a in zip(whole, arrays)]
+    if whole:
+        out.update(zip(whole, _select.select_groups(arrays, list(range(len(whole))), counts)))
+    return _assemble(treedef, len(leaves), idx, [out[i] for i in idx])
+
+
+def _layer_topk(path: str, scores: Any, layer_axis: int, keep: Any, sparsity: Any) -> jax.Array:
+    """Top-k within every layer of a stacked leaf (``keep`` or ``sparsity``
+    per layer: one value, or one per layer)."""
+    scores = jnp.asarray(scores)
+    others = tuple(a for a in range(scores.ndim) if a != layer_axis)
+    if keep is None:
+        return _leaf_topk(path, scores, sparsity, others)
+    n, n_layers = int(scores.size // max(scores.shape[layer_axis], 1)), scores.shape[layer_axis]
+    where = f"each layer of leaf {path!r}"
+    if np.ndim(keep) == 0:
+        k = _keep_value(keep, n, where)
+    elif np.shape(keep) == (n_layers,):
+        k = jnp.clip(jnp.asarray(keep), 0, n).astype(jnp.int32)
+    else:
+        raise ValueError(f"topk: keep for the stacked leaf {path!r} of shape {scores.shape} has "
+                         f"shape {np.shape(keep)}; give one int (every layer) or one per layer "
+                         f"(shape ({n_layers},)).")
+    return _select.select_along(scores, others, k)
 
 
 def global_topk(scores: PyTree, sparsity: Any = None, where: Any = None, *,
@@ -294,7 +342,8 @@ def _assemble(treedef, n_leaves: int, idx: Sequence[int], masks: Sequence[jax.Ar
     return _tree.unflatten(treedef, out)
 
 
-def random_like(key: jax.Array, masks: PyTree) -> PyTree:
+def random_like(key: jax.Array, masks: PyTree, *, layers: Any = None,
+                layer_axis: int = 0) -> PyTree:
     """A random mask with the same number of kept entries in every leaf.
 
     Each array leaf of ``masks`` keeps exactly as many entries as it does in
@@ -307,6 +356,9 @@ def random_like(key: jax.Array, masks: PyTree) -> PyTree:
     Args:
       key: a PRNG key.
       masks: a mask tree (e.g. a ticket's, :func:`jaxprune.get_masks`).
+      layers: stacked leaves (a ``where=``-style selection or a model
+        graph): each of their layers keeps its own count.
+      layer_axis: the layer axis of the stacked leaves (default 0).
 
     Returns:
       A mask tree with the same per-leaf kept counts. Works under ``jit``.
@@ -322,7 +374,9 @@ def random_like(key: jax.Array, masks: PyTree) -> PyTree:
       pruning control).
     """
     leaves, treedef = jax.tree_util.tree_flatten(masks)
-    idx = [i for i, m in enumerate(leaves) if _tree.is_array(m) and np.ndim(m) and np.size(m)]
+    arr = [_tree.is_array(m) and bool(np.ndim(m)) and bool(np.size(m)) for m in leaves]
+    stack = _tree.stacked_axes(masks, layers, layer_axis, arr, "random_like")
+    idx = [i for i, a in enumerate(arr) if a and stack[i] is None]
     bits = [jax.random.bits(jax.random.fold_in(key, i), np.shape(leaves[i]), jnp.uint32)
             for i in idx]
     counts = [_select.count_true(jnp.asarray(leaves[i], jnp.bool_)) for i in idx]
@@ -330,6 +384,12 @@ def random_like(key: jax.Array, masks: PyTree) -> PyTree:
     out = [jnp.asarray(m, jnp.bool_) if _tree.is_array(m) else m for m in leaves]
     for i, m in zip(idx, chosen):
         out[i] = m
+    for i, a in enumerate(stack):
+        if a is not None:
+            m = jnp.asarray(leaves[i], jnp.bool_)
+            others = tuple(x for x in range(m.ndim) if x != a)
+            bits = jax.random.bits(jax.random.fold_in(key, i), m.shape, jnp.uint32)
+            out[i] = _select.select_along(bits, others, jnp.sum(m, axis=others, dtype=jnp.int32))
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
@@ -753,16 +813,19 @@ def _row(path: str, shape: tuple, size: int, zeros: int) -> dict:
                 sparsity=zeros / size if size else 0.0)
 
 
-def _leaf_rows(path: str, leaf: Any, per_layer: bool) -> list[dict]:
+def _leaf_rows(path: str, leaf: Any, axis: int | None) -> list[dict]:
     shape, size = tuple(np.shape(leaf)), int(np.size(leaf))
-    if not (per_layer and len(shape) >= 1):
+    if axis is None:
         return [_row(path, shape, size, int(_zero_count(leaf)) if size else 0)]
-    zeros = np.asarray(_zero_count(leaf, tuple(range(1, len(shape))))) if size else [0] * shape[0]
-    per = size // shape[0] if shape[0] else 0
-    return [_row(f"{path}[{i}]", shape[1:], per, int(z)) for i, z in enumerate(zeros)]
+    others = tuple(a for a in range(len(shape)) if a != axis)
+    zeros = np.asarray(_zero_count(leaf, others)) if size else [0] * shape[axis]
+    per = size // shape[axis] if shape[axis] else 0
+    rest = tuple(shape[a] for a in others)
+    return [_row(f"{path}[{i}]", rest, per, int(z)) for i, z in enumerate(zeros)]
 
 
-def summary(tree: PyTree, where: Any = None, *, layers: Any = None) -> Summary:
+def summary(tree: PyTree, where: Any = None, *, layers: Any = None,
+            layer_axis: int = 0) -> Summary:
     """Per-leaf table of kept entries and sparsity (of params or masks).
 
     On unpruned parameters it lists exactly the leaves ``where=`` selects:
@@ -772,8 +835,10 @@ def summary(tree: PyTree, where: Any = None, *, layers: Any = None) -> Summary:
       tree: parameters or masks.
       where: which leaves to list (default: :func:`jaxprune.tree.is_kernel`).
       layers: a ``where=``-style selection of stacked leaves (scan over
-        layers) whose axis 0 is the layer axis: each gets one row per layer,
-        ``path[0]``, ``path[1]``, ...
+        layers), or a model graph (its ``scan``-read leaves): each gets one
+        row per layer, ``path[0]``, ``path[1]``, ... (the same ``layers=``
+        as the mask functions and transforms).
+      layer_axis: the layer axis of the stacked leaves (default 0).
 
     Returns:
       A :class:`Summary`; rows in natural order of the paths (``Block_2``
@@ -789,7 +854,7 @@ def summary(tree: PyTree, where: Any = None, *, layers: Any = None) -> Summary:
     """
     paths, leaves, _ = _tree.flatten(tree)
     sel = _tree.flags(tree, where)
-    stacked = _tree.flags(tree, layers, what="layers") if layers is not None else [False] * len(sel)
+    stacked = _tree.stacked_axes(tree, layers, layer_axis, sel, "summary")
     rows = []
     for p, leaf, s, st in zip(paths, leaves, sel, stacked):
         if s:

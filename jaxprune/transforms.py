@@ -105,6 +105,8 @@ def prune(
     where: Any = None,
     nested: bool = True,
     seed: int = 0,
+    layers: Any = None,
+    layer_axis: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
     """Wraps an optimizer so training prunes the model to a (scheduled) sparsity.
 
@@ -138,6 +140,11 @@ def prune(
       where: which leaves to prune (default: :func:`jaxprune.tree.is_kernel`).
       nested: keep pruned weights pruned (see above).
       seed: seed of the PRNG key used by random scores.
+      layers: which pruned leaves are stacks of layers (``nnx.scan``,
+        MaxText): a ``where=``-style selection or a model graph; every layer
+        then gets its own budget, as if it were its own leaf (see
+        :mod:`jaxprune.allocation`). ``None``: no stacks.
+      layer_axis: the layer axis of the stacked leaves (default 0).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is a
@@ -166,7 +173,7 @@ def prune(
     return scheduled_masks(
         inner, sparsity=sparsity, score=score, allocation=allocation,
         update_every=update_every, where=where, nested=nested, seed=seed,
-        apply=True, name="prune",
+        apply=True, name="prune", layers=layers, layer_axis=layer_axis,
     )
 
 
@@ -182,6 +189,8 @@ def scheduled_masks(
     seed: int,
     apply: bool,
     name: str,
+    layers: Any = None,
+    layer_axis: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
     """The engine of :func:`prune` and :func:`jaxprune.ste_training`: masks
     recomputed on a schedule and kept in a :class:`PruneState`. With
@@ -196,7 +205,7 @@ def scheduled_masks(
 
     def init_fn(params):
         _base.validate_params(params, where, name)
-        _alloc.check(allocation, params, where)
+        _alloc.check(allocation, params, where, layers=layers, layer_axis=layer_axis, what=name)
         return PruneState(
             count=jnp.zeros((), jnp.int32),
             masks=_base.initial_masks(params, where),
@@ -212,7 +221,7 @@ def scheduled_masks(
         scores = _base.nested_scores(scores, state.masks, nested)
         s_now = _base.schedule_value(sparsity, state.count)
         masks = _alloc.masks(scores, s_now, allocation, where=where, params=params,
-                             step=state.count)
+                             step=state.count, layers=layers, layer_axis=layer_axis)
         return masks, key_data
 
     def update_fn(updates, state, params=None, **extra_args):

@@ -423,3 +423,94 @@ def broadcast_values(value: Any, tree: PyTree, what: str) -> list[Any]:
             f"the scores; it does not match: {e}"
         ) from e
     return jax.tree_util.tree_leaves(full)
+
+
+def _graph_layers(graph: Any, names: Sequence[str]) -> list[Any]:
+    """The graph's layer count of every path (``None`` if not stacked); a
+    path may also name a subtree's leaf (Linen ``params`` of traced
+    ``variables``: ``layers/kernel`` is the graph's ``params/layers/kernel``)."""
+    by_path = {info.path: info.layers for info in graph.leaves}
+    out = []
+    for p in names:
+        if p in by_path:
+            out.append(by_path[p])
+            continue
+        hits = [c for q, c in by_path.items() if q.endswith("/" + p)]
+        out.append(hits[0] if len(hits) == 1 else None)
+    return out
+
+
+def stacked_axes(tree: PyTree, layers: Any, layer_axis: Any = 0, sel: Sequence[bool] | None = None,
+                 what: str = "layers") -> list[int | None]:
+    """The layer axis of every leaf of ``tree`` that ``layers=`` marks as a
+    stack of layers, ``None`` for the others (and for all when ``layers`` is
+    ``None``).
+
+    ``layers`` is a ``where=``-style selection (regex, callable, bool prefix
+    tree) or a model graph (:func:`jaxprune.graph.trace`: the leaves it saw
+    read inside a ``scan``, whose layer counts are checked against the
+    shapes; ``tree`` may be a subtree of the traced variables, such as
+    Linen's ``params``). Only leaves in ``sel`` (the leaves a function prunes) are
+    considered; ``layer_axis`` (an int, default 0) is the layer axis of each.
+
+    Raises:
+      TypeError: ``layer_axis`` is not an int.
+      ValueError: a marked leaf has fewer than two axes, ``layer_axis`` is out
+        of its range, the graph's layer count differs from the leaf's length
+        along ``layer_axis``, or ``layers`` marks none of the leaves in ``sel``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> p = {"blocks": {"w": jnp.ones((4, 8, 8))}, "out": jnp.ones((8, 2))}
+      >>> stacked_axes(p, "blocks"), stacked_axes(p, None)
+      ([0, None], [None, None])
+    """
+    names, leaves, _ = flatten(tree)
+    if layers is None:
+        return [None] * len(leaves)
+    if isinstance(layer_axis, bool) or not isinstance(layer_axis, (int, np.integer)):
+        raise TypeError(
+            f"{what}: layer_axis must be an int (the axis of a stacked leaf that indexes its "
+            f"layers), got {layer_axis!r} ({type(layer_axis).__name__}). Use 0 for "
+            "nnx.scan / nn.scan stacks, or e.g. 1 for MaxText's param_scan_axis=1.")
+    sel = [True] * len(leaves) if sel is None else list(sel)
+    counts: list[Any] = [None] * len(leaves)
+    given = f"layers={layers!r}"
+    if hasattr(layers, "stacked") and hasattr(layers, "leaves"):  # a ModelGraph
+        given = "layers=graph (its leaves read inside a scan)"
+        counts = _graph_layers(layers, names)
+        marked = [c is not None for c in counts]
+    else:
+        marked = flags(tree, layers, what=f"{what}: layers")
+    out: list[int | None] = []
+    for p, x, s, m, c in zip(names, leaves, sel, marked, counts):
+        if not (s and m):
+            out.append(None)
+            continue
+        shape = tuple(np.shape(x))
+        if len(shape) < 2:
+            raise ValueError(
+                f"{what}: layers= marks leaf {p!r} of shape {shape} as a stack of layers, but "
+                "a stacked leaf needs a layer axis and at least one more axis. Exclude it "
+                "from layers= (or from where=).")
+        if not -len(shape) <= layer_axis < len(shape):
+            raise ValueError(
+                f"{what}: layer_axis={layer_axis} is out of range for the stacked leaf {p!r} "
+                f"of shape {shape}; expected an axis in [{-len(shape)}, {len(shape)}): the "
+                "one indexing its layers (0 for nnx.scan / nn.scan stacks, 1 for MaxText's "
+                "param_scan_axis=1). Fix layer_axis=, or exclude the leaf from layers=.")
+        ax = int(layer_axis) % len(shape)
+        if c is not None and shape[ax] != c:
+            raise ValueError(
+                f"{what}: the graph reads leaf {p!r} of shape {shape} inside a scan of {c} "
+                f"layers, but its axis {ax} (layer_axis={layer_axis}) has length {shape[ax]}. "
+                "Pass the layer_axis= of length "
+                f"{c} (a scan over layers slices axis 0 of what it is given).")
+        out.append(ax)
+    if any(sel) and not any(a is not None for a in out):
+        raise ValueError(
+            f"{what}: {given} marks none of the leaves being pruned as a stack of "
+            f"layers (pruned leaves: {_some([p for p, s in zip(names, sel) if s])}). Pass a "
+            "regex, callable or bool tree that selects the stacked kernels (e.g. "
+            "layers='layers/' or layers=graph), or layers=None.")
+    return out

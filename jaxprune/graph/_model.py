@@ -155,6 +155,13 @@ class ModelGraph:
     def stats(self) -> Any:
         return self.role_tree("stat")
 
+    @property
+    def stacked(self) -> Any:
+        """Leaves read inside a ``scan`` over layers (a stacked kernel's axis 0
+        is its layer axis); usable as ``layers=`` of the mask functions and
+        transforms (or pass the graph itself, which also checks the counts)."""
+        return self._tree([info.layers is not None for info in self.leaves])
+
     def _tree(self, values: list) -> Any:
         return rebuild(self.treedef, values, self.static, fill=False)
 
