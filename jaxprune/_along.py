@@ -61,7 +61,13 @@ def select_along(scores: jax.Array, axis: int | Sequence[int], keep: Any) -> jax
     axes = normalize_axes(axis, scores.ndim)
     gshape = group_shape(scores.shape, axes)
     keep = keep if np.ndim(keep) == 0 else jnp.broadcast_to(jnp.asarray(keep, jnp.int32), gshape)
-    return _select.select_along(scores, axes, keep)
+    return _compiled_select_along(scores, axes, keep)
+
+
+# One compiled program: called eagerly (a transform's init, a one-shot mask),
+# select_along's many small operations would otherwise each dispatch on their
+# own (several times slower); under an outer jit it is inlined.
+_compiled_select_along = jax.jit(_select.select_along, static_argnums=1)
 
 
 def leaf_topk(path: str, scores: Any, sparsity: Any, axis: Any) -> jax.Array:

@@ -38,6 +38,7 @@ from jaxprune import deprecation as _deprecation
 from jaxprune import select as _select
 from jaxprune import tree as _tree
 from jaxprune._along import leaf_topk as _leaf_topk
+from jaxprune._along import select_along as _slices
 
 PyTree = Any
 
@@ -281,7 +282,7 @@ def _layer_topk(path: str, scores: Any, layer_axis: int, keep: Any, sparsity: An
         raise ValueError(f"topk: keep for the stacked leaf {path!r} of shape {scores.shape} has "
                          f"shape {np.shape(keep)}; give one int (every layer) or one per layer "
                          f"(shape ({n_layers},)).")
-    return _select.select_along(scores, others, k)
+    return _slices(scores, others, k)
 
 
 def global_topk(scores: PyTree, sparsity: Any = None, where: Any = None, *,
@@ -389,7 +390,7 @@ def random_like(key: jax.Array, masks: PyTree, *, layers: Any = None,
             m = jnp.asarray(leaves[i], jnp.bool_)
             others = tuple(x for x in range(m.ndim) if x != a)
             bits = jax.random.bits(jax.random.fold_in(key, i), m.shape, jnp.uint32)
-            out[i] = _select.select_along(bits, others, jnp.sum(m, axis=others, dtype=jnp.int32))
+            out[i] = _slices(bits, others, jnp.sum(m, axis=others, dtype=jnp.int32))
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
