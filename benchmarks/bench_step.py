@@ -197,6 +197,11 @@ def make_variants(params, breakdown, cases=("a", "b")):
                                               allocation=alloc)
     if "b" in cases:
         txs["b/argsort"] = argsort_prune(adam, SPARSITY, BLOCK)
+    else:  # the lazy-score sketch of bench_compile.py: no score buffers in the cond branch
+        from bench_compile import lazy_prune
+
+        for alloc in ("uniform", "global"):
+            txs[f"a/lazy-{alloc}"] = lazy_prune(adam, SPARSITY, 10**9, alloc)
     if breakdown:
         masks = jp.masks.topk(jp.scores.magnitude(params), SPARSITY)
         # Own copies: keep_masks puts its masks in the (donated) optimizer state.
