@@ -116,3 +116,28 @@ def test_the_check_sees_a_separate_masking_pass():
     text = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt, x, y).compile().as_text()
     naive = re.search(r"^ENTRY .*?^}", text, re.M | re.S).group(0)
     assert np.any([len(_computed(naive, s)) > len(_computed(dense, s)) for s in (CONV1, CONV2, DENSE)])
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "global", "erk"])
+@pytest.mark.parametrize("nested", [True, False])
+def test_prune_magnitude_lazy_scores_match_stored_scores(allocation, nested):
+    """``score="magnitude"`` selects on lazy scores (``|w|`` recomputed in every
+    pass, never stored); a magnitude callable takes the stored-score path.
+    Both give bit-identical parameters and states, ties and bf16 included."""
+    params = _params()
+    params["conv1"]["kernel"] = jnp.round(params["conv1"]["kernel"] * 4) / 4  # ties
+    params["conv2"]["kernel"] = params["conv2"]["kernel"].astype(jnp.bfloat16)
+    outs = []
+    for score in ("magnitude", jp.scores.magnitude):
+        tx = jp.prune(optax.adam(1e-2), sparsity=optax.linear_schedule(0.0, 0.8, 6), score=score,
+                      allocation=allocation, update_every=2, nested=nested)
+        state, p = tx.init(params), params
+        step = jax.jit(lambda p, s, g: tx.update(g, s, p))
+        for i in range(7):
+            g = jax.tree.map(lambda x, i=i: jnp.sin(x * (i + 1)).astype(x.dtype), p)
+            u, state = step(p, state, g)
+            p = optax.apply_updates(p, u)
+        outs.append((p, state))
+    for a, b in zip(jax.tree.leaves(outs[0]), jax.tree.leaves(outs[1])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert jp.sparsity_of(outs[0][0]) == pytest.approx(0.8, abs=1e-3)
