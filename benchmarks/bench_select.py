@@ -411,9 +411,9 @@ def billion(args) -> dict:
     """``global_topk`` and ``topk`` over ``N_LAYERS`` float32 kernels of
     ``d x d`` (d = 16384: 2**30 weights, 4 GiB) at ``args.sparsity``.
 
-    Variants: ``lazy`` passes the magnitudes as :class:`select.LazyScores`
-    (``|w|`` computed inside every pass from the kernels, what ``masks.topk``
-    and ``masks.global_topk`` do when given lazy scores); ``arrays`` is
+    Variants: ``lazy`` is ``global_topk`` / ``topk`` given the magnitudes as
+    :class:`select.LazyScores` leaves (``|w|`` computed inside every pass from
+    the kernels, never stored); ``arrays`` is
     today's call, ``global_topk(magnitude(params))``, whose ``|w|`` array is
     a parameter-sized temporary (run with ``--billion-arrays``). Each variant
     is compiled first, then timed (min of ``--reps``); its peak resident set
@@ -434,12 +434,12 @@ def billion(args) -> dict:
     print(f"{N_LAYERS} kernels {d} x {d} float32 ({n * 4 / 2**30:.2f} GiB), sparsity {s}, "
           f"k = {k}; resident set now {_proc_kib('VmRSS') / 2**20:.2f} GiB", flush=True)
 
-    def lazy(ws, groups, keep):
-        return jp_select.select_groups([jp_select.LazyScores(jnp.abs, (w,)) for w in ws], groups, keep)
+    def lazy(ws):
+        return jax.tree.map(lambda w: jp_select.LazyScores(jnp.abs, (w,)), _tree(ws))
 
     variants = {
-        "global/lazy": jax.jit(lambda ws: lazy(ws, [0] * N_LAYERS, [k])),
-        "topk/lazy": jax.jit(lambda ws: lazy(ws, list(range(N_LAYERS)), [k_leaf] * N_LAYERS)),
+        "global/lazy": jax.jit(lambda ws: kernels(jaxprune.masks.global_topk(lazy(ws), s))),
+        "topk/lazy": jax.jit(lambda ws: kernels(jaxprune.masks.topk(lazy(ws), s))),
     }
     if args.billion_arrays:
         variants["global/arrays"] = jax.jit(

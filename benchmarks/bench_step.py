@@ -45,8 +45,16 @@ dense step does not. Setting ``MALLOC_MMAP_THRESHOLD_`` and
 ``MALLOC_TRIM_THRESHOLD_`` (or preloading tcmalloc/jemalloc) keeps the
 buffer on the heap and removes that cost; run it both ways to see it.
 
+With ``--model resnet18`` or ``--model resnet50`` the model is the Linen
+ResNet of ``bench_compile.py`` (Flax's ImageNet example: full width,
+BatchNorm, 32x32 inputs, batch 32, 1000 classes; the step also updates the
+batch statistics) and only case a (no mask update in the timed steps) and
+the breakdown variants are run: the convolutional counterpart of the MLP's
+1.0x.
+
 Run:
   python benchmarks/bench_step.py                      # --reps 20
+  python benchmarks/bench_step.py --model resnet50 --reps 12 --breakdown
   python benchmarks/bench_step.py --reps 40 --breakdown --json out.json
   python benchmarks/bench_step.py --only a/uniform,a/global --reps 30
   MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=4294967296 \
@@ -178,14 +186,22 @@ def make_step(tx):
     return jax.jit(step, donate_argnums=(0, 1))
 
 
-def make_variants(params, breakdown):
+def make_variants(params, breakdown, cases=("a", "b")):
     adam = optax.adam(1e-3)
     txs = {"dense": adam}
     for case, every in (("a", 10**9), ("b", BLOCK)):
+        if case not in cases:
+            continue
         for alloc in ("uniform", "global"):
             txs[f"{case}/{alloc}"] = jp.prune(adam, sparsity=SPARSITY, update_every=every,
                                               allocation=alloc)
-    txs["b/argsort"] = argsort_prune(adam, SPARSITY, BLOCK)
+    if "b" in cases:
+        txs["b/argsort"] = argsort_prune(adam, SPARSITY, BLOCK)
+    else:  # the lazy-score sketch of bench_compile.py: no score buffers in the cond branch
+        from bench_compile import lazy_prune
+
+        for alloc in ("uniform", "global"):
+            txs[f"a/lazy-{alloc}"] = lazy_prune(adam, SPARSITY, 10**9, alloc)
     if breakdown:
         masks = jp.masks.topk(jp.scores.magnitude(params), SPARSITY)
         # Own copies: keep_masks puts its masks in the (donated) optimizer state.
@@ -197,13 +213,22 @@ def make_variants(params, breakdown):
 
 
 class Runner:
-    """One variant: its jitted step and its own (params, opt_state)."""
+    """One variant: its jitted step and its own (params, opt_state), or for a
+    ResNet (params, batch_stats, opt_state)."""
 
-    def __init__(self, tx, params, x, y):
-        self.step = make_step(tx)
+    def __init__(self, tx, params, x, y, model=None, batch_stats=None):
         self.x, self.y = x, y
         params = jax.tree.map(jnp.copy, params)
-        self.carry = (params, tx.init(params))
+        if model is None:
+            self.step = make_step(tx)
+            self.carry = (params, tx.init(params))
+        else:
+            from bench_compile import resnet_step
+
+            step = resnet_step(model, tx)
+            self.step = jax.jit(lambda p, b, o, x, y: step(p, b, o, x, y)[:3],
+                                donate_argnums=(0, 1, 2))
+            self.carry = (params, jax.tree.map(jnp.copy, batch_stats), tx.init(params))
 
     def temp_mib(self) -> float:
         """XLA's scratch buffer for one step (``memory_analysis``), in MiB."""
@@ -269,23 +294,38 @@ def main(argv=None) -> dict:
     ap.add_argument("--only", metavar="NAMES",
                     help="comma-separated variants to run (dense is always run)")
     ap.add_argument("--json", metavar="PATH", help="write all numbers here")
+    ap.add_argument("--model", default="mlp", choices=("mlp", "resnet18", "resnet50"),
+                    help="the MLP (default) or a Linen ResNet of bench_compile.py (case a only)")
     args = ap.parse_args(argv)
 
     dev = jax.devices()[0]
-    info = run_info(reps=args.reps)
+    info = run_info(reps=args.reps, model=args.model)
     print(f"device: {dev.platform} / {dev.device_kind}, {os.cpu_count()} CPUs, "
           f"jax {jax.__version__}, load average {os.getloadavg()[0]:.1f}, "
           f"malloc env {info['malloc_env'] or 'default'}")
 
     kx, ky, kp = jax.random.split(jax.random.key(0), 3)
-    x = jax.random.normal(kx, (BATCH, SIZES[0]))
-    y = jax.random.randint(ky, (BATCH,), 0, SIZES[-1])
-    params = init_params(kp)
+    model = batch_stats = None
+    if args.model == "mlp":
+        x = jax.random.normal(kx, (BATCH, SIZES[0]))
+        y = jax.random.randint(ky, (BATCH,), 0, SIZES[-1])
+        params = init_params(kp)
+        desc = f"MLP {'-'.join(map(str, SIZES))}"
+    else:
+        from bench_compile import resnet_shapes
+
+        model, _, _, xs, ys = resnet_shapes(int(args.model[len("resnet"):]))
+        x = jax.random.normal(kx, xs.shape)
+        y = jax.random.randint(ky, ys.shape, 0, 1000)
+        variables = jax.jit(lambda k: model.init(k, x, train=False))(kp)
+        params, batch_stats = variables["params"], variables["batch_stats"]
+        desc = f"{args.model} ({len(jax.tree.leaves(params))} leaves)"
     n_params = sum(p.size for p in jax.tree.leaves(params))
-    print(f"MLP {'-'.join(map(str, SIZES))} ({n_params / 1e6:.2f}M params), batch {BATCH}, "
+    print(f"{desc} ({n_params / 1e6:.2f}M params), batch {x.shape[0]}, "
           f"adam, sparsity {SPARSITY}, {args.reps} blocks of {BLOCK} steps per variant")
 
-    variants = make_variants(params, args.breakdown or bool(args.only))
+    cases = ("a", "b") if model is None else ("a",)
+    variants = make_variants(params, args.breakdown or bool(args.only), cases)
     if args.only:
         wanted = {"dense", *args.only.split(",")}
         unknown = wanted - set(variants)
@@ -294,7 +334,7 @@ def main(argv=None) -> dict:
         variants = {k: v for k, v in variants.items() if k in wanted}
     runners = {}
     for name, tx in variants.items():
-        runners[name] = r = Runner(tx, params, x, y)
+        runners[name] = r = Runner(tx, params, x, y, model, batch_stats)
         for _ in range(BLOCK):  # compile; step 0 (a mask update in the pruned variants) + 9
             r.one()
     temp = {name: r.temp_mib() for name, r in runners.items()}
@@ -325,15 +365,21 @@ def main(argv=None) -> dict:
         blocks = {name: [float(np.mean(b)) for b in bs] for name, bs in times[clock].items()}
         dmin, dmed = np.min(blocks["dense"]), np.median(blocks["dense"])
         print(f"\n{clock + ' time':<16} {'min ms':>8} {'median ms':>10} {'min/dense':>10} "
-              f"{'med/dense':>10} {'faults/step':>12}")
+              f"{'med/dense':>10} {'paired: median [q25, q75]':>27} {'faults/step':>12}")
         for name, ts in blocks.items():
+            # Paired: each block against the dense block of the same repetition.
+            paired = np.array(ts) / np.array(blocks["dense"])
             row = dict(clock=clock, variant=name, min_ms=float(np.min(ts)),
                        median_ms=float(np.median(ts)), ratio_min=float(np.min(ts) / dmin),
                        ratio_median=float(np.median(ts) / dmed),
+                       paired_median=float(np.median(paired)),
+                       paired_q25=float(np.quantile(paired, 0.25)),
+                       paired_q75=float(np.quantile(paired, 0.75)),
                        page_faults_median=float(np.median(faults[name])))
             rows.append(row)
             print(f"{name:<16} {row['min_ms']:>8.1f} {row['median_ms']:>10.1f} "
                   f"{row['ratio_min']:>9.3f}x {row['ratio_median']:>9.3f}x "
+                  f"{row['paired_median']:>10.3f}x [{row['paired_q25']:.3f}, {row['paired_q75']:.3f}] "
                   f"{row['page_faults_median']:>12.0f}")
 
         # Case b: the mask-update step (first of each block) against the other nine.

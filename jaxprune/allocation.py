@@ -284,10 +284,11 @@ def masks(scores: PyTree, sparsity: Any, allocation: Any = "uniform", *, where: 
       >>> m["a"].tolist()
       [[False, True], [False, True]]
     """
-    params = scores if params is None else params
-    _tree.check_same_structure(params, scores, "params", "scores")
+    shapes = _masks._stand_ins(scores)[0]  # select.LazyScores leaves as their shapes
+    params = shapes if params is None else params
+    _tree.check_same_structure(params, shapes, "params", "scores")
     sel = _masks.selection(params, where, "params")[3]
-    treedef = jax.tree_util.tree_structure(scores)
+    treedef = jax.tree_util.tree_structure(shapes)
     chosen = _tree.unflatten(treedef, sel)
     if allocation == "global":
         _tree.stacked_axes(params, layers, layer_axis, sel, "masks")  # the checks only

@@ -196,7 +196,10 @@ def topk(scores: PyTree, sparsity: Any = None, where: Any = None, *, keep: Any =
     be one value per layer.
 
     Args:
-      scores: a pytree of float scores (e.g. :func:`jaxprune.scores.magnitude`).
+      scores: a pytree of float scores (e.g. :func:`jaxprune.scores.magnitude`);
+        a leaf may be a :class:`jaxprune.select.LazyScores` (e.g.
+        ``LazyScores(jnp.abs, (w,))``), whose scores are recomputed inside every
+        selection pass and never stored: no score-sized temporary.
       sparsity: fraction of zeros in ``[0, 1]``: a number (traced is fine) or a
         (prefix) tree of numbers with one value per leaf.
       where: which leaves to prune (see :mod:`jaxprune.tree`).
@@ -229,6 +232,7 @@ def topk(scores: PyTree, sparsity: Any = None, where: Any = None, *, keep: Any =
       networks", NeurIPS 2015.
     """
     _one_of(sparsity, keep, "topk")
+    scores, lazy = _stand_ins(scores)
     paths, leaves, treedef, sel = selection(scores, where)
     idx = [i for i, s in enumerate(sel) if s]
     stack = _tree.stacked_axes(scores, layers, layer_axis, sel, "topk")
@@ -239,7 +243,7 @@ def topk(scores: PyTree, sparsity: Any = None, where: Any = None, *, keep: Any =
     if keep is None:
         sp = per_leaf_sparsity(sparsity, scores, paths, sel)
         if axis is not None:
-            masks = [_leaf_topk(paths[i], leaves[i], sp[i], axis) for i in idx]
+            masks = [_leaf_topk(paths[i], _materialized(lazy, leaves, i), sp[i], axis) for i in idx]
             return _assemble(treedef, len(leaves), idx, masks)
     elif axis is not None:
         raise ValueError("topk: axis= takes a sparsity (one exact count per comparison "
@@ -249,17 +253,19 @@ def topk(scores: PyTree, sparsity: Any = None, where: Any = None, *, keep: Any =
     out, whole = {}, []  # per-slice masks; leaves selected whole, in one batch
     for i in idx:
         if stack[i] is not None:
-            out[i] = _layer_topk(paths[i], leaves[i], stack[i], None if keep is None else ks[i],
+            out[i] = _layer_topk(paths[i], _materialized(lazy, leaves, i), stack[i],
+                                 None if keep is None else ks[i],
                                  None if keep is not None else sp[i])
         elif keep is None and np.ndim(sp[i]):
-            out[i] = _leaf_topk(paths[i], leaves[i], sp[i], None)
+            out[i] = _leaf_topk(paths[i], _materialized(lazy, leaves, i), sp[i], None)
         else:
             whole.append(i)
-    arrays = [jnp.asarray(leaves[i]) for i in whole]
+    arrays = _selected(lazy, leaves, whole)
+    sizes = [_size(leaves[i]) for i in whole]
     if keep is None:
-        counts = [_select.keep_count(int(a.size), sp[i]) for i, a in zip(whole, arrays)]
+        counts = [_select.keep_count(n, sp[i]) for i, n in zip(whole, sizes)]
     else:
-        counts = [_keep_value(ks[i], int(a.size), f"leaf {paths[i]!r}") for i, a in zip(whole, arrays)]
+        counts = [_keep_value(ks[i], n, f"leaf {paths[i]!r}") for i, n in zip(whole, sizes)]
     if whole:
         out.update(zip(whole, _select.select_groups(arrays, list(range(len(whole))), counts)))
     return _assemble(treedef, len(leaves), idx, [out[i] for i in idx])
@@ -296,7 +302,9 @@ def global_topk(scores: PyTree, sparsity: Any = None, where: Any = None, *,
     This is allocation ``"global"`` of :mod:`jaxprune.allocation`.
 
     Args:
-      scores: a pytree of float scores.
+      scores: a pytree of float scores; a leaf may be a
+        :class:`jaxprune.select.LazyScores`, computed inside every pass and
+        never stored (a billion weights need no score-sized temporary).
       sparsity: fraction of zeros in ``[0, 1]`` (a number; traced is fine).
       where: which leaves take part (see :mod:`jaxprune.tree`).
       keep: instead of ``sparsity``, how many entries to keep in all (an int
@@ -326,14 +334,46 @@ def global_topk(scores: PyTree, sparsity: Any = None, where: Any = None, *,
         )
     if keep is None:
         check_sparsity(sparsity)
+    scores, lazy = _stand_ins(scores)
     paths, leaves, treedef, sel = selection(scores, where)
     idx = [i for i, s in enumerate(sel) if s]
-    arrays = [jnp.asarray(leaves[i]) for i in idx]
-    n = int(sum(a.size for a in arrays))
+    arrays = _selected(lazy, leaves, idx)
+    n = sum(_size(leaves[i]) for i in idx)
     count = (_select.keep_count(n, sparsity) if keep is None
              else _keep_value(keep, n, "the selected leaves together"))
     masks = _select.select_groups(arrays, [0] * len(idx), [count])
     return _assemble(treedef, len(leaves), idx, masks)
+
+
+def _is_lazy(x: Any) -> bool:
+    return isinstance(x, _select.LazyScores)
+
+
+def _stand_ins(scores: PyTree) -> tuple[PyTree, list | None]:
+    """``scores`` with every :class:`~jaxprune.select.LazyScores` leaf replaced
+    by a ``jax.ShapeDtypeStruct`` of its result (for ``where=``, paths and
+    checks), and the flat list of the lazy leaves (``None`` where a leaf is
+    not lazy; ``None`` for the whole list when none is)."""
+    flat, treedef = jax.tree_util.tree_flatten(scores, is_leaf=_is_lazy)
+    if not any(_is_lazy(x) for x in flat):
+        return scores, None
+    stand = [jax.eval_shape(lambda x=x: x.fn(*x.args)) if _is_lazy(x) else x for x in flat]
+    return treedef.unflatten(stand), [x if _is_lazy(x) else None for x in flat]
+
+
+def _selected(lazy: list | None, leaves: Sequence[Any], idx: Sequence[int]) -> list:
+    """The selected leaves as :func:`jaxprune.select.select_groups` takes them:
+    arrays, or the lazy scores themselves (never computed in full)."""
+    return [lazy[i] if lazy and lazy[i] is not None else jnp.asarray(leaves[i]) for i in idx]
+
+
+def _materialized(lazy: list | None, leaves: Sequence[Any], i: int) -> jax.Array:
+    x = lazy[i] if lazy else None
+    return jnp.asarray(leaves[i]) if x is None else x.fn(*x.args)
+
+
+def _size(x: Any) -> int:
+    return int(np.prod(np.shape(x), dtype=np.int64))
 
 
 def _assemble(treedef, n_leaves: int, idx: Sequence[int], masks: Sequence[jax.Array]) -> PyTree:

@@ -266,6 +266,28 @@ def masked_update(inner: optax.GradientTransformation, grads: PyTree, inner_stat
     return apply_mask_to_updates(u, params, masks), inner_state
 
 
+def _active_abs(p: jax.Array, m: jax.Array) -> jax.Array:
+    return jnp.where(m, jnp.abs(p), -jnp.inf)
+
+
+def lazy_magnitude(params: PyTree, masks: PyTree, nested: bool) -> PyTree:
+    """``nested_scores(magnitude(params), masks, nested)`` as
+    :class:`jaxprune.select.LazyScores` leaves: the same masks come out of
+    the selection, but ``|w|`` is computed inside every counting pass and
+    never stored, so a mask update holds no score-sized buffer (and the
+    step's scratch buffer does not grow with one)."""
+    from jaxprune import select as _select
+
+    def one(p, m):
+        if not _tree.is_float(p):
+            return p  # magnitude scores of other leaves are the leaves
+        if np.ndim(m) == 0 or not nested:
+            return _select.LazyScores(jnp.abs, (p,))
+        return _select.LazyScores(_active_abs, (p, m))
+
+    return jax.tree.map(one, params, masks)
+
+
 def nested_scores(scores: PyTree, masks: PyTree, nested: Any = True) -> PyTree:
     """Scores with pruned weights at ``-inf`` (when ``nested``), so a new
     selection keeps them pruned: masks only shrink."""

@@ -217,8 +217,11 @@ def scheduled_masks(
     def recompute(state, params, grads, score_state, key_data):
         """New masks from the current scores at this step's sparsity."""
         key_data, sub = _base.split_key(key_data)
-        scores = scorer.score(score_state, params, grads, sub)
-        scores = _base.nested_scores(scores, state.masks, nested)
+        if scorer is _scores.get_scorer("magnitude") and isinstance(nested, bool):
+            scores = _base.lazy_magnitude(params, state.masks, nested)  # never stored
+        else:
+            scores = scorer.score(score_state, params, grads, sub)
+            scores = _base.nested_scores(scores, state.masks, nested)
         s_now = _base.schedule_value(sparsity, state.count)
         masks = _alloc.masks(scores, s_now, allocation, where=where, params=params,
                              step=state.count, layers=layers, layer_axis=layer_axis)

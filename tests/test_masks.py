@@ -493,3 +493,45 @@ def test_summary_layers_gives_per_layer_rows():
     assert s.total == dict(path="total", size=44, kept=23, sparsity=21 / 44)
     # The same without layers= is one row per leaf, with the same total.
     assert jp.summary(params).total == s.total
+
+
+# --------------------------------------------------------------------------
+# LazyScores leaves: the same masks as the computed scores, none stored
+
+
+def _lazy_magnitude(params):
+    return jax.tree.map(lambda w: jp.select.LazyScores(jnp.abs, (w,)), params)
+
+
+@pytest.mark.parametrize("call", [
+    lambda s: jp.masks.global_topk(s, 0.7),
+    lambda s: jp.masks.global_topk(s, keep=11),
+    lambda s: jp.masks.topk(s, 0.7),
+    lambda s: jp.masks.topk(s, {"a": 0.5, "b": {"kernel": 0.25}, "bias": 0.0}),
+    lambda s: jp.masks.topk(s, keep=5),
+    lambda s: jp.masks.topk(s, 0.5, axis=0),
+], ids=["global", "global-keep", "topk", "topk-tree", "topk-keep", "topk-axis"])
+def test_lazy_score_leaves_give_the_same_masks(call):
+    k0, k1 = jax.random.split(jax.random.key(0))
+    params = {"a": jax.random.normal(k0, (8, 16)),
+              "b": {"kernel": jnp.round(jax.random.normal(k1, (3, 3, 4, 8)))},  # ties
+              "bias": jnp.ones(8)}
+    want = jax.jit(lambda p: call(jp.scores.magnitude(p)))(params)
+    got = jax.jit(lambda p: call(_lazy_magnitude(p)))(params)
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+    assert np.ndim(got["bias"]) == 0  # where= decided on the lazy leaves' shapes
+
+
+def test_lazy_score_leaves_store_no_score_sized_temporary():
+    params = {f"l{i}": {"kernel": jax.ShapeDtypeStruct((512, 512), jnp.float32)} for i in range(3)}
+    n_bytes = 3 * 512 * 512 * 4
+
+    def temp(fn):
+        return jax.jit(fn).lower(params).compile().memory_analysis().temp_size_in_bytes
+
+    stored = temp(lambda p: jp.masks.global_topk(jp.scores.magnitude(p), 0.9))
+    lazy = temp(lambda p: jp.masks.global_topk(_lazy_magnitude(p), 0.9))
+    assert stored >= n_bytes  # the |w| arrays: what the lazy leaves avoid
+    assert lazy < 0.1 * n_bytes
