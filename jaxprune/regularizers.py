@@ -147,12 +147,12 @@ def l1(strength: Any, *, learning_rate: Any = None,
     Example:
       >>> import jax.numpy as jnp, optax
       >>> import jaxprune as jp
-      >>> p = {"w": jnp.array([[1.0, -1.0]]), "b": jnp.ones(2)}
+      >>> p = {"w": jnp.array([[1.0, -1.0], [2.0, 0.0]]), "b": jnp.ones(2)}
       >>> tx = jp.regularizers.l1(0.5)
-      >>> g = {"w": jnp.zeros((1, 2)), "b": jnp.zeros(2)}
+      >>> g = {"w": jnp.zeros((2, 2)), "b": jnp.zeros(2)}
       >>> u, _ = tx.update(g, tx.init(p), p)
-      >>> u["w"].tolist(), u["b"].tolist()
-      ([[0.5, -0.5]], [0.0, 0.0])
+      >>> u["w"].tolist(), u["b"].tolist()  # the bias is not selected
+      ([[0.5, -0.5], [0.5, 0.0]], [0.0, 0.0])
 
     References:
       Tibshirani 1996; Han et al., NeurIPS 2015 (L1 before pruning).

@@ -366,13 +366,13 @@ def search(metric_fn: Callable[[PyTree], Any], params: PyTree, sparsity: float, 
       >>> import jax, jax.numpy as jnp
       >>> import jaxprune as jp
       >>> k1, k2 = jax.random.split(jax.random.key(0))
-      >>> params = {"a": jax.random.normal(k1, (4, 16)), "b": jax.random.normal(k2, (16, 3))}
+      >>> params = {"a": jax.random.normal(k1, (4, 16)), "c": jax.random.normal(k2, (16, 3))}
       >>> x = jnp.ones((8, 4))
-      >>> metric = lambda p: -jnp.mean((jnp.tanh(x @ p["a"]) @ p["b"]) ** 2)
+      >>> metric = lambda p: -jnp.mean((jnp.tanh(x @ p["a"]) @ p["c"]) ** 2)
       >>> res = jp.search(metric, params, 0.5, granularity="leaf", cost="params",
       ...                 iterations=3, population=8)
       >>> len(res.curve), sorted(res.budget), int(res.kept.sum())
-      (3, ['a', 'b'], 56)
+      (3, ['a', 'c'], 56)
 
     References:
       He et al., "AMC: AutoML for model compression and acceleration on

@@ -20,12 +20,12 @@ Example:
   >>> import jax, jax.numpy as jnp
   >>> import jaxprune as jp
   >>> k1, k2 = jax.random.split(jax.random.key(0))
-  >>> params = {"a": jax.random.normal(k1, (4, 16)), "b": jax.random.normal(k2, (16, 3))}
+  >>> params = {"a": jax.random.normal(k1, (4, 16)), "c": jax.random.normal(k2, (16, 3))}
   >>> x = jnp.ones((8, 4))
-  >>> metric = lambda p: jnp.mean((jnp.tanh(x @ p["a"]) @ p["b"]) ** 2)
+  >>> metric = lambda p: jnp.mean((jnp.tanh(x @ p["a"]) @ p["c"]) ** 2)
   >>> curves = jp.sensitivity.scan(metric, params, levels=(0.5, 0.9))
   >>> curves.names, curves.values.shape
-  (('a', 'b'), (2, 2))
+  (('a', 'c'), (2, 2))
 
 References:
   Han et al., "Learning both weights and connections for efficient neural
@@ -469,11 +469,11 @@ def scan(metric_fn: Callable[[PyTree], Any], params: PyTree,
     Example:
       >>> import jax, jax.numpy as jnp
       >>> import jaxprune as jp
-      >>> params = {"a": jnp.arange(1.0, 9.0).reshape(2, 4), "b": jnp.ones((4, 1))}
-      >>> metric = lambda p: jnp.sum(jnp.ones((1, 2)) @ p["a"] @ p["b"])
+      >>> params = {"a": jnp.arange(1.0, 9.0).reshape(2, 4), "c": jnp.ones((4, 2))}
+      >>> metric = lambda p: jnp.sum(jnp.ones((1, 2)) @ p["a"] @ p["c"])
       >>> c = jp.sensitivity.scan(metric, params, levels=(0.5, 1.0))
       >>> c.base, c.values.tolist()
-      (36.0, [[26.0, 0.0], [14.0, 0.0]])
+      (72.0, [[52.0, 0.0], [28.0, 0.0]])
 
     References:
       Han et al., "Learning both weights and connections for efficient
@@ -676,14 +676,14 @@ def adaptive(metric_fn: Callable[[PyTree], Any], levels: Sequence[float] = LEVEL
     Example:
       >>> import jax, jax.numpy as jnp, optax
       >>> import jaxprune as jp
-      >>> params = {"a": jax.random.normal(jax.random.key(0), (4, 16)), "b": jnp.ones((16, 2))}
+      >>> params = {"a": jax.random.normal(jax.random.key(0), (4, 16)), "c": jnp.ones((16, 2))}
       >>> x = jnp.ones((8, 4))
-      >>> metric = lambda p: jnp.mean((x @ p["a"] @ p["b"]) ** 2)
+      >>> metric = lambda p: jnp.mean((x @ p["a"] @ p["c"]) ** 2)
       >>> alloc = jp.sensitivity.adaptive(metric, levels=(0.25, 0.5, 0.75))
       >>> tx = jp.prune(optax.sgd(0.0), sparsity=0.5, allocation=alloc, update_every=1)
       >>> u, s = jax.jit(tx.update)(params, tx.init(params), params)
       >>> m = jp.get_masks(s)
-      >>> int(m["a"].sum() + m["b"].sum())
+      >>> int(m["a"].sum() + m["c"].sum())
       48
     """
     lv = check_levels(levels)
