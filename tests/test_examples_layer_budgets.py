@@ -3,23 +3,14 @@ JSON with every method's row and a plot."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import pathlib
 
-EXAMPLE = pathlib.Path(__file__).resolve().parent.parent / "examples" / "layer_budgets.py"
-
-
-def load():
-    spec = importlib.util.spec_from_file_location("example_layer_budgets", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from harness import load_example
 
 
 def test_layer_budgets_quick(tmp_path):
     out, png = tmp_path / "lb.json", tmp_path / "lb.png"
-    ex = load()
+    ex = load_example("layer_budgets")
     returned = ex.main(["--quick", "--budgets", "flops", "--steps", "30", "--ft-steps", "4",
                         "--iterations", "1", "--population", "4", "--updates", "1",
                         "--reps", "1", "--no-progress", "--json", str(out), "--plot", str(png)])

@@ -4,23 +4,14 @@ model has the same number of nonzero parameters at the dense shapes."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import pathlib
 
-EXAMPLE = pathlib.Path(__file__).resolve().parent.parent / "examples" / "structured.py"
-
-
-def load():
-    spec = importlib.util.spec_from_file_location("example_structured", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from harness import load_example
 
 
 def test_structured_quick(tmp_path):
     out, png = tmp_path / "structured.json", tmp_path / "structured.png"
-    returned = load().main(
+    returned = load_example("structured").main(
         ["--quick", "--steps", "40", "--finetune", "20", "--widths", "8,16,16", "--hidden", "16",
          "--reps", "3", "--no-progress", "--json", str(out), "--plot", str(png)])
     res = json.loads(out.read_text())
@@ -47,5 +38,5 @@ def test_structured_quick(tmp_path):
     assert dense["acc_mean"] > 0.2  # 40 Adam steps already beat chance (10 classes)
     # The saved JSON alone gives the table and the plot again.
     png2 = tmp_path / "again.png"
-    again = load().main(["--from-json", str(out), "--plot", str(png2)])
+    again = load_example("structured").main(["--from-json", str(out), "--plot", str(png2)])
     assert again["rows"] == res["rows"] and png2.stat().st_size > 1000
