@@ -124,10 +124,9 @@ def rescale_norms(small, d: int) -> dict:
     aside)."""
     d_new = small["emb"].shape[1]
     f = math.sqrt(d / d_new)
-    out = jax.tree_util.tree_map_with_path(
+    return jax.tree_util.tree_map_with_path(
         lambda p, x: x * f if jax.tree_util.keystr(p).endswith(("'ln1']", "'ln2']", "'lnf']"))
         else x, small)
-    return out
 
 
 def n_params(tree) -> int:

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxprune import deprecation as _deprecation
+from jaxprune import select as _select
 from jaxprune import tree as _tree
 
 PyTree = Any
@@ -186,11 +187,17 @@ class Scorer(NamedTuple):
       update: ``(state, params, grads) -> state``, called on every step with
         the raw gradients (before any optimizer).
       score: ``(state, params, grads, key) -> scores`` on mask-update steps.
+      lazy: optional ``(params, grads) -> scores`` whose floating leaves are
+        :class:`jaxprune.select.LazyScores` giving exactly ``score``'s
+        values: a transform then selects on them without ever storing a
+        score-sized array (the mask update holds no score buffer). Set for
+        the stateless ``"magnitude"`` and ``"saliency"``.
     """
 
     init: Callable[[PyTree], PyTree]
     update: Callable[[PyTree, PyTree, PyTree], PyTree]
     score: Callable[[PyTree, PyTree, PyTree, jax.Array], PyTree]
+    lazy: Callable[[PyTree, PyTree], PyTree] | None = None
 
 
 def stateless(fn: Callable[..., PyTree]) -> Scorer:
@@ -214,7 +221,29 @@ _REGISTRY: dict[str, Callable[..., PyTree]] = {
     "saliency": saliency,
 }
 
+
+
+def _abs_wg(w: jax.Array, g: jax.Array) -> jax.Array:
+    return jnp.abs(_wg(w, g))
+
+
+def _lazy(fn: Callable[..., jax.Array], name: str,
+          uses_grads: bool) -> Callable[[PyTree, PyTree], PyTree]:
+    """``(params, grads) -> LazyScores`` of ``fn(w)`` (``fn(w, g)`` for a
+    gradient score) per floating leaf, where :func:`_map` computes them."""
+
+    def lazy(params: PyTree, grads: PyTree) -> PyTree:
+        if not uses_grads:
+            return _map(lambda w: _select.LazyScores(fn, (w,)), params)
+        _need_grads(grads, name)
+        return _map(lambda w, g: _select.LazyScores(fn, (w, g)), params, grads)
+
+    return lazy
+
+
 _SCORERS: dict[str, Scorer] = {name: stateless(fn) for name, fn in _REGISTRY.items()}
+_SCORERS["magnitude"] = _SCORERS["magnitude"]._replace(lazy=_lazy(jnp.abs, "magnitude", False))
+_SCORERS["saliency"] = _SCORERS["saliency"]._replace(lazy=_lazy(_abs_wg, "saliency", True))
 
 
 def register(name: str, scorer: Scorer, fn: Callable[..., PyTree] | None = None) -> None:

@@ -27,6 +27,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -35,6 +36,7 @@ import numpy as np
 import optax
 
 from jaxprune import masks as _masks
+from jaxprune import select as _select
 from jaxprune import tree as _tree
 
 PyTree = Any
@@ -266,26 +268,22 @@ def masked_update(inner: optax.GradientTransformation, grads: PyTree, inner_stat
     return apply_mask_to_updates(u, params, masks), inner_state
 
 
-def _active_abs(p: jax.Array, m: jax.Array) -> jax.Array:
-    return jnp.where(m, jnp.abs(p), -jnp.inf)
+def _active(fn, *args_and_mask: jax.Array) -> jax.Array:
+    *args, m = args_and_mask
+    return jnp.where(m, fn(*args), -jnp.inf)
 
 
-def lazy_magnitude(params: PyTree, masks: PyTree, nested: bool) -> PyTree:
-    """``nested_scores(magnitude(params), masks, nested)`` as
-    :class:`jaxprune.select.LazyScores` leaves: the same masks come out of
-    the selection, but ``|w|`` is computed inside every counting pass and
-    never stored, so a mask update holds no score-sized buffer (and the
-    step's scratch buffer does not grow with one)."""
-    from jaxprune import select as _select
+def nested_lazy(scores: PyTree, masks: PyTree, nested: bool) -> PyTree:
+    """:func:`nested_scores` of :class:`jaxprune.select.LazyScores` leaves
+    (from :attr:`jaxprune.scores.Scorer.lazy`), still lazy: pruned weights
+    score ``-inf`` inside every counting pass, and nothing score-sized is
+    stored."""
+    def one(sc, m):
+        if not isinstance(sc, _select.LazyScores) or np.ndim(m) == 0 or not nested:
+            return sc
+        return _select.LazyScores(functools.partial(_active, sc.fn), (*sc.args, m))
 
-    def one(p, m):
-        if not _tree.is_float(p):
-            return p  # magnitude scores of other leaves are the leaves
-        if np.ndim(m) == 0 or not nested:
-            return _select.LazyScores(jnp.abs, (p,))
-        return _select.LazyScores(_active_abs, (p, m))
-
-    return jax.tree.map(one, params, masks)
+    return jax.tree.map(one, scores, masks, is_leaf=lambda x: isinstance(x, _select.LazyScores))
 
 
 def nested_scores(scores: PyTree, masks: PyTree, nested: Any = True) -> PyTree:

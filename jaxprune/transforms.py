@@ -217,8 +217,8 @@ def scheduled_masks(
     def recompute(state, params, grads, score_state, key_data):
         """New masks from the current scores at this step's sparsity."""
         key_data, sub = _base.split_key(key_data)
-        if scorer is _scores.get_scorer("magnitude") and isinstance(nested, bool):
-            scores = _base.lazy_magnitude(params, state.masks, nested)  # never stored
+        if scorer.lazy is not None and isinstance(nested, bool):  # scores never stored
+            scores = _base.nested_lazy(scorer.lazy(params, grads), state.masks, nested)
         else:
             scores = scorer.score(score_state, params, grads, sub)
             scores = _base.nested_scores(scores, state.masks, nested)
