@@ -57,6 +57,7 @@ References:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -234,6 +235,48 @@ class Plan:
                 return _sites.add_taps(acc, f(arrays, batch, layer))
 
             self.steps[key] = jax.jit(step, donate_argnums=0)
+        return self.steps[key]
+
+    @functools.cached_property
+    def pieces(self) -> _sites.Pieces:
+        """The top-level equations, for runs from cached activations."""
+        return _sites.Pieces(self.closed, len(self.shapes))
+
+    def piece_step(self, leaves, c: int, e: int, keep: tuple) -> Callable:
+        """Jitted ``(arrays, batch_leaves, cached) -> (taps, kept)``: the
+        equations ``c`` to ``e`` from the activations cached at ``c``, with
+        the Gram statistics of ``leaves`` and the values ``keep`` (cached)."""
+        key = ("piece", tuple(leaves), c, e, keep)
+        if key not in self.steps:
+            chosen = [s for s in self.sites if s.leaf in set(leaves)]
+            pieces = self.pieces
+            piece = pieces.piece(c, e, pieces.live(c), list(keep))
+
+            def step(arrays, batch, cached):
+                outs, taps = _sites.run_piece(self.found, pieces, piece,
+                                              list(arrays) + list(batch) + list(cached), chosen,
+                                              StatsHook(self.found, True))
+                return taps, outs
+
+            self.steps[key] = jax.jit(step)
+        return self.steps[key]
+
+    def layer_step(self, leaves, c: int, first: bool) -> Callable:
+        """Jitted ``(arrays, batch_leaves, cached, carry, layer) -> (outs,
+        taps)``: one layer of the layer scan at equation ``c`` (see
+        :func:`jaxprune.graph.sites.run_layer`), its input the scan's own
+        (``first``) or ``carry``."""
+        key = ("layer", tuple(leaves), c, first)
+        if key not in self.steps:
+            chosen = [s for s in self.sites if s.leaf in set(leaves)]
+
+            def step(arrays, batch, cached, carry, layer):
+                return _sites.run_layer(self.found, self.pieces, c,
+                                        list(arrays) + list(batch) + list(cached), chosen,
+                                        StatsHook(self.found, True), None if first else carry,
+                                        layer)
+
+            self.steps[key] = jax.jit(step)
         return self.steps[key]
 
     def tapped(self, leaves, gram: bool, target=None) -> Callable:

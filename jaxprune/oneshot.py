@@ -54,6 +54,7 @@ from jaxprune import masks as _masks
 from jaxprune import scores as _scores
 from jaxprune import tree as _tree
 from jaxprune._along import keep_counts, select_along
+from jaxprune.graph import sites as _sites
 
 PyTree = Any
 
@@ -342,14 +343,16 @@ def _schedule(plan) -> list[tuple[tuple[int, ...], Any, int | None]]:
 
 
 class _Capture:
-    """Jitted Gram captures of one input point, cached per batch shape."""
+    """Jitted Gram captures of one input point, each a pass over the model
+    from its inputs (the general path), cached per batch shape."""
 
-    def __init__(self, model: _cal.Model):
+    def __init__(self, model):
         self.model = model
-        self.passes = 0
 
     def __call__(self, leaves: tuple, scan: Any, layer: int | None, batches: list,
-                 arrays: list) -> dict:
+                 arrays: list, run: bool = True) -> dict:
+        if not run:
+            return None
         base = self.model.plan(batches[0])
         stack = _cal.stacks(base).get(scan)
         acc = None
@@ -360,7 +363,6 @@ class _Capture:
                 acc = self._zeros(plan, leaves)
             acc = plan.step(leaves, True, target)(acc, arrays, jax.tree_util.tree_leaves(b),
                                                   jnp.int32(0 if layer is None else layer))
-        self.passes += 1
         return acc
 
     @staticmethod
@@ -373,6 +375,155 @@ class _Capture:
                       "count": jnp.zeros((), jnp.int32),
                       "gram": jnp.zeros((d, d), jnp.float32)}
         return out
+
+
+class _Cached:
+    """SparseGPT's captures from cached activations (all batches of one shape).
+
+    The top level of the model is cut (:class:`jaxprune.graph.sites.Pieces`):
+    the activations live at the cut are kept per batch, and a capture runs
+    only the equations from the cut to its point, then moves the cut up to
+    where its kernels are first read (a cut is kept only while no kernel
+    still to be pruned is read before it). A layer ``scan`` at the top level
+    is run layer by layer from its cached input: each point of a layer on
+    that layer's input, then the layer once more (pruned) for the next
+    layer's input. Each equation thus runs about twice in all, as in the
+    reference implementation; the values are those of the general path
+    (one full pass per point), up to float rounding.
+
+    With ``run=False`` nothing is computed: only ``macs`` is counted.
+    """
+
+    def __init__(self, model, batches: list, schedule: list, run: bool = True):
+        plan = model.plan(batches[0])
+        self.plan, self.pieces, self.run, self.schedule = plan, plan.pieces, run, schedule
+        self.originals = batches
+        self.cached = all(model.plan(b) is plan for b in batches)
+        self.batches = [jax.tree_util.tree_leaves(b) for b in batches]
+        starts = [self.pieces.start(leaves) for leaves, _, _ in schedule]
+        self.allowed = [min(starts[i:]) for i in range(len(starts))] + [len(self.pieces.eqns)]
+        self.c, self.cache = 0, [{} for _ in batches]
+        self.block = None
+        self.macs = 0
+        self.general = _Capture(model)
+
+    def __call__(self, i: int, leaves: tuple, scan: Any, layer: int | None, arrays: list):
+        if not self.cached:
+            return self._general(leaves, scan, layer, arrays)
+        if self.block is not None and (scan != self.block["scan"] or layer < self.block["at"]):
+            self._finish(i, arrays)
+        if scan is not None and self.block is None:
+            self._enter(i, scan, arrays)
+        if scan is None:
+            return self._point(i, leaves, arrays)
+        if self.block is None:
+            return self._general(leaves, scan, layer, arrays)
+        while self.block["at"] < layer:
+            self._propagate(arrays)
+        return self._layer(leaves, arrays)
+
+    def _general(self, leaves: tuple, scan: Any, layer: int | None, arrays: list) -> dict:
+        """One pass from the model's inputs (the cut is left alone: it
+        stays valid, see :meth:`_valid`)."""
+        chosen = [t for t in self.plan.sites if t.leaf in set(leaves)]
+        self.macs += _sites.live_macs(self.pieces.eqns, chosen, [], 0)
+        return self.general(leaves, scan, layer, self.originals, arrays, self.run)
+
+    def _valid(self, i: int) -> None:
+        """Drops the cache if a kernel still to be pruned is read before the cut."""
+        if self.c > self.allowed[i]:
+            self.c, self.cache = 0, [{} for _ in self.cache]
+
+    def _advance(self, e: int, leaves: tuple, arrays: list, new_c: int) -> dict:
+        """Runs equations ``c`` to ``e`` (taps of ``leaves``), moving the cut to ``new_c``."""
+        pieces = self.pieces
+        keep = tuple(v for v in pieces.live(new_c) if v not in self.cache[0] or not self.run)
+        keep = tuple(v for v in keep if pieces.defined.get(v, -1) >= self.c)
+        chosen = [t for t in self.plan.sites if t.leaf in set(leaves)]
+        self.macs += pieces.macs(self.c, e, chosen, list(keep))
+        acc = None
+        if self.run:
+            step = self.plan.piece_step(leaves, self.c, e, keep)
+            live = pieces.live(self.c)
+            new_cache = []
+            for b, cache in zip(self.batches, self.cache):
+                taps, kept = step(arrays, b, [cache[v] for v in live])
+                acc = taps if acc is None else _sites.add_taps(acc, taps)
+                merged = {**cache, **dict(zip(keep, kept))}
+                new_cache.append({v: merged[v] for v in pieces.live(new_c)})
+            self.cache = new_cache
+        self.c = new_c
+        return acc
+
+    def _point(self, i: int, leaves: tuple, arrays: list) -> dict:
+        chosen = [t for t in self.plan.sites if t.leaf in set(leaves)]
+        e = self.pieces.stop(chosen)
+        taps = self._advance(e, leaves, arrays, max(self.c, min(self.allowed[i], e)))
+        self._valid(i + 1)
+        return taps
+
+    def _enter(self, i: int, scan: Any, arrays: list) -> None:
+        idx = self.pieces.index.get(scan[0]) if len(scan) == 1 else None
+        if idx is None or self.pieces.eqns[idx].params["reverse"] or \
+                not self.c <= idx <= self.allowed[i]:
+            return
+        self._advance(idx, (), arrays, idx)
+        self.block = {"scan": scan, "idx": idx, "at": 0, "carry": None,
+                      "ys": [[] for _ in self.batches]}
+
+    def _layer_run(self, leaves: tuple, arrays: list) -> list:
+        blk = self.block
+        eqn = self.pieces.eqns[blk["idx"]]
+        body = _sites.open_jaxpr(eqn.params["jaxpr"])[0]
+        chosen = [t for t in self.plan.sites if t.leaf in set(leaves)]
+        keep = [] if leaves else list(body.outvars)
+        self.macs += _sites.live_macs(body.eqns, chosen, keep, 1)
+        if not self.run:
+            return []
+        step = self.plan.layer_step(leaves, blk["idx"], blk["carry"] is None)
+        live = self.pieces.live(blk["idx"])
+        out = []
+        for k, (b, cache) in enumerate(zip(self.batches, self.cache)):
+            carry = None if blk["carry"] is None else blk["carry"][k]
+            out.append(step(arrays, b, [cache[v] for v in live], carry, jnp.int32(blk["at"])))
+        return out
+
+    def _layer(self, leaves: tuple, arrays: list) -> dict:
+        acc = None
+        for _, taps in self._layer_run(leaves, arrays):
+            acc = taps if acc is None else _sites.add_taps(acc, taps)
+        return acc
+
+    def _propagate(self, arrays: list) -> None:
+        blk = self.block
+        nk = self.pieces.eqns[blk["idx"]].params["num_carry"]
+        outs = self._layer_run((), arrays)
+        if self.run:
+            blk["carry"] = [o[:nk] for o, _ in outs]
+            for ys, (o, _) in zip(blk["ys"], outs):
+                ys.append(o[nk:])
+        blk["at"] += 1
+
+    def _finish(self, i: int, arrays: list) -> None:
+        """The scan's outputs from its last layer; the cut moves past it if allowed."""
+        blk, self.block = self.block, None
+        eqn = self.pieces.eqns[blk["idx"]]
+        while blk["at"] < eqn.params["length"]:
+            self.block = blk
+            self._propagate(arrays)
+            self.block = None
+        after = blk["idx"] + 1
+        if after > self.allowed[i]:
+            self._valid(i)
+            return
+        if self.run:
+            new = []
+            for k, cache in enumerate(self.cache):
+                stacked = [jnp.stack(y) for y in zip(*blk["ys"][k])]
+                vals = {**cache, **dict(zip(eqn.outvars, list(blk["carry"][k]) + stacked))}
+                new.append({v: vals[v] for v in self.pieces.live(after)})
+            self.cache = new
+        self.c = after
 
 
 def sparsegpt(apply_fn: Callable, params: PyTree, batches: Iterable, sparsity: Any = None, *,
@@ -461,9 +612,10 @@ def sparsegpt(apply_fn: Callable, params: PyTree, batches: Iterable, sparsity: A
     _check_nm(plan, nm)
     arrays = model.arrays_of(params)
     masks = {j: np.ones(plan.shapes[j], bool) for j in plan.leaves()}
-    capture = _Capture(model)
-    for leaves, scan, layer in _schedule(plan):
-        taps = capture(leaves, scan, layer, batches, arrays)
+    schedule = _schedule(plan)
+    capture = _Cached(model, batches, schedule)
+    for i, (leaves, scan, layer) in enumerate(schedule):
+        taps = capture(i, leaves, scan, layer, arrays)
         for j in leaves:
             s = budgets.get(paths[j])
             if s is not None and layer is not None and np.ndim(s):

@@ -636,3 +636,139 @@ class _Run:
 
         outs, taps = lax.while_loop(cond_fn, body_fn, (list(init), zero))
         return list(outs), taps
+
+
+# --------------------------------------------------------------------------
+# Pieces: the top level cut for runs that resume from cached activations
+
+
+class Pieces:
+    """The top-level equations of a traced model, cut into pieces that run
+    from cached activations.
+
+    A value is an *activation* if it depends on the model's inputs past the
+    first ``n_params`` (the batch); other values depend only on parameters
+    and constants and are recomputed in every piece (they have no batch
+    axis). A cut at equation ``c`` caches the activations defined before
+    ``c`` that equations from ``c`` on read; it stays valid while no
+    activation before ``c`` reads a parameter that changes
+    (:meth:`start`).
+
+    Args:
+      closed: the traced model (parameters first, then the batch).
+      n_params: how many inputs are parameters.
+    """
+
+    def __init__(self, closed, n_params: int):
+        self.jaxpr, self.consts = open_jaxpr(closed)
+        j = self.jaxpr
+        self.eqns = list(j.eqns)
+        self.index = {id(e): i for i, e in enumerate(self.eqns)}
+        act = set(j.invars[n_params:])
+        dep = {v: frozenset([i]) for i, v in enumerate(j.invars[:n_params])}
+        self.is_act, self.reads = [], []
+        for e in self.eqns:
+            ins = [v for v in e.invars if isinstance(v, jcore.Var)]
+            a = any(v in act for v in ins)
+            leaves = frozenset().union(*[dep.get(v, frozenset()) for v in ins if v not in act])
+            self.is_act.append(a)
+            self.reads.append(leaves)
+            for v in e.outvars:
+                if a:
+                    act.add(v)
+                else:
+                    dep[v] = leaves
+        self.act = act
+        self.defined = {v: i for i, e in enumerate(self.eqns) for v in e.outvars}
+
+    def start(self, leaves) -> int:
+        """The first activation equation that reads ``leaves`` (through
+        parameter-only values); ``len(eqns)`` if none."""
+        leaves = set(leaves)
+        return next((i for i, (a, r) in enumerate(zip(self.is_act, self.reads))
+                     if a and r & leaves), len(self.eqns))
+
+    def stop(self, chosen: list) -> int:
+        """One past the last top-level equation holding a ``chosen`` site."""
+        return 1 + max(self.index[s.key[0]] for s in chosen)
+
+    def live(self, c: int) -> list:
+        """The activations defined before equation ``c`` that equations from
+        ``c`` on (or the outputs) read."""
+        later = {v for e in self.eqns[c:] for v in e.invars if isinstance(v, jcore.Var)}
+        later |= {v for v in self.jaxpr.outvars if isinstance(v, jcore.Var)}
+        return [v for v in self.act if self.defined.get(v, len(self.eqns)) < c and v in later]
+
+    def piece(self, c: int, e: int, cached: list, keep: list) -> Any:
+        """A jaxpr-like piece: inputs the model's inputs, then ``cached``
+        (activations live at ``c``); equations the parameter-only ones
+        before ``c``, then ``c`` to ``e``; outputs ``keep``."""
+        j = self.jaxpr
+        eqns = [x for i, x in enumerate(self.eqns[:c]) if not self.is_act[i]] + self.eqns[c:e]
+        return _Piece(j.constvars, list(j.invars) + list(cached), list(keep), eqns)
+
+    def macs(self, c: int, e: int, chosen: list, keep: list) -> int:
+        """Multiply-accumulates of :meth:`piece` that the activations entering
+        ``chosen`` and ``keep`` need (dead equations left out)."""
+        eqns = [x for i, x in enumerate(self.eqns[:c]) if not self.is_act[i]] + self.eqns[c:e]
+        return live_macs(eqns, chosen, keep, 0)
+
+
+def live_macs(eqns: list, chosen: list, keep: list, depth: int) -> int:
+    """Multiply-accumulates of the equations (at nesting ``depth`` of the
+    sites' keys) that the activations entering ``chosen`` and the values
+    ``keep`` depend on: what a run computes after dead-code elimination."""
+    need = set(keep)
+    by_id = {id(x): x for x in eqns}
+    nested = {s.key[depth] for s in chosen if len(s.key) > depth + 1}
+    for s in chosen:
+        if len(s.key) == depth + 1 and s.key[depth] in by_id:
+            v = by_id[s.key[depth]].invars[1 - s.kernel_pos]
+            if isinstance(v, jcore.Var):
+                need.add(v)
+    total = 0
+    for x in reversed(eqns):
+        if id(x) in nested or any(v in need for v in x.outvars):
+            total += macs(_Piece([], [], [], [x]))
+            need.update(v for v in x.invars if isinstance(v, jcore.Var))
+    return total
+
+
+@dataclasses.dataclass
+class _Piece:
+    constvars: list
+    invars: list
+    outvars: list
+    eqns: list
+
+
+def run_piece(found: Sites, pieces: Pieces, piece: Any, args: list, chosen: list, hook: Hook,
+              ) -> tuple[list, dict]:
+    """:func:`run` on a piece of :class:`Pieces` (``args``: the model's
+    inputs, then the cached activations)."""
+    return _Run(found.scan_lengths, chosen, hook, None).run(piece, pieces.consts, list(args), ())
+
+
+def run_layer(found: Sites, pieces: Pieces, c: int, args: list, chosen: list, hook: Hook,
+              carry: list, layer: Any) -> tuple[list, dict]:
+    """One layer of the layer ``scan`` at top-level equation ``c``, from the
+    cached activations live at ``c`` (``args``: the model's inputs, then
+    those) and the layer's input ``carry`` (``None``: the scan's initial
+    carry); taps the ``chosen`` sites.
+
+    Returns:
+      ``(outputs of the scan body: carry, then the layer's ys; taps)``.
+    """
+    eqn = pieces.eqns[c]
+    r = _Run(found.scan_lengths, chosen, hook, ((id(eqn),), layer))
+    prefix = pieces.piece(c, c, pieces.live(c), eqn.invars)
+    invals = interpret(prefix, pieces.consts, list(args), lambda x, v: bind(x, v),
+                       lambda x: x)
+    prm = eqn.params
+    nc, nk = prm["num_consts"], prm["num_carry"]
+    carry = invals[nc:nc + nk] if carry is None else carry
+    xs = [lax.dynamic_index_in_dim(x, layer, 0, keepdims=False) for x in invals[nc + nk:]]
+    body, bconsts = open_jaxpr(prm["jaxpr"])
+    r.stack.append((id(eqn),))
+    r.it = layer
+    return r.run(body, bconsts, list(invals[:nc]) + list(carry) + xs, (id(eqn),))
