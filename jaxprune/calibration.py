@@ -8,15 +8,17 @@ in :mod:`jaxprune.oneshot` and :func:`jaxprune.allocation.owl`) starts from
 them.
 
 How: ``apply_fn(params, batch)`` is traced to a jaxpr once per batch shape.
-A static walk follows every kernel leaf (through casts, reshapes,
-transposes, calls such as ``jit``, ``remat``, ``custom_jvp``/``custom_vjp``,
-and the slices of a ``scan`` over stacked layers) to the ``dot_general``
-and ``conv_general_dilated`` equations that read it: these are the *sites*.
-The jaxpr is then re-evaluated by an interpreter that also returns the
-statistics of the other operand at every site (inside a layer ``scan``,
-per layer, as extra stacked outputs), under one :func:`jax.jit` per batch
-shape; the accumulated statistics are the only state, so memory does not
-grow with the number of batches and no activation is kept.
+The graph's reader (:mod:`jaxprune.graph.sites`) follows every kernel leaf
+(through casts, reshapes, transposes, calls such as ``jit``, ``remat``,
+``custom_jvp``/``custom_vjp``, and the slices of a ``scan`` over stacked
+layers) to the ``dot_general`` and ``conv_general_dilated`` equations
+that read it: these are the *sites*. The jaxpr is then re-evaluated
+(:func:`jaxprune.graph.sites.run`, with this module's :class:`StatsHook`)
+returning also the statistics of the other operand at every site (inside
+a layer ``scan``, per layer, as extra stacked outputs), under one
+:func:`jax.jit` per batch shape; the accumulated statistics are the only
+state, so memory does not grow with the number of batches and no
+activation is kept.
 
 Stats format: a ``dict`` from the kernel's ``"/"``-joined key path (as
 :func:`jaxprune.tree.paths` spells it) to an :class:`InputStats`:

@@ -11,6 +11,8 @@ batches:
   them, and updates the remaining weights of each kernel to reconstruct its
   outputs (optimal brain surgeon on the inputs' Gram matrix), each kernel
   seeing inputs that already passed through the pruned kernels before it.
+  Its captures resume from cached activations (:func:`capture_passes`
+  gives their cost in forward passes).
 
 Per-kernel budgets come from ``sparsity`` (a number or a per-leaf tree) or
 an ``allocation`` callable ``(params, sparsity) -> per-leaf tree`` such as
@@ -58,7 +60,7 @@ from jaxprune.graph import sites as _sites
 
 PyTree = Any
 
-__all__ = ["input_points", "sparsegpt", "wanda"]
+__all__ = ["capture_passes", "input_points", "sparsegpt", "wanda"]
 
 
 # --------------------------------------------------------------------------
@@ -550,12 +552,16 @@ def sparsegpt(apply_fn: Callable, params: PyTree, batches: Iterable, sparsity: A
       and over the later blocks at the end of each block (lazy updates).
 
     Kernels are processed in the order the model reads them; each one's
-    ``X`` is captured by a forward pass through the already pruned kernels
-    before it. Kernels reading the same input (q, k and v; gate and up)
-    share that pass. So there is one forward pass over the calibration set
-    per distinct input point (per layer, inside a layer ``scan``); for an
-    unrolled model each pass stops (by dead-code elimination) where its
-    input is read. The per-kernel step is jitted once per kernel shape.
+    ``X`` is captured through the already pruned kernels before it.
+    Kernels reading the same input (q, k and v; gate and up) share a
+    capture. When all batches have one shape, the activations at a cut of
+    the model's top level are cached per batch, so a capture runs only from
+    the cut to its point, and a top-level layer ``scan`` runs layer by
+    layer from its cached input: about two passes in all, as the reference
+    implementation (:func:`capture_passes` counts them). Otherwise each
+    capture is one forward pass from the inputs (stopped, by dead-code
+    elimination, where its input is read). Both give the same values up to
+    float rounding. The per-kernel step is jitted once per kernel shape.
 
     Args:
       apply_fn: ``(params, batch) -> outputs`` (see :func:`jaxprune.calibrate`).
@@ -652,6 +658,47 @@ def input_points(apply_fn: Callable, params: PyTree, batch: Any, *,
     plan = _cal.model(apply_fn, params, batch, where).plan(batch)
     return [(tuple(plan.paths[j] for j in leaves), layer)
             for leaves, _, layer in _schedule(plan)]
+
+
+def capture_passes(apply_fn: Callable, params: PyTree, batches: Iterable, *,
+                   where: Any = None, cached: bool = True) -> float:
+    """The cost of :func:`sparsegpt`'s captures, in full forward passes.
+
+    ``passes = (MACs the captures run) / (MACs of one forward pass)``, both
+    per batch, counting the ``dot_general`` and convolution equations each
+    capture needs after dead-code elimination (the statistics themselves
+    are not counted). Nothing runs: the captures are planned as
+    :func:`sparsegpt` plans them.
+
+    Args:
+      apply_fn, params, batches, where: as for :func:`sparsegpt`.
+      cached: ``False``: the cost of the general path instead (one pass from
+        the model's inputs per input point).
+
+    Returns:
+      the number of full-forward equivalents (a float).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import jaxprune as jp
+      >>> p = {f"w{i}": jnp.ones((4, 4)) for i in range(4)}
+      >>> f = lambda p, x: x @ p["w0"] @ p["w1"] @ p["w2"] @ p["w3"]
+      >>> xs = [jnp.ones((2, 4))]
+      >>> jp.oneshot.capture_passes(f, p, xs), jp.oneshot.capture_passes(f, p, xs, cached=False)
+      (0.75, 1.5)
+    """
+    batches = list(batches)
+    if not batches:
+        raise ValueError("capture_passes: batches is empty; pass at least one batch.")
+    model = _cal.model(apply_fn, params, batches[0], where)
+    plan = model.plan(batches[0])
+    schedule = _schedule(plan)
+    capture = _Cached(model, batches, schedule, run=False)
+    capture.cached = capture.cached and cached
+    arrays = model.arrays_of(params)
+    for i, (leaves, scan, layer) in enumerate(schedule):
+        capture(i, leaves, scan, layer, arrays)
+    return capture.macs / max(_sites.macs(plan.closed.jaxpr), 1)
 
 
 def _mask_tree(model: _cal.Model, arrays: list) -> PyTree:
