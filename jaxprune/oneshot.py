@@ -428,7 +428,7 @@ class _Cached:
         """One pass from the model's inputs (the cut is left alone: it
         stays valid, see :meth:`_valid`)."""
         chosen = [t for t in self.plan.sites if t.leaf in set(leaves)]
-        self.macs += _sites.live_macs(self.pieces.eqns, chosen, [], 0)
+        self.macs += self.pieces.macs(0, len(self.pieces.eqns), chosen, [])
         return self.general(leaves, scan, layer, self.originals, arrays, self.run)
 
     def _valid(self, i: int) -> None:
@@ -466,20 +466,17 @@ class _Cached:
 
     def _enter(self, i: int, scan: Any, arrays: list) -> None:
         idx = self.pieces.index.get(scan[0]) if len(scan) == 1 else None
-        if idx is None or self.pieces.eqns[idx].params["reverse"] or \
-                not self.c <= idx <= self.allowed[i]:
+        info = None if idx is None else self.pieces.layer_scan(idx)
+        if info is None or not self.c <= idx <= self.allowed[i]:
             return
         self._advance(idx, (), arrays, idx)
-        self.block = {"scan": scan, "idx": idx, "at": 0, "carry": None,
+        self.block = {"scan": scan, "idx": idx, "info": info, "at": 0, "carry": None,
                       "ys": [[] for _ in self.batches]}
 
     def _layer_run(self, leaves: tuple, arrays: list) -> list:
         blk = self.block
-        eqn = self.pieces.eqns[blk["idx"]]
-        body = _sites.open_jaxpr(eqn.params["jaxpr"])[0]
         chosen = [t for t in self.plan.sites if t.leaf in set(leaves)]
-        keep = [] if leaves else list(body.outvars)
-        self.macs += _sites.live_macs(body.eqns, chosen, keep, 1)
+        self.macs += self.pieces.layer_macs(blk["idx"], chosen)
         if not self.run:
             return []
         step = self.plan.layer_step(leaves, blk["idx"], blk["carry"] is None)
@@ -498,7 +495,7 @@ class _Cached:
 
     def _propagate(self, arrays: list) -> None:
         blk = self.block
-        nk = self.pieces.eqns[blk["idx"]].params["num_carry"]
+        nk = blk["info"].num_carry
         outs = self._layer_run((), arrays)
         if self.run:
             blk["carry"] = [o[:nk] for o, _ in outs]
@@ -509,8 +506,8 @@ class _Cached:
     def _finish(self, i: int, arrays: list) -> None:
         """The scan's outputs from its last layer; the cut moves past it if allowed."""
         blk, self.block = self.block, None
-        eqn = self.pieces.eqns[blk["idx"]]
-        while blk["at"] < eqn.params["length"]:
+        info = blk["info"]
+        while blk["at"] < info.length:
             self.block = blk
             self._propagate(arrays)
             self.block = None
@@ -522,7 +519,7 @@ class _Cached:
             new = []
             for k, cache in enumerate(self.cache):
                 stacked = [jnp.stack(y) for y in zip(*blk["ys"][k])]
-                vals = {**cache, **dict(zip(eqn.outvars, list(blk["carry"][k]) + stacked))}
+                vals = {**cache, **dict(zip(info.outvars, list(blk["carry"][k]) + stacked))}
                 new.append({v: vals[v] for v in self.pieces.live(after)})
             self.cache = new
         self.c = after

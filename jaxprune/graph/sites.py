@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterator
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -47,8 +47,9 @@ import numpy as np
 from jax import lax
 from jax.extend import core as jcore
 
-__all__ = ["CALLS", "Hook", "Site", "Sites", "add_taps", "bind", "equations", "find",
-           "interpret", "macs", "open_jaxpr", "run", "sub_jaxpr"]
+__all__ = ["CALLS", "Hook", "LayerScan", "Pieces", "Site", "Sites", "add_taps", "bind",
+           "equations", "find", "interpret", "live_macs", "macs", "open_jaxpr", "run",
+           "run_layer", "run_piece", "sub_jaxpr"]
 
 _P = jcore.primitives
 CALLS = tuple(p for p in (getattr(_P, n, None) for n in (
@@ -707,6 +708,20 @@ class Pieces:
         eqns = [x for i, x in enumerate(self.eqns[:c]) if not self.is_act[i]] + self.eqns[c:e]
         return _Piece(j.constvars, list(j.invars) + list(cached), list(keep), eqns)
 
+    def layer_scan(self, i: int) -> LayerScan | None:
+        """Equation ``i`` as a layer scan :func:`run_layer` can run, else ``None``."""
+        eqn = self.eqns[i]
+        if eqn.primitive is not _P.scan_p or eqn.params["reverse"]:
+            return None
+        return LayerScan(eqn.params["length"], eqn.params["num_carry"], list(eqn.outvars))
+
+    def layer_macs(self, i: int, chosen: list) -> int:
+        """Multiply-accumulates of one layer of the scan at equation ``i``:
+        what the ``chosen`` sites' inputs need, or (none chosen) the whole
+        body."""
+        body = open_jaxpr(self.eqns[i].params["jaxpr"])[0]
+        return live_macs(body.eqns, chosen, [] if chosen else list(body.outvars), 1)
+
     def macs(self, c: int, e: int, chosen: list, keep: list) -> int:
         """Multiply-accumulates of :meth:`piece` that the activations entering
         ``chosen`` and ``keep`` need (dead equations left out)."""
@@ -732,6 +747,15 @@ def live_macs(eqns: list, chosen: list, keep: list, depth: int) -> int:
             total += macs(_Piece([], [], [], [x]))
             need.update(v for v in x.invars if isinstance(v, jcore.Var))
     return total
+
+
+class LayerScan(NamedTuple):
+    """A top-level ``scan`` run layer by layer: its length, carry count and
+    output variables."""
+
+    length: int
+    num_carry: int
+    outvars: list
 
 
 @dataclasses.dataclass
