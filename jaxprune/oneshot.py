@@ -528,7 +528,7 @@ class _Cached:
 def sparsegpt(apply_fn: Callable, params: PyTree, batches: Iterable, sparsity: Any = None, *,
               n: int | None = None, m: int | None = None, blocksize: int = 128,
               damp: float = 0.01, where: Any = None, allocation: Any = None,
-              ) -> tuple[PyTree, PyTree]:
+              cached: bool = True) -> tuple[PyTree, PyTree]:
     """SparseGPT: prune every kernel and reconstruct its outputs from its inputs.
 
     For each kernel ``W`` (as ``(outputs, inputs)``), with ``X`` its inputs
@@ -573,6 +573,9 @@ def sparsegpt(apply_fn: Callable, params: PyTree, batches: Iterable, sparsity: A
       where: the kernels to prune (``None``: the graph's kernels).
       allocation: ``"uniform"`` or a callable ``(params, sparsity) ->
         per-leaf tree`` (e.g. :func:`jaxprune.allocation.owl`).
+      cached: capture from cached activations where the model allows it;
+        ``False``: one pass from the inputs per point (the general path,
+        for comparison).
 
     Returns:
       ``(params, masks)``: the pruned, updated parameters (pruned weights
@@ -617,6 +620,7 @@ def sparsegpt(apply_fn: Callable, params: PyTree, batches: Iterable, sparsity: A
     masks = {j: np.ones(plan.shapes[j], bool) for j in plan.leaves()}
     schedule = _schedule(plan)
     capture = _Cached(model, batches, schedule)
+    capture.cached = capture.cached and cached
     for i, (leaves, scan, layer) in enumerate(schedule):
         taps = capture(i, leaves, scan, layer, arrays)
         for j in leaves:
