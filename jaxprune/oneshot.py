@@ -439,8 +439,7 @@ class _Cached:
     def _advance(self, e: int, leaves: tuple, arrays: list, new_c: int) -> dict:
         """Runs equations ``c`` to ``e`` (taps of ``leaves``), moving the cut to ``new_c``."""
         pieces = self.pieces
-        keep = tuple(v for v in pieces.live(new_c) if v not in self.cache[0] or not self.run)
-        keep = tuple(v for v in keep if pieces.defined.get(v, -1) >= self.c)
+        keep = tuple(v for v in pieces.live(new_c) if pieces.defined[v] >= self.c)
         chosen = [t for t in self.plan.sites if t.leaf in set(leaves)]
         self.macs += pieces.macs(self.c, e, chosen, list(keep))
         acc = None

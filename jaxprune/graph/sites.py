@@ -698,7 +698,7 @@ class Pieces:
         ``c`` on (or the outputs) read."""
         later = {v for e in self.eqns[c:] for v in e.invars if isinstance(v, jcore.Var)}
         later |= {v for v in self.jaxpr.outvars if isinstance(v, jcore.Var)}
-        return [v for v in self.act if self.defined.get(v, len(self.eqns)) < c and v in later]
+        return [v for e in self.eqns[:c] for v in e.outvars if v in self.act and v in later]
 
     def piece(self, c: int, e: int, cached: list, keep: list) -> Any:
         """A jaxpr-like piece: inputs the model's inputs, then ``cached``
