@@ -54,8 +54,7 @@ import optax
 from jaxprune import select as _select
 from jaxprune import transform_base as _tb
 from jaxprune import tree as _tree
-from jaxprune.graph import Group, ModelGraph
-from jaxprune.graph._model import rebuild
+from jaxprune.graph import Group, ModelGraph, rebuild
 
 PyTree = Any
 

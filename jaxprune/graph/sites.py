@@ -487,6 +487,20 @@ def run(found: Sites, closed, args: list, chosen: list, hook: Hook,
 
     Returns:
       ``(outputs, {tap key: tap})``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from jaxprune.graph import sites
+      >>> class Norms:  # the squared norm of every kernel's input
+      ...     def key(self, s): return s.leaf
+      ...     def tap(self, s, x): return x, jnp.sum(x * x)
+      ...     def zeros(self, s, lead): return jnp.zeros(lead)
+      >>> ws, x = [jnp.ones((2, 2))], jnp.array([[1.0, 2.0]])
+      >>> closed = jax.make_jaxpr(lambda ws, x: x @ ws[0])(ws, x)
+      >>> found = sites.find(closed, [(2, 2)], [0])
+      >>> outs, taps = sites.run(found, closed, ws + [x], found.sites, Norms())
+      >>> outs[0].tolist(), float(taps[0])
+      ([[3.0, 3.0]], 5.0)
     """
     jaxpr, consts = open_jaxpr(closed)
     return _Run(found.scan_lengths, chosen, hook, target).run(jaxpr, consts, list(args), ())
