@@ -274,6 +274,8 @@ def test_errors():
         jp.oneshot.wanda(params, stats, 0.5, n=2, m=4)
     with pytest.raises(ValueError, match="pass sparsity="):
         jp.oneshot.sparsegpt(dense, params, split(x, 2))
+    with pytest.raises(ValueError, match="capture_passes: batches is empty"):
+        jp.oneshot.capture_passes(dense, params, [])
     with pytest.raises(ValueError, match="computed for shape"):
         jp.oneshot.wanda({"w": jnp.ones((4, 4))}, stats, 0.5)
     with pytest.raises(ValueError, match="which params do not have"):
