@@ -398,7 +398,7 @@ class _Cached:
 
     def __init__(self, model, batches: list, schedule: list, run: bool = True):
         plan = model.plan(batches[0])
-        self.plan, self.pieces, self.run, self.schedule = plan, plan.pieces, run, schedule
+        self.plan, self.pieces, self.run = plan, plan.pieces, run
         self.originals = batches
         self.cached = all(model.plan(b) is plan for b in batches)
         self.batches = [jax.tree_util.tree_leaves(b) for b in batches]
@@ -445,13 +445,13 @@ class _Cached:
         acc = None
         if self.run:
             step = self.plan.piece_step(leaves, self.c, e, keep)
-            live = pieces.live(self.c)
+            live, later = pieces.live(self.c), pieces.live(new_c)
             new_cache = []
             for b, cache in zip(self.batches, self.cache):
                 taps, kept = step(arrays, b, [cache[v] for v in live])
                 acc = taps if acc is None else _sites.add_taps(acc, taps)
                 merged = {**cache, **dict(zip(keep, kept))}
-                new_cache.append({v: merged[v] for v in pieces.live(new_c)})
+                new_cache.append({v: merged[v] for v in later})
             self.cache = new_cache
         self.c = new_c
         return acc
