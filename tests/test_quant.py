@@ -88,8 +88,13 @@ def test_qat_forward_uses_the_fake_quantized_weights():
 
 
 def test_nnx_qat_with_prune_holds_masks_every_step():
-    qm, params, masks, _ = nnx_train(jp.prune(optax.adam(1e-2), sparsity=0.5, update_every=2), 6)
+    qm, params, masks, opt = nnx_train(jp.prune(optax.adam(1e-2), sparsity=0.5, update_every=2),
+                                       6)
     assert jp.sparsity_of(params) == pytest.approx(0.5, abs=1e-3)
+    # The masks as the optimizer holds them (an nnx.State) are accepted too.
+    served = jp.quant.ptq(qm, X, masks=jp.get_masks(opt.opt_state))
+    q = np.asarray(served.l1.kernel.array.qvalue)
+    assert np.all(q[~np.asarray(masks["l1"]["kernel"])] == 0)
 
 
 def test_nnx_qat_with_lottery_ticket_holds_masks_every_step():
