@@ -134,47 +134,31 @@ def zeros_kept(before, after) -> bool:
     return True
 
 
-def export_stage(apply_fn, variables, example, calibration, directory: str) -> dict:
-    """``jp.export`` files and their bytes; LiteRT latency if it exports."""
-    if not hasattr(jp, "export"):
-        return dict(pending="jp.export is not in this build (issue 20)")
-    out = {}
-    blob = jp.export.stablehlo(apply_fn, variables, example)
-    out["stablehlo_bytes"] = len(blob)
-    try:
-        fb = jp.export.litert(apply_fn, variables, example, quantize="int8",
-                              calibration=calibration)
-    except Exception as e:  # noqa: BLE001 - reported, not hidden
-        out["litert_error"] = f"{type(e).__name__}: {str(e)[:200]}"
-        return out
-    path = os.path.join(directory, "model_int8.tflite")
-    with open(path, "wb") as f:
-        f.write(fb)
-    out["litert_bytes"] = os.path.getsize(path)
-    out["litert_ms"] = litert_ms(fb, np.asarray(example))
-    return out
-
-
-def litert_ms(flatbuffer: bytes, x: np.ndarray, reps: int = 20) -> float:
-    """Median ms of one LiteRT invoke (1 thread) on ``x``."""
-    from ai_edge_litert.interpreter import Interpreter
-
-    it = Interpreter(model_content=flatbuffer, num_threads=1)
-    inp = it.get_input_details()[0]
-    if tuple(inp["shape"]) != x.shape:
-        it.resize_tensor_input(inp["index"], x.shape)
-    it.allocate_tensors()
-    inp = it.get_input_details()[0]
-    if inp["dtype"] != x.dtype:
-        scale, zero = inp["quantization"]
-        x = np.round(x / scale + zero).astype(inp["dtype"]) if scale else x.astype(inp["dtype"])
+def export_stage(apply_fn, variables, example, calibration, directory: str, quantize: str,
+                 metric) -> dict:
+    """``jp.export``: the StableHLO file and the LiteRT file (``quantize``),
+    their bytes, the LiteRT model's ``metric(model)`` and its latency (one
+    thread, the example's batch)."""
+    out = {"litert_quantize": quantize}
+    for name, blob in (("stablehlo", lambda: jp.export.stablehlo(apply_fn, variables, example)),
+                       ("litert", lambda: jp.export.litert(apply_fn, variables, example,
+                                                           quantize=quantize,
+                                                           calibration=calibration))):
+        path = os.path.join(directory, f"model.{name}")
+        data = blob()
+        with open(path, "wb") as f:
+            f.write(data)
+        out[f"{name}_bytes"] = jp.export.file_bytes(path)
+    model = jp.export.LiteRTModel(path, num_threads=1)
+    x = np.asarray(example)
     times = []
-    for _ in range(reps + 2):
-        it.set_tensor(inp["index"], x)
+    for _ in range(22):
         t0 = time.perf_counter()
-        it.invoke()
+        model(x)
         times.append(1e3 * (time.perf_counter() - t0))
-    return float(np.median(times[2:]))
+    out["litert_ms"] = float(np.median(times[2:]))
+    out["litert_metric"] = metric(model)
+    return out
 
 
 # --------------------------------------------------------------------------
@@ -280,8 +264,16 @@ def cnn_seed(cfg, data, seed: int, progress: bool, tmp: str, export: bool) -> di
     lat = time_fns(fns, cfg.reps, cfg.block_s)
     for r in rows:
         r["xla_ms"] = lat[r["stage"]]
-    calib = [np.asarray(data["x"][i:i + 64]) for i in range(0, 256, 64)]
-    exp = export_stage(cnn.apply, qat, np.asarray(xlat), calib, tmp) if export else {}
+    b = xlat.shape[0]
+    calib = [np.asarray(data["x"][i:i + b]) for i in range(0, 4 * b, b)]
+
+    def litert_acc(model):
+        n = (xt.shape[0] // b) * b
+        pred = [np.argmax(model(np.asarray(xt[i:i + b])), -1) for i in range(0, n, b)]
+        return float(np.mean(np.concatenate(pred) == np.asarray(yt[:n])))
+
+    exp = export_stage(cnn.apply, qat, np.asarray(xlat), calib, tmp, "int8",
+                       litert_acc) if export else {}
     rows.append(dict(stage="exported", **exp))
     return dict(rows=rows, zeros_kept=zeros, latency_batch=int(cfg.latency_batch))
 
@@ -309,10 +301,11 @@ def lm_model(cfg, progress: bool):
 
 
 def lm_finetune(lcfg, cfg, apply, teacher, start, train_data, *, steps, alpha, graph=None,
-                qat=False, desc="", progress=True):
-    """As :func:`cnn_finetune`, for the LM: next-byte distillation."""
+                qat=False, masks=None, desc="", progress=True):
+    """As :func:`cnn_finetune`, for the LM: next-byte distillation;
+    ``masks`` are held by ``jp.keep_masks``."""
     adam = optax.adam(optax.cosine_decay_schedule(cfg.lm_finetune_lr, steps))
-    tx = adam
+    tx = adam if masks is None else optax.chain(adam, jp.keep_masks(masks))
     if graph is not None:
         every = max(1, steps // 20)
         ramp = max(every, (int(0.6 * steps) // every) * every)
@@ -325,7 +318,7 @@ def lm_finetune(lcfg, cfg, apply, teacher, start, train_data, *, steps, alpha, g
         p = jp.quant.fake_quant(params, "int8") if qat else params
         logits = apply(p, seqs[:, :-1])
         t = apply(teacher, seqs[:, :-1])
-        return jp.distill.loss(logits, t, seqs[:, 1:], temperature=cfg.temperature,
+        return jp.distill.loss(logits, t, seqs[:, 1:], temperature=cfg.lm_temperature,
                                alpha=alpha)
 
     @jax.jit
@@ -348,13 +341,13 @@ def run_lm(cfg, progress: bool, tmp: str) -> dict:
     tokens = calib[0][:1]
     graph = jp.graph.trace(apply, dense, tokens)
     models = {"dense": dense}
-    for name, alpha in (("structured 50%", 0.0), ("structured 50% + distill", cfg.alpha)):
+    for name, alpha in (("structured 50%", 0.0), ("structured 50% + distill", cfg.lm_alpha)):
         t, state = lm_finetune(lcfg, cfg, apply, dense, dense, train_data, steps=cfg.lm_finetune,
                                alpha=alpha, graph=graph, desc=f"lm {name}", progress=progress)
         models[name] = jp.structured.compact(graph, t, jp.get_masks(state))
     small = models["structured 50% + distill"]
     qat, _ = lm_finetune(lcfg, cfg, apply, dense, small, train_data, steps=cfg.lm_qat,
-                         alpha=cfg.alpha, qat=True, desc="lm int8 QAT", progress=progress)
+                         alpha=cfg.lm_alpha, qat=True, desc="lm int8 QAT", progress=progress)
     quantized = {"+ int8 PTQ": jp.quant.quantize(small, "int8"),
                  "+ int8 QAT": jp.quant.quantize(qat, "int8")}
     rows, fns = [], {}
@@ -373,9 +366,33 @@ def run_lm(cfg, progress: bool, tmp: str) -> dict:
     lat = time_fns(fns, cfg.reps, cfg.block_s)
     for r in rows:
         r["xla_ms"] = lat[r["stage"]]
-    exp = export_stage(apply, qat, np.asarray(xlat), [np.asarray(c) for c in calib], tmp)
+    b = xlat.shape[0]
+
+    def litert_ppl(model):  # int8 weights, float activations (see jp.export.litert)
+        n = (len(val) // b) * b
+        nll = [optax.softmax_cross_entropy_with_integer_labels(
+            jnp.asarray(model(val[i:i + b, :-1])), val[i:i + b, 1:]).mean()
+            for i in range(0, n, b)]
+        return float(np.exp(np.mean(nll)))
+
+    exp = export_stage(apply, qat, np.asarray(xlat), None, tmp, "dynamic", litert_ppl)
     rows.append(dict(stage="exported", **exp))
     oneshot = lm_oneshot(lcfg, apply, dense, calib, val, tmp, cfg.qtypes)
+    # 2:4, then int8 QAT with distillation from the dense model, masks held.
+    sp, masks = jp.oneshot.sparsegpt(apply, dense, calib, n=2, m=4, blocksize=lcfg.blocksize,
+                                     where=lm.WHERE)
+    tuned, _ = lm_finetune(lcfg, cfg, apply, dense, sp, train_data, steps=cfg.lm_finetune,
+                           alpha=cfg.lm_alpha, qat=True, masks=masks, desc="lm 2:4 QAT",
+                           progress=progress)
+    q = jp.quant.quantize(tuned, "int8", masks=masks, where=lm.WHERE)
+    floats = jp.quant.dequantize(q)
+    ppl = lm.evaluate(apply, floats, val)
+    nbytes, deflate = file_bytes(q, tmp, "lm 2:4 qat")
+    oneshot.append(dict(method=f"2:4 SparseGPT, then int8 QAT + distill ({cfg.lm_finetune} steps, "
+                        "masks held)", ppl=ppl, rel=ppl / oneshot[0]["ppl"] - 1, bytes=nbytes,
+                        deflate_bytes=deflate,
+                        zeros_kept=zeros_kept(jp.apply_masks(sp, masks), floats),
+                        sparsity=float(jp.sparsity_of(floats, where=lm.WHERE))))
     return dict(rows=rows, oneshot=oneshot, config=dataclasses.asdict(lcfg), train=info,
                 unigram_ppl=lm.unigram_ppl(train_data, lm.read_files(lm.VAL_FILES)[0]))
 
@@ -451,17 +468,14 @@ def table(out: dict) -> str:
                   "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for r in res["rows"]:
             if r["stage"] == "exported":
-                if "pending" in r:
-                    lines.append(f"| exported | pending: {r['pending']} | | | | | | |")
-                else:
+                if "litert_bytes" in r:
+                    m = r["litert_metric"]
+                    m = f"{100 * m:.2f}" if metric == "acc" else f"{m:.3f}"
                     lines.append(
-                        f"| exported | | | | stablehlo {r.get('stablehlo_bytes', '')} | "
-                        f"litert int8 {r.get('litert_bytes', r.get('litert_error', ''))} | "
+                        f"| exported: LiteRT {r['litert_quantize']} | {m} | | | "
+                        f"{r['litert_bytes']:,} | StableHLO {r['stablehlo_bytes']:,} | "
                         f"{dense['bytes'] / r['litert_bytes']:.1f} | "
-                        f"LiteRT {r.get('litert_ms', float('nan')):.3f} |"
-                        if "litert_bytes" in r else
-                        f"| exported | | | | stablehlo {r.get('stablehlo_bytes', '')} | "
-                        f"{r.get('litert_error', '')} | | |")
+                        f"{r['litert_ms']:.3f} (LiteRT, 1 thread) |")
                 continue
             m = (f"{100 * r['acc']:.2f} ± {100 * r['acc_std']:.2f}" if metric == "acc"
                  else f"{r['ppl']:.3f}")
@@ -469,7 +483,7 @@ def table(out: dict) -> str:
                          f"{r['bytes']:,} | {r['deflate_bytes']:,} | "
                          f"{dense['bytes'] / r['bytes']:.1f} | {r['xla_ms']:.3f} |")
         if key == "lm":
-            lines += ["\nLM one-shot at 2:4 (no retraining): method | ppl/byte | vs dense | "
+            lines += ["\nLM at 2:4 (one-shot; the last row fine-tuned): method | ppl/byte | vs dense | "
                       "bytes | deflate | zeros kept", "|---|---:|---:|---:|---:|---|"]
             for r in res["oneshot"]:
                 lines.append(f"| {r['method']} | {r['ppl']:.3f} | {100 * r['rel']:+.2f}% | "
@@ -526,6 +540,9 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--lm-finetune", type=int, default=None, help="LM fine-tune (default 200)")
     ap.add_argument("--lm-qat", type=int, default=None, help="LM QAT steps (default 60)")
     ap.add_argument("--lm-finetune-lr", type=float, default=5e-4)
+    ap.add_argument("--lm-temperature", type=float, default=1.0)
+    ap.add_argument("--lm-alpha", type=float, default=1.0,
+                    help="LM soft-term weight (1: logits only, as Minitron)")
     ap.add_argument("--qtypes", default=None, help="one-shot qtypes (default int8,int4)")
     ap.add_argument("--latency-batch", type=int, default=256)
     ap.add_argument("--reps", type=int, default=None, help="timed blocks (default 15)")
