@@ -1,5 +1,5 @@
 """jp.quant on qwix: QAT with masks held (NNX with jp.prune,
-jp.structured.prune and jp.lottery_ticket; Linen with jp.prune): pruned
+jp.structured.prune and jp.lottery_ticket; Linen with the same three): pruned
 weights stay exactly zero in the float weights and in the fake-quantized
 weights at every step, and those fake-quantized weights are the ones qwix's
 forward pass uses; PTQ int8 / int4 of pruned models keeps the zeros (masks
@@ -113,11 +113,18 @@ def test_nnx_qat_with_structured_prune_holds_masks_every_step():
     assert sorted(len(np.flatnonzero(v)) for v in kept.values()) == [8, 16]
 
 
-def test_linen_qat_with_prune_holds_masks_every_step():
+@pytest.mark.parametrize("method", ["prune", "structured", "lottery"])
+def test_linen_qat_holds_masks_every_step(method):
     module = jp.quant.qat(LinenMLP(), weight_qtype="int8", act_qtype="int8")
     variables = module.init(jax.random.key(0), X)
     params = variables["params"]
-    tx = jp.prune(optax.adam(1e-2), sparsity=0.5, update_every=1)
+    if method == "prune":
+        tx = jp.prune(optax.adam(1e-2), sparsity=0.5, update_every=1)
+    elif method == "lottery":
+        tx = jp.lottery_ticket(optax.adam(1e-2), rounds=2, steps_per_round=2, prune_rate=0.5)
+    else:
+        g = jp.graph.trace(lambda p, x: LinenMLP().apply({"params": p}, x), params, X[:1])
+        tx = jp.structured.prune(optax.adam(1e-2), graph=g, sparsity=0.5, update_every=1)
     state = tx.init(params)
 
     @jax.jit
@@ -130,6 +137,9 @@ def test_linen_qat_with_prune_holds_masks_every_step():
     for _ in range(4):
         params, state = step(params, state)
         assert zeros_held(params, jp.get_masks(state))
+    assert jp.sparsity_of(params) > 0.2
+    if method != "prune":
+        return
     # PTQ of the pruned Linen model: masks first, int4 kernels, zeros kept.
     qmod, qvars = jp.quant.ptq(module, X, variables={"params": params},
                                masks=jp.get_masks(state), weight_qtype="int4")
