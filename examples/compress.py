@@ -502,6 +502,9 @@ def plot(out: dict, path: str) -> None:
     for ax, key in zip(axes[0], keys):
         metric = "acc" if key == "cnn" else "ppl"
         rows = [r for r in out[key]["rows"] if r["stage"] != "exported"]
+        rows += [{"stage": f"LiteRT {r['litert_quantize']}", "bytes": r["litert_bytes"],
+                  metric: r["litert_metric"]}
+                 for r in out[key]["rows"] if "litert_bytes" in r]
         if key == "lm":
             rows += [dict(stage=r["method"], bytes=r["bytes"], ppl=r["ppl"])
                      for r in out[key]["oneshot"] if r["method"] != "dense"]
@@ -510,7 +513,7 @@ def plot(out: dict, path: str) -> None:
             ax.scatter(r["bytes"] / 1024, y)
             ax.annotate(r["stage"], (r["bytes"] / 1024, y), fontsize=7)
         ax.set_xscale("log")
-        ax.set_xlabel("file bytes (KiB, .npz)")
+        ax.set_xlabel("file bytes (KiB; .npz, .tflite)")
         ax.set_ylabel("test accuracy (%)" if metric == "acc" else "validation ppl per byte")
         ax.set_title("MNIST-1D CNN" if key == "cnn" else "byte LM")
         ax.grid(alpha=0.3)
