@@ -216,16 +216,19 @@ def _cholesky_factors(h: jax.Array, damp: Any) -> tuple[jax.Array, jax.Array]:
     return jnp.linalg.cholesky((hinv + hinv.T) / 2).T, dead
 
 
-def _column(i, w1, err1, u1, keep):
-    """Prunes column ``i`` of the block and spreads its error over the later columns."""
+def _column(i, w1, err1, u1, keep, qcol=None):
+    """Prunes (and with ``qcol`` quantizes) column ``i`` of the block and
+    spreads its error over the later columns."""
     w = w1[:, i]
     q = jnp.where(keep, w, 0.0)
+    if qcol is not None:
+        q = qcol(q)
     e = (w - q) / u1[i, i]
     w1 = (w1 - e[:, None] * u1[i][None, :]).at[:, i].set(q)
     return w1, err1.at[:, i].set(e)
 
 
-def _block(w, mask, u, i1, width: int, keep, nm):
+def _block(w, mask, u, i1, width: int, keep, nm, qcol=None):
     """One block of ``width`` columns from column ``i1`` (traced or static)."""
     rows = w.shape[0]
     w1 = lax.dynamic_slice_in_dim(w, i1, width, 1)
@@ -236,7 +239,7 @@ def _block(w, mask, u, i1, width: int, keep, nm):
         keep1 = select_along(w1 * w1 / (diag * diag)[None, :], (0, 1), keep)
 
         def col(i, c):
-            return _column(i, *c, u1, keep1[:, i])
+            return _column(i, *c, u1, keep1[:, i], qcol)
 
         w1, err1 = lax.fori_loop(0, width, col, (w1, err1))
     else:
@@ -248,7 +251,7 @@ def _block(w, mask, u, i1, width: int, keep, nm):
             dg = lax.dynamic_slice_in_dim(diag, g * m, m)
             kg = select_along(cols * cols / (dg * dg)[None, :], 1, n)
             for c in range(m):
-                w1, err1 = _column(g * m + c, w1, err1, u1, kg[:, c])
+                w1, err1 = _column(g * m + c, w1, err1, u1, kg[:, c], qcol)
             return w1, err1, lax.dynamic_update_slice(keep1, kg, (0, g * m))
 
         w1, err1, keep1 = lax.fori_loop(0, width // m, group,
@@ -261,8 +264,8 @@ def _block(w, mask, u, i1, width: int, keep, nm):
     return w, lax.dynamic_update_slice_in_dim(mask, keep1, i1, 1)
 
 
-@functools.partial(jax.jit, static_argnames=("blocksize", "nm"))
-def _obs(w, h, keep, damp, *, blocksize: int, nm):
+@functools.partial(jax.jit, static_argnames=("blocksize", "nm", "quantize"))
+def _obs(w, h, keep, damp, *, blocksize: int, nm, quantize=None):
     """SparseGPT on ``w`` ``(outputs, inputs)`` with ``h = 2 X^T X / rows``:
     returns the pruned and updated ``w``, its keep mask, and whether the
     Cholesky factorisations were finite. ``keep`` holds the kept count of
@@ -271,17 +274,18 @@ def _obs(w, h, keep, damp, *, blocksize: int, nm):
     w, h = w.astype(jnp.float32), h.astype(jnp.float32)
     u, dead = _cholesky_factors(h, damp)
     w = jnp.where(dead[None, :], 0.0, w)
+    qcol = None if quantize is None else quantize(w)
     mask = jnp.ones(w.shape, bool)
     cols = w.shape[1]
     full = cols // blocksize
 
     def body(b, c):
-        return _block(*c, u, b * blocksize, blocksize, keep[b], nm)
+        return _block(*c, u, b * blocksize, blocksize, keep[b], nm, qcol)
 
     if full:
         w, mask = lax.fori_loop(0, full, body, (w, mask))
     if cols % blocksize:
-        w, mask = _block(w, mask, u, full * blocksize, cols % blocksize, keep[full], nm)
+        w, mask = _block(w, mask, u, full * blocksize, cols % blocksize, keep[full], nm, qcol)
     return w.astype(dtype), mask, jnp.all(jnp.isfinite(u))
 
 
@@ -527,7 +531,8 @@ class _Cached:
 def sparsegpt(apply_fn: Callable, params: PyTree, batches: Iterable, sparsity: Any = None, *,
               n: int | None = None, m: int | None = None, blocksize: int = 128,
               damp: float = 0.01, where: Any = None, allocation: Any = None,
-              cached: bool = True) -> tuple[PyTree, PyTree]:
+              cached: bool = True,
+              quantize: Callable | None = None) -> tuple[PyTree, PyTree]:
     """SparseGPT: prune every kernel and reconstruct its outputs from its inputs.
 
     For each kernel ``W`` (as ``(outputs, inputs)``), with ``X`` its inputs
@@ -543,6 +548,9 @@ def sparsegpt(apply_fn: Callable, params: PyTree, batches: Iterable, sparsity: A
       reference's ``<=`` threshold may prune extra weights on ties), or, with
       ``n`` and ``m``, the ``n`` largest of every ``m`` consecutive columns
       of each row, chosen when the group is reached;
+    * with ``quantize``, each column's kept weights are also rounded,
+      ``q = quantize(W)(where(keep, w, 0))`` (joint pruning and
+      quantization, the reference's ``--wbits``);
     * column by column, the pruned weights' error ``(w - q) / U_jj`` is
       spread over the later columns of the block (``w -= err * U_j,:``),
       and over the later blocks at the end of each block (lazy updates).
@@ -575,6 +583,11 @@ def sparsegpt(apply_fn: Callable, params: PyTree, batches: Iterable, sparsity: A
       cached: capture from cached activations where the model allows it;
         ``False``: one pass from the inputs per point (the general path,
         for comparison).
+      quantize: ``None``, or ``W -> (column -> column)`` called once per
+        kernel on its ``(outputs, inputs)`` matrix, returning the fake
+        quantizer of its columns (zero must map to zero), e.g.
+        :func:`jaxprune.quant.column_quantizer`; hashable (it is a static
+        argument of the jitted step).
 
     Returns:
       ``(params, masks)``: the pruned, updated parameters (pruned weights
@@ -584,7 +597,7 @@ def sparsegpt(apply_fn: Callable, params: PyTree, batches: Iterable, sparsity: A
     Raises:
       ValueError: for bad ``sparsity``/``n``/``m``/``blocksize``, kernels
         the graph cannot see, or a Cholesky failure (raise ``damp``).
-      TypeError: for non-floating kernels or inputs.
+      TypeError: for non-floating kernels or inputs, or a ``quantize`` that is not callable.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -606,6 +619,9 @@ def sparsegpt(apply_fn: Callable, params: PyTree, batches: Iterable, sparsity: A
         raise ValueError(f"sparsegpt: blocksize must be a positive int, got {blocksize!r}.")
     if nm and blocksize % nm[1]:
         raise ValueError(f"sparsegpt: blocksize={blocksize} must be a multiple of m={nm[1]}.")
+    if quantize is not None and not callable(quantize):
+        raise TypeError(f"sparsegpt: quantize must be None or a callable W -> (column -> column) "
+                        f"such as jp.quant.column_quantizer('int8'), got {quantize!r}.")
     batches = list(batches)
     if not batches:
         raise ValueError("sparsegpt: batches is empty; pass at least one calibration batch.")
@@ -627,7 +643,7 @@ def sparsegpt(apply_fn: Callable, params: PyTree, batches: Iterable, sparsity: A
             if s is not None and layer is not None and np.ndim(s):
                 s = np.asarray(s)[layer]
             arrays[j], mk = _prune_kernel(plan, j, arrays[j], layer, taps[j], s, nm,
-                                          blocksize, damp)
+                                          blocksize, damp, quantize)
             if layer is None:
                 masks[j] = mk
             else:
@@ -719,7 +735,8 @@ def _check_nm(plan, nm) -> None:
                 f"into groups of m={nm[1]}. Use an m that divides it or exclude it with where=.")
 
 
-def _prune_kernel(plan, j: int, leaf, layer, tap: dict, s, nm, blocksize: int, damp: float):
+def _prune_kernel(plan, j: int, leaf, layer, tap: dict, s, nm, blocksize: int, damp: float,
+                  quantize=None):
     site = plan.leaf_site(j)
     w = leaf if layer is None else leaf[layer]
     count = int(tap["count"])
@@ -728,7 +745,8 @@ def _prune_kernel(plan, j: int, leaf, layer, tap: dict, s, nm, blocksize: int, d
     mat, back = _as_matrix(jnp.asarray(w), site.in_axes)
     h = 2.0 * tap["gram"] / count
     keep = _block_keeps(mat.shape[0], mat.shape[1], blocksize, 0.0 if nm else s)
-    new, mk, ok = _obs(mat, h, jnp.asarray(keep), jnp.float32(damp), blocksize=blocksize, nm=nm)
+    new, mk, ok = _obs(mat, h, jnp.asarray(keep), jnp.float32(damp), blocksize=blocksize, nm=nm,
+                       quantize=quantize)
     if not bool(ok):
         raise ValueError(
             f"sparsegpt: the Cholesky factorisation failed for kernel {plan.paths[j]!r} "
