@@ -481,7 +481,8 @@ def _view_position(view: tuple, c: int, z: jax.Array | None = None) -> jax.Array
 #           padded to whole blocks): any shape, one layout per size.
 #   "keys": the old view of the computed keys, for key functions whose
 #           arguments do not all have the leaf's shape (e.g. keys computed
-#           from positions), which cannot be reshaped before ``fn``.
+#           from positions and scalars), which cannot be reshaped before
+#           ``fn``.
 # Padding is excluded by ``pos < n``, so it costs nothing in the count.
 _BLOCK = 1024
 _ROWS_MIN = 128
@@ -489,8 +490,8 @@ _ROWS_MIN = 128
 
 def _layout(shape: tuple, args: Sequence[jax.Array]) -> str:
     """The counting layout of a leaf of ``shape`` (see above)."""
-    if any(a.ndim and tuple(a.shape) != tuple(shape) for a in args):
-        return "keys"
+    if not args or any(tuple(a.shape) != tuple(shape) for a in args):
+        return "keys"  # keys may depend on positions (e.g. scalar args and iotas)
     n = int(np.prod(shape, dtype=np.int64))
     if len(shape) >= 1 and n:
         c = shape[-1]
