@@ -1,6 +1,6 @@
 """Compile time of jitted mask selections and pruned train steps.
 
-Three measurements, each in a fresh trace (no cache hit), inputs given as
+Four measurements, each in a fresh trace (no cache hit), inputs given as
 shapes only (``jax.ShapeDtypeStruct``: nothing is allocated or run):
 
 * ``--synthetic``: ``global_topk`` and per-leaf ``topk`` of magnitude scores
@@ -24,6 +24,11 @@ shapes only (``jax.ShapeDtypeStruct``: nothing is allocated or run):
   (``ndim >= 2``: the 145 matrices); with ``--sketch`` also every leaf with
   the scores passed as ``select.LazyScores`` (``all, lazy``).
 
+* ``--suite``: ``global_topk`` and per-leaf ``topk`` of magnitude scores
+  over every leaf of each real-model shape set of ``shape_sets.py``
+  (ResNet-50, BERT-base, GPT-2 small, LLaMA-7B/4, odd squares, last axes
+  not multiples of 32, ...); the worst set is printed last.
+
 For each: the trace-and-lower time, the XLA compile time (wall clock), the
 process CPU time of both (all threads: less sensitive to other jobs than wall
 time, which they slow down) and the number of fusions in the compiled
@@ -35,6 +40,8 @@ Run:
   python benchmarks/bench_compile.py --models resnet18,resnet50 --reps 3
   python benchmarks/bench_compile.py --models resnet18 --sketch   # + the proposed lazy-score step
   python benchmarks/bench_compile.py --transformer --layers 6,12,24
+  python benchmarks/bench_compile.py --suite --reps 1        # the shape suite
+  python benchmarks/bench_compile.py --quick                 # smoke test: scaled-down suite
 """
 
 from __future__ import annotations
@@ -351,6 +358,43 @@ def run_transformer(layer_counts: Sequence[int], reps: int, lazy: bool = False) 
     return rows
 
 
+# --------------------------------------------------------------------------
+# The shape suite (shape_sets.py)
+
+
+def run_suite(names: Sequence[str] | None, reps: int, quick: bool = False) -> list:
+    """Compile time of ``global_topk`` and per-leaf ``topk`` of magnitude
+    scores over every leaf of each shape set; prints the worst set."""
+    import shape_sets
+
+    every = lambda path, leaf: True  # noqa: E731
+    print("| set | leaves | distinct shapes | selection | lower s | compile s (median) | "
+          "CPU s (median) | fusions |")
+    print("|---|---:|---:|---|---:|---:|---:|---:|")
+    rows = []
+    for name in names or list(shape_sets.SETS):
+        shapes = shape_sets.SETS[name]
+        if quick:
+            shapes = shape_sets.quick(shapes)
+        params = {f"k{i:02d}": jax.ShapeDtypeStruct(sh, jnp.float32) for i, sh in enumerate(shapes)}
+        for kind, fn in (("global", jp.masks.global_topk), ("topk", jp.masks.topk)):
+            ts = [time_compile(jax.jit(lambda p, fn=fn: fn(jp.scores.magnitude(p), 0.9, where=every)),
+                               params) for _ in range(reps)]
+            r = dict(set=name, leaves=len(shapes), distinct=len(set(shapes)), kind=kind,
+                     lower_s=float(np.median([t["lower_s"] for t in ts])),
+                     compile_s=float(np.median([t["compile_s"] for t in ts])),
+                     cpu_s=float(np.median([t["lower_cpu_s"] + t["compile_cpu_s"] for t in ts])),
+                     fusions=ts[0]["fusions"], runs=ts)
+            rows.append(r)
+            print(f"| {name} | {r['leaves']} | {r['distinct']} | {kind} | {r['lower_s']:.1f} | "
+                  f"{r['compile_s']:.1f} | {r['cpu_s']:.1f} | {r['fusions']} |", flush=True)
+    for kind in ("global", "topk"):
+        worst = max((r for r in rows if r["kind"] == kind), key=lambda r: r["cpu_s"])
+        print(f"worst set for {kind}: {worst['set']}, {worst['cpu_s']:.1f} CPU s "
+              f"({worst['lower_s'] + worst['compile_s']:.1f} s wall)")
+    return rows
+
+
 def _commit() -> str:
     root = os.path.dirname(os.path.dirname(os.path.abspath(jp.__file__)))
     try:
@@ -375,16 +419,28 @@ def main(argv=None) -> dict:
     ap.add_argument("--transformer", action="store_true", help="global selection on a transformer")
     ap.add_argument("--layers", default="6,12,24", help="transformer: comma-separated layer counts")
     ap.add_argument("--reps", type=int, default=3, help="fresh compiles per model/transformer row")
+    ap.add_argument("--suite", nargs="?", const="", default=None,
+                    help="the shape suite (shape_sets.py): all sets, or comma-separated names")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke run: scaled-down suite, resnet18, 2-layer transformer, 1 rep")
     ap.add_argument("--json", metavar="PATH", help="write the rows here")
     args = ap.parse_args(argv)
-    if not (args.synthetic or args.models or args.transformer):
+    if args.quick:
+        args.reps = 1
+        args.suite = "" if args.suite is None else args.suite
+        args.models = args.models and "resnet18"
+        args.layers = "2"
+    if not (args.synthetic or args.models or args.transformer or args.suite is not None):
         args.synthetic, args.models, args.transformer = True, "resnet18,resnet50", True
+        args.suite = ""
     info = dict(date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                 jax=jax.__version__, cpus=os.cpu_count(), jaxprune=_commit(),
                 loadavg_start=os.getloadavg()[0])
     print(f"jax {jax.__version__}, {jax.devices()[0].platform}, {os.cpu_count()} CPUs, "
           f"jaxprune {info['jaxprune']}, load average {info['loadavg_start']:.1f}")
     out: dict = dict(info=info)
+    if args.suite is not None:
+        out["suite"] = run_suite([x for x in args.suite.split(",") if x], args.reps, args.quick)
     if args.synthetic:
         out["synthetic"] = run_synthetic([int(v) for v in args.leaves.split(",")])
     if args.models:

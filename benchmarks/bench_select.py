@@ -1,5 +1,10 @@
 """Global magnitude masks: jaxprune's selection vs argsort vs a one-pass floor.
 
+By default it sweeps the real-model shape sets of ``shape_sets.py``
+(ResNet-50, BERT-base, GPT-2 small, LLaMA-7B/4, odd squares, last axes not
+multiples of 32, ...), every leaf selected, and prints the worst set
+(``run_suite``). With ``--sizes`` it runs the older sweep below.
+
 The params tree holds 4 square float32 kernels (``d x d``) and 4 biases
 (length ``d``), with ``4 * d * d`` close to each requested size; weights are
 random normal (seed 0). Their float32 magnitudes do tie: ``jax.random.normal``
@@ -27,7 +32,10 @@ a separate, untimed trace); with ``--breakdown`` it also times the pieces of
 ``global`` (key materialisation, that many count passes, the final masks).
 
 Run:
-  python benchmarks/bench_select.py                  # 1M,4M,16M,64M
+  python benchmarks/bench_select.py                  # the shape suite (shape_sets.py)
+  python benchmarks/bench_select.py --quick          # smoke test: the suite scaled down
+  python benchmarks/bench_select.py --sets no-32 --baseline /tmp/old_select.py  # side by side
+  python benchmarks/bench_select.py --sizes 1M,4M,16M,64M     # the old square-kernel sweep
   python benchmarks/bench_select.py --sizes 1M,4M --reps 5 --json out.json
   python benchmarks/bench_select.py --sizes 16M --breakdown
   python benchmarks/bench_select.py --billion --reps 3          # 2**30 weights: time, peak RSS
@@ -40,6 +48,7 @@ import argparse
 import ctypes
 import datetime
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -379,6 +388,143 @@ def fmt_row(r: dict) -> str:
 
 
 # --------------------------------------------------------------------------
+# The shape suite: real-model shape sets (shape_sets.py), worst set printed
+
+
+def make_set_params(shapes, seed: int = 0) -> dict:
+    """Random normal float32 kernels of ``shapes`` (``k00``, ``k01``, ...)."""
+    key = jax.random.key(seed)
+    return jax.block_until_ready({f"k{i:02d}": jax.random.normal(jax.random.fold_in(key, i), s)
+                                  for i, s in enumerate(shapes)})
+
+
+def suite_fns(sparsity: float, baseline: str | None = None) -> dict:
+    """The methods the suite times: ``global`` is the obvious call, every
+    leaf selected; ``floor`` the one-pass compare-and-count; ``baseline``
+    (with ``--baseline PATH``) the global selection of another version of
+    ``select.py`` (e.g. ``git show main:jaxprune/select.py > /tmp/old.py``),
+    on the same ``|w|``, for a side-by-side comparison in one process."""
+    def every(path, x):
+        return True
+
+    def argsort(p):
+        ws = jax.tree.leaves(p)
+        flat = jnp.concatenate([jnp.abs(w).reshape(-1) for w in ws])
+        k = int(np.round(flat.shape[0] * (1.0 - sparsity)))
+        thr = flat[jnp.argsort(flat)[flat.shape[0] - k]]
+        return [jnp.abs(w) >= thr for w in ws]
+
+    fns = {
+        "global": jax.jit(lambda p: jax.tree.leaves(jaxprune.masks.global_topk(
+            jaxprune.scores.magnitude(p), sparsity, where=every))),
+        "floor": jax.jit(lambda p, t: sum(jnp.sum(jnp.abs(x) > t) for x in jax.tree.leaves(p))),
+        "packed": jax.jit(lambda p, t: sum(jp_select.count_true(jnp.abs(x) > t)
+                                           for x in jax.tree.leaves(p))),
+        "argsort": jax.jit(argsort),
+    }
+    if baseline:  # an older select.py, loaded as its own module
+        spec = importlib.util.spec_from_file_location("baseline_select", baseline)
+        old = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(old)
+
+        def base(p):
+            ws = jax.tree.leaves(p)
+            k = old.keep_count(sum(w.size for w in ws), sparsity)
+            return old.select_groups([jnp.abs(w) for w in ws], [0] * len(ws), [k])
+
+        fns["baseline"] = jax.jit(base)
+    return fns
+
+
+def bench_set(name: str, shapes, fns: dict, args: argparse.Namespace) -> dict:
+    """One shape set: exact counts, equality with argsort (up to ties), and
+    the methods timed round-robin (argsort separately, fewer reps)."""
+    params = make_set_params(shapes, args.seed)
+    ws = jax.tree.leaves(params)
+    n = sum(w.size for w in ws)
+    k = int(np.round(n * (1.0 - args.sparsity)))
+    t0 = time.perf_counter()
+    g_masks = [np.asarray(m) for m in jax.block_until_ready(fns["global"](params))]
+    compile_s = time.perf_counter() - t0
+    absw = [np.abs(np.asarray(w)) for w in ws]
+    kept = int(sum(np.count_nonzero(m) for m in g_masks))
+    t_val = max(float(a[~m].max()) if (~m).any() else -1.0 for a, m in zip(absw, g_masks))
+    t = jnp.float32(t_val)
+    row = dict(set=name, n=n, k=k, leaves=len(ws), kept=kept, exact=kept == k,
+               compile_s=compile_s, floor_count=int(fns["floor"](params, t)),
+               np_count=int(sum(np.count_nonzero(a > np.float32(t_val)) for a in absw)))
+    row["floor_ok"] = row["floor_count"] == row["np_count"]
+    names = ["global", "floor", "packed"] + (["baseline"] if "baseline" in fns else [])
+    fargs = {"global": (params,), "floor": (params, t), "packed": (params, t), "baseline": (params,)}
+    if "baseline" in fns:
+        b_kept = sum(int(np.count_nonzero(np.asarray(m))) for m in fns["baseline"](params))
+        row["baseline_exact"] = b_kept == k
+    times: dict[str, list[float]] = {nm: [] for nm in names}
+    for r in range(args.reps):
+        for j in range(len(names)):
+            nm = names[(r + j) % len(names)]
+            times[nm].append(time_once(fns[nm], *fargs[nm]))
+    if args.no_argsort:
+        row["matches_argsort"] = None
+    else:
+        a_masks = [np.asarray(m) for m in jax.block_until_ready(fns["argsort"](params))]
+        row.update(compare_with_argsort(absw, g_masks, a_masks, k))
+        times["argsort"] = [time_once(fns["argsort"], params) for _ in range(args.argsort_reps)]
+    ms = {nm: min(v) for nm, v in times.items()}
+    if "baseline" in ms:
+        row["baseline_over_floor"] = ms["baseline"] / ms["floor"]
+    row.update(ms=ms, times_ms=times, global_over_floor=ms["global"] / ms["floor"],
+               argsort_over_global=ms["argsort"] / ms["global"] if "argsort" in ms else None)
+    return row
+
+
+SUITE_HEADER = (f"{'set':>16} {'weights':>8} {'leaves':>6} {'global ms':>10} {'floor ms':>9} "
+                f"{'packed ms':>10} {'argsort ms':>11} {'glob/floor':>10} {'arg/glob':>9} "
+                f"{'exact':>5} {'=argsort':>8}")
+
+
+def fmt_set_row(r: dict) -> str:
+    ms = r["ms"]
+    arg = f"{ms['argsort']:>11.1f}" if "argsort" in ms else f"{'-':>11}"
+    ratio = f"{r['argsort_over_global']:>9.0f}" if r["argsort_over_global"] else f"{'-':>9}"
+    match = {None: "-", True: "yes", "ties": "ties*", False: "NO"}[r["matches_argsort"]]
+    base = (f" {ms['baseline']:>11.1f} {r['baseline_over_floor']:>10.2f}"
+            if "baseline" in ms else "")
+    return (f"{r['set']:>16} {r['n'] / 1e6:>7.1f}M {r['leaves']:>6} {ms['global']:>10.1f} "
+            f"{ms['floor']:>9.1f} {ms['packed']:>10.1f} {arg} {r['global_over_floor']:>10.2f} "
+            f"{ratio} {'yes' if r['exact'] else 'NO':>5} {match:>8}{base}")
+
+
+def run_suite(args: argparse.Namespace) -> list[dict]:
+    """Every set of ``--sets`` (``--quick``: scaled down), then the worst."""
+    import shape_sets
+
+    names = [x for x in args.sets.split(",") if x] if args.sets else list(shape_sets.SETS)
+    fns = suite_fns(args.sparsity, args.baseline)
+    print(SUITE_HEADER + (f" {'baseline ms':>11} {'base/floor':>10}" if args.baseline else ""),
+          flush=True)
+    rows = []
+    for name in names:
+        shapes = shape_sets.SETS[name]
+        if args.quick:
+            shapes = shape_sets.quick(shapes)
+        rows.append(bench_set(name, shapes, fns, args))
+        print(fmt_set_row(rows[-1]), flush=True)
+    worst = max(rows, key=lambda r: r["global_over_floor"])
+    ok = all(r["exact"] and r["floor_ok"] and r["matches_argsort"] is not False for r in rows)
+    print(f"\nworst set: {worst['set']}, global {worst['global_over_floor']:.2f}x the one-pass "
+          f"floor (target <= 4: {'met' if worst['global_over_floor'] <= 4 else 'NOT met'})")
+    arg = [r for r in rows if r["argsort_over_global"]]
+    if arg:
+        low = min(arg, key=lambda r: r["argsort_over_global"])
+        print(f"least speed-up over argsort: {low['set']}, {low['argsort_over_global']:.0f}x "
+              f"(target >= 50: {'met' if low['argsort_over_global'] >= 50 else 'NOT met'})")
+    print(f"all counts exact, masks equal to argsort (up to ties) where it ran: "
+          f"{'yes' if ok else 'NO'}")
+    return rows
+
+
+# --------------------------------------------------------------------------
 # --billion: a billion parameters, time and peak resident memory
 
 
@@ -413,9 +559,11 @@ def billion(args) -> dict:
 
     Variants: ``lazy`` is ``global_topk`` / ``topk`` given the magnitudes as
     :class:`select.LazyScores` leaves (``|w|`` computed inside every pass from
-    the kernels, never stored); ``arrays`` is
-    today's call, ``global_topk(magnitude(params))``, whose ``|w|`` array is
-    a parameter-sized temporary (run with ``--billion-arrays``). Each variant
+    the kernels, never stored); ``obvious`` is the README's call,
+    ``global_topk(magnitude(params))`` under ``jit``, which the masks turn
+    into the lazy form; ``arrays`` gives ``|w|`` as arrays the masks cannot
+    recompute (behind an optimization barrier), a parameter-sized temporary
+    (both with ``--billion-arrays``). Each variant
     is compiled first, then timed (min of ``--reps``); its peak resident set
     rise is measured on the first timed call. ``floor`` is one naive
     compare-and-count pass, ``packed`` the same with ``count_true``.
@@ -442,10 +590,12 @@ def billion(args) -> dict:
         "topk/lazy": jax.jit(lambda ws: kernels(jaxprune.masks.topk(lazy(ws), s))),
     }
     if args.billion_arrays:
-        variants["global/arrays"] = jax.jit(
+        variants["global/obvious"] = jax.jit(
             lambda ws: kernels(jaxprune.masks.global_topk(jaxprune.scores.magnitude(_tree(ws)), s)))
-        variants["topk/arrays"] = jax.jit(
+        variants["topk/obvious"] = jax.jit(
             lambda ws: kernels(jaxprune.masks.topk(jaxprune.scores.magnitude(_tree(ws)), s)))
+        variants["global/arrays"] = jax.jit(
+            lambda ws: kernels(jaxprune.masks.global_topk(jax.tree.map(_stored_abs, _tree(ws)), s)))
     t = jnp.float32(1.6448536)  # about the 90% quantile of |N(0, 1)|
     floors = {
         "floor": jax.jit(lambda ws, t: sum(jnp.sum(jnp.abs(w) > t, dtype=jnp.int32) for w in ws)),
@@ -485,14 +635,26 @@ def billion(args) -> dict:
     return out
 
 
+def _stored_abs(w: jax.Array) -> jax.Array:
+    """``|w|`` as scores the masks cannot recompute (a copy XLA must store)."""
+    return jax.lax.optimization_barrier(jnp.abs(w))
+
+
 def _tree(ws) -> dict:
     return {f"layer{i}": {"kernel": w} for i, w in enumerate(ws)}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sizes", default="1M,4M,16M,64M",
-                    help="comma-separated total kernel sizes (K/M/G = 2**10/20/30)")
+    ap.add_argument("--sizes", default=None,
+                    help="the old sweep instead of the suite: comma-separated total sizes "
+                         "of 4 square kernels (K/M/G = 2**10/20/30), e.g. 1M,4M,16M,64M")
+    ap.add_argument("--sets", default=None,
+                    help="suite: comma-separated set names of shape_sets.SETS (default all)")
+    ap.add_argument("--quick", action="store_true", help="suite: scaled-down sets, 2 reps (smoke)")
+    ap.add_argument("--no-argsort", action="store_true", help="suite: skip the argsort method")
+    ap.add_argument("--baseline", metavar="SELECT_PY",
+                    help="suite: also time the global selection of this older select.py")
     ap.add_argument("--reps", type=int, default=7, help="timed repetitions (>= 5 advised)")
     ap.add_argument("--argsort-reps", type=int, default=3,
                     help="argsort repetitions above --argsort-full-reps-upto")
@@ -510,9 +672,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--billion-d", type=int, default=16384,
                     help="kernel side for --billion (4 kernels of d x d)")
     ap.add_argument("--billion-arrays", action="store_true",
-                    help="--billion also runs global_topk/topk(magnitude(params)) (|w| as arrays)")
+                    help="--billion also runs global_topk/topk(magnitude(params)) and |w| as arrays")
     args = ap.parse_args(argv)
-    sizes = [parse_size(x) for x in args.sizes.split(",") if x.strip()]
+    if args.quick:
+        args.reps, args.argsort_reps = min(args.reps, 2), 1
 
     dev = jax.devices()[0]
     info = dict(
@@ -535,10 +698,6 @@ def main(argv: list[str] | None = None) -> int:
           f"{os.cpu_count()} CPUs, jax {jax.__version__}, python {platform.python_version()}")
     print(f"jaxprune: {info['jaxprune']}")
     print("load average at start: " + ", ".join(f"{x:.2f}" for x in info["loadavg_start"]))
-    print(f"{N_LAYERS} kernels d x d + {N_LAYERS} biases, random normal, sparsity {args.sparsity}, "
-          f"min of {args.reps} reps (argsort: {args.argsort_reps} above "
-          f"{size_label(args.argsort_full_reps_upto)}, skipped above "
-          f"{size_label(args.skip_argsort_above)}); times in ms")
     if args.billion:
         info["billion"] = billion(args)
         info["loadavg_end"] = os.getloadavg()
@@ -546,6 +705,22 @@ def main(argv: list[str] | None = None) -> int:
             with open(args.json, "w") as fh:
                 json.dump(dict(info=info), fh, indent=1)
         return 0 if all(info["billion"]["exact"].values()) else 1
+    if args.sizes is None:
+        print(f"shape suite (shape_sets.py{', --quick' if args.quick else ''}), every leaf "
+              f"selected, sparsity {args.sparsity}, min of {args.reps} reps (argsort "
+              f"{args.argsort_reps}); times in ms")
+        rows = run_suite(args)
+        info["loadavg_end"] = os.getloadavg()
+        print("load average at end: " + ", ".join(f"{x:.2f}" for x in info["loadavg_end"]))
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump(dict(info=info, rows=rows), fh, indent=1)
+        return 0 if all(r["exact"] and r["matches_argsort"] is not False for r in rows) else 1
+    sizes = [parse_size(x) for x in args.sizes.split(",") if x.strip()]
+    print(f"{N_LAYERS} kernels d x d + {N_LAYERS} biases, random normal, sparsity {args.sparsity}, "
+          f"min of {args.reps} reps (argsort: {args.argsort_reps} above "
+          f"{size_label(args.argsort_full_reps_upto)}, skipped above "
+          f"{size_label(args.skip_argsort_above)}); times in ms")
     print(HEADER, flush=True)
 
     fns = make_fns(args.sparsity)

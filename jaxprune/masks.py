@@ -363,8 +363,28 @@ def _stand_ins(scores: PyTree) -> tuple[PyTree, list | None]:
 
 def _selected(lazy: list | None, leaves: Sequence[Any], idx: Sequence[int]) -> list:
     """The selected leaves as :func:`jaxprune.select.select_groups` takes them:
-    arrays, or the lazy scores themselves (never computed in full)."""
-    return [lazy[i] if lazy and lazy[i] is not None else jnp.asarray(leaves[i]) for i in idx]
+    arrays, or the lazy scores themselves (never computed in full); a traced
+    ``|w|`` becomes lazy too (see :func:`_lazy_abs`)."""
+    return [lazy[i] if lazy and lazy[i] is not None else _lazy_abs(leaves[i]) for i in idx]
+
+
+def _lazy_abs(x: Any) -> Any:
+    """``LazyScores(jnp.abs, (w,))`` when ``x`` is ``jnp.abs(w)`` computed in
+    the trace being built (as :func:`jaxprune.scores.magnitude` does under
+    ``jit``), else ``x`` as an array.
+
+    Under ``jit``, ``global_topk(scores.magnitude(p), s)`` then recomputes
+    ``|w|`` inside every counting pass, and the stored ``|w|`` is dead code:
+    no parameter-sized temporary. The test reads the tracer's defining
+    equation, which JAX does not document; where it is missing (another JAX
+    version, an eager call), the array path is taken, with the same result.
+    """
+    eqn = getattr(x, "parent", None) if isinstance(x, jax.core.Tracer) else None
+    ins = getattr(eqn, "in_tracers", None)
+    if (getattr(eqn, "primitive", None) is lax.abs_p and ins is not None and len(ins) == 1
+            and getattr(ins[0], "shape", None) == x.shape and getattr(ins[0], "dtype", None) == x.dtype):
+        return _select.LazyScores(jnp.abs, (ins[0],))
+    return jnp.asarray(x)
 
 
 def _materialized(lazy: list | None, leaves: Sequence[Any], i: int) -> jax.Array:

@@ -29,6 +29,13 @@ Method
    Counts are summed over the leaves of a group, so many leaves cost one
    pass per step, not one search per leaf; under ``jit`` with sharded leaves
    each count is reduced per shard and only scalars cross devices.
+   The words are packed along the last axis of a 2-D view that is a reshape
+   of the *inputs* (see :func:`_layout`): whole rows when they are long (row
+   sharding preserved; the last ``C mod 32`` columns of every row summed
+   apart), else 1024-element blocks of the flat leaf plus a tail. A view of
+   the computed keys whose rows do not hold whole words (the layout before)
+   costs XLA:CPU a division per element and was 7-80x slower on shapes such
+   as 1000x1000.
 4. Ties at the threshold are broken by position, lower flat index first and
    leaves in pytree order: when the threshold key ``g`` is tied across the
    cut, the same loop goes on to search the tie position ``p`` such that
@@ -352,11 +359,43 @@ def _opaque_zero(args: Sequence[jax.Array]) -> jax.Array:
     return jnp.zeros((), jnp.uint32)
 
 
-@functools.partial(jax.jit, static_argnums=(0,))
+@functools.partial(jax.jit, static_argnums=(0, 5))
 def _leaf_count(fn: Callable, args: Sequence[jax.Array], cuts: jax.Array, j: jax.Array,
-                z: jax.Array) -> jax.Array:
-    """Partial counts of one pass over one leaf (see :func:`_kept`)."""
-    return _partial_counts(_kept(_rows_view(_keys_of(fn, args, z)), *_leaf_cut(cuts, j), z))
+                z: jax.Array, shape: tuple) -> jax.Array:
+    """Partial counts of one pass over one leaf (see :func:`_kept`), in the
+    layout :func:`_layout` picks for its shape."""
+    g, p = _leaf_cut(cuts, j)
+    args = [jnp.asarray(a) for a in args]
+    layout = _layout(shape, args)
+    if layout == "keys":
+        return _partial_counts(_kept(_rows_view(_keys_of(fn, args, z)), g, p, z))
+    n = int(np.prod(shape, dtype=np.int64))
+    if layout == "rows":  # whole words of every row, then the rest of the rows
+        r, c = n // shape[-1], shape[-1]
+        rows = [_touch(a, z).reshape(r, c) if a.ndim else a for a in args]
+        main = c - c % 32
+        part = [a[:, :main] if a.ndim else a for a in rows]
+        pos = _view_position((r, main), c, z)
+        out = [_partial_counts(_kept_at(_keys_of(fn, part), pos, g, p), rows_only=True)]
+        if c % 32:
+            part = [a[:, main:] if a.ndim else a for a in rows]
+            pos = _view_position((r, c % 32), c, z) + main
+            kept = _kept_at(_keys_of(fn, part), pos, g, p)
+            out.append(jnp.sum(kept, axis=1, dtype=jnp.int32))
+        return jnp.concatenate(out) if len(out) > 1 else out[0]
+    # flat: whole 1024-element blocks of the flat leaf, then the tail block.
+    flat = [_touch(a, z).reshape(-1) if a.ndim else a for a in args]
+    main = n - n % _BLOCK
+    out = []
+    if main:
+        view = (main // _BLOCK, _BLOCK)
+        part = [a[:main].reshape(view) if a.ndim else a for a in flat]
+        out.append(_partial_counts(_kept(_keys_of(fn, part), g, p, z), rows_only=True))
+    if n % _BLOCK:  # under 1024 elements: a plain sum
+        part = [a[main:] if a.ndim else a for a in flat]
+        pos = _view_position((1, n - main), n - main, z)[0] + main
+        out.append(jnp.sum(_kept_at(_keys_of(fn, part), pos, g, p), keepdims=True, dtype=jnp.int32))
+    return jnp.concatenate(out) if len(out) > 1 else out[0]
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
@@ -411,12 +450,57 @@ def _kept(rows: jax.Array, g: jax.Array, p: jax.Array, z: jax.Array | None = Non
     ``key == g`` at a flat position below ``p`` (ties broken by position).
     In a loop, the positions depend on ``z`` (see :func:`_touch`), so that
     XLA does not store them once for all passes."""
-    r, c = rows.shape
-    row = lax.broadcasted_iota(jnp.int32, (r, c), 0)
+    return _kept_at(rows, _view_position(rows.shape, rows.shape[1], z), g, p)
+
+
+def _kept_at(keys: jax.Array, pos: jax.Array, g: jax.Array, p: jax.Array) -> jax.Array:
+    """``key > g``, or ``key == g`` at a position below ``p``."""
+    return (keys > g) | ((keys == g) & (pos < p))
+
+
+def _view_position(view: tuple, c: int, z: jax.Array | None = None) -> jax.Array:
+    """Flat positions ``row * c + col`` over a 2-D ``view`` (``c`` is the
+    leaf's row length, at most the view's). In a loop they depend on ``z``
+    (see :func:`_touch`), so that XLA does not store them for all passes."""
+    row = lax.broadcasted_iota(jnp.int32, view, 0)
     if z is not None:
         row = row + z.astype(jnp.int32)
-    pos = row * c + lax.broadcasted_iota(jnp.int32, (r, c), 1)
-    return (rows > g) | ((rows == g) & (pos < p))
+    return row * c + lax.broadcasted_iota(jnp.int32, view, 1)
+
+
+# Counting layouts. Words of 32 booleans are packed along the last axis of a
+# 2-D view; on XLA:CPU that is only fast (a few times a one-pass count) when
+# the view is a reshape of the *arguments* that needs no division per
+# element: a view of a computed array whose rows do not hold whole words
+# costs 8-80x the one-pass count (division and modulo in every index).
+#   "rows": rows of the leaf (leading axes merged), padded to a multiple of
+#           32 by padding the arguments; rows stay whole, so row sharding is
+#           preserved. Used when the rows are long enough to give at most one
+#           partial count per 256 elements.
+#   "flat": 1024-element blocks of the flat leaf (arguments reshaped to 1-D,
+#           padded to whole blocks): any shape, one layout per size.
+#   "keys": the old view of the computed keys, for key functions whose
+#           arguments do not all have the leaf's shape (e.g. keys computed
+#           from positions and scalars), which cannot be reshaped before
+#           ``fn``.
+# Padding is excluded by ``pos < n``, so it costs nothing in the count.
+_BLOCK = 1024
+_ROWS_MIN = 128
+
+
+def _layout(shape: tuple, args: Sequence[jax.Array]) -> str:
+    """The counting layout of a leaf of ``shape`` (see above)."""
+    if not args or any(tuple(a.shape) != tuple(shape) for a in args):
+        return "keys"  # keys may depend on positions (e.g. scalar args and iotas)
+    n = int(np.prod(shape, dtype=np.int64))
+    if len(shape) >= 1 and n:
+        c = shape[-1]
+        words = c // 32
+        wb = max(d for d in range(1, 33) if words % d == 0) if words else 1
+        fits = (n // c) * (words // wb) <= max(1, n // 256)  # few partial counts
+        if fits and (c % 32 == 0 or (len(shape) >= 2 and c >= _ROWS_MIN)):
+            return "rows"
+    return "flat"
 
 
 def _per_leaf(leaves: Sequence[_Leaf], g: jax.Array, p: jax.Array) -> jax.Array:
@@ -436,7 +520,7 @@ def _leaf_cut(leaf: jax.Array, j: jax.Array) -> tuple[jax.Array, jax.Array]:
     return col[0], lax.bitcast_convert_type(col[1], jnp.int32)
 
 
-def _partial_counts(rows: jax.Array) -> jax.Array:
+def _partial_counts(rows: jax.Array, rows_only: bool = False) -> jax.Array:
     """Counts of ``True`` in blocks of a ``(R, C)`` bool array: a 1-D int32
     vector of about ``size / 1024`` partial counts (at least one), in one
     fused kernel.
@@ -454,7 +538,7 @@ def _partial_counts(rows: jax.Array) -> jax.Array:
     if c % 32 == 0:
         w = c // 32
         wb = max(d for d in range(1, 33) if w % d == 0)
-        if r * (w // wb) <= max(1, rows.size // 256):
+        if rows_only or r * (w // wb) <= max(1, rows.size // 256):
             words = jnp.sum(rows.reshape(r, w // wb, wb, 32).astype(jnp.uint32) << bit, axis=3,
                             dtype=jnp.uint32)
             return jnp.sum(lax.population_count(words), axis=2, dtype=jnp.int32).reshape(-1)
@@ -798,7 +882,8 @@ def select_groups(
         raw[leaf.group] |= leaf.raw
 
     def count(leaf_cuts, js, z):
-        partials = [_leaf_count(leaf.fn, leaf.args, leaf_cuts, j, z) for leaf, j in zip(live, js)]
+        partials = [_leaf_count(leaf.fn, leaf.args, leaf_cuts, j, z, leaf.shape)
+                    for leaf, j in zip(live, js)]
         return _group_sums(partials, live, n_groups)
 
     leaf_cuts, js, _ = _search(count, lambda g, p: _per_leaf(live, g, p), n, k,

@@ -531,7 +531,26 @@ def test_lazy_score_leaves_store_no_score_sized_temporary():
     def temp(fn):
         return jax.jit(fn).lower(params).compile().memory_analysis().temp_size_in_bytes
 
-    stored = temp(lambda p: jp.masks.global_topk(jp.scores.magnitude(p), 0.9))
+    stored = temp(lambda p: jp.masks.global_topk(  # |w| the masks cannot recompute
+        jax.tree.map(lambda w: jax.lax.optimization_barrier(jnp.abs(w)), p), 0.9))
     lazy = temp(lambda p: jp.masks.global_topk(_lazy_magnitude(p), 0.9))
-    assert stored >= n_bytes  # the |w| arrays: what the lazy leaves avoid
+    assert stored >= n_bytes  # the score arrays: what the lazy leaves avoid
     assert lazy < 0.1 * n_bytes
+
+
+@pytest.mark.parametrize("fn", [jp.masks.global_topk, jp.masks.topk], ids=["global", "topk"])
+def test_magnitude_under_jit_is_lazy(fn):
+    """The obvious path, ``fn(scores.magnitude(p), s)`` under ``jit``, stores
+    no ``|w|``: the masks recompute it (same masks as stored scores)."""
+    k = jax.random.split(jax.random.key(1), 3)
+    params = {"a": jax.random.normal(k[0], (300, 301)), "b": jax.random.normal(k[1], (4096, 33)),
+              "c": jnp.round(jax.random.normal(k[2], (3, 3, 20, 40))).astype(jnp.bfloat16)}
+    n_bytes = sum(x.size * 4 for x in jax.tree.leaves(params))
+    obvious = jax.jit(lambda p: fn(jp.scores.magnitude(p), 0.8))
+    temp = obvious.lower(params).compile().memory_analysis().temp_size_in_bytes
+    assert temp < 0.1 * n_bytes, temp
+    host = {key: np.abs(np.asarray(w, np.float32)) for key, w in params.items()}
+    want = fn(host, 0.8)  # plain arrays, outside jit
+    got = obvious(params)
+    for key in params:
+        np.testing.assert_array_equal(np.asarray(got[key]), np.asarray(want[key]), err_msg=key)

@@ -52,6 +52,12 @@ TEMPLATES = {
         "both": mk((32, 64), F32),
         "deep": mk((2, 3, 32), F16),
         "odd": mk((7, 9), F32),
+        # Counting layouts of select._layout: rows with a tail of columns
+        # (last axis >= 256, not a multiple of 32), flat 1024-element blocks
+        # plus a tail block, flat blocks of a 3-D leaf with a short last axis.
+        "rows_tail": mk((5, 300), F32),
+        "flat": mk((40, 50), BF16),
+        "flat3": mk((33, 40, 3), F32),
     },
     "mixed": lambda mk: {
         "conv": {"kernel": mk((3, 3, 4, 8), F32), "bias": mk((8,), F32)},
