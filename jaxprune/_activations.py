@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxprune import tree as _tree
 from jaxprune.graph._control import CALLS, sub_jaxpr
 from jaxprune.graph._model import rebuild
 
@@ -126,7 +127,9 @@ def unit_stats(graph, apply_fn: Callable, variables: Any, args: tuple,
     """Per-unit APoZ, activity and (with ``loss_fn``) Taylor scores of every
     prunable group, from its consumers' inputs (see
     :func:`jaxprune.sensitivity.unit_stats`); one jitted call."""
-    return jax.jit(lambda v, a: _unit_stats(graph, apply_fn, v, a, loss_fn))(variables, args)
+    arrays, rest = _tree.split_arrays(variables)  # non-array leaves (Equinox) closed over
+    return jax.jit(lambda v, a: _unit_stats(graph, apply_fn, _tree.merge_arrays(rest, v), a,
+                                            loss_fn))(arrays, args)
 
 
 def _unit_stats(graph, apply_fn: Callable, variables: Any, args: tuple,

@@ -557,14 +557,29 @@ def compact(graph: ModelGraph, variables: PyTree, masks: PyTree) -> PyTree:
     index = _kept_positions(graph, keep)
     out = []
     for j, (x, m) in enumerate(zip(leaves, mleaves)):
+        axes = index.get(j, {})
+        if not axes and (m is None or np.ndim(m) == 0):
+            out.append(x)  # untouched: PRNG keys, counters, flags, unpruned leaves
+            continue
+        _check_sliceable(graph.leaves[j].path, x)
         xp = np if _on_host(x) and (m is None or _on_host(m)) else jnp
         x = xp.asarray(x)
-        if m is not None:
+        if m is not None and np.ndim(m):
             x = xp.where(xp.asarray(m), x, xp.zeros((), x.dtype))
-        for axis, idx in sorted(index.get(j, {}).items()):
+        for axis, idx in sorted(axes.items()):
             x = _take(xp, x, idx, axis)
         out.append(jnp.asarray(x))
     return rebuild(graph.treedef, out, graph.static, fill=...)
+
+
+def _check_sliceable(path: str, x: Any) -> None:
+    """Raises ``TypeError`` for a PRNG key that compaction would have to cut."""
+    if _tree.is_key(x):
+        raise TypeError(
+            f"structured.compact: leaf {path!r} is a PRNG key ({x.dtype}) but the masks or "
+            "the graph's groups cut it. Keys are state, not weights: build the masks with "
+            "jp.structured.masks (keys get a scalar True) and trace the model in inference "
+            "mode, so that no removed unit reaches a key.")
 
 
 def _on_host(x: Any) -> bool:

@@ -703,11 +703,31 @@ def _gather(w: Walker, eqn, args):
 # Sources
 
 
-SOURCES = [_p(n) for n in ("iota_p", "random_bits_p", "random_seed_p", "random_wrap_p",
-                           "rng_uniform_p", "rng_bit_generator_p", "threefry2x32_p",
-                           "random_split_p", "random_fold_in_p", "random_unwrap_p")]
+SOURCES = [_p("iota_p")]
+RANDOM = [_p(n) for n in ("random_bits_p", "random_seed_p", "random_wrap_p", "rng_uniform_p",
+                          "rng_bit_generator_p", "threefry2x32_p", "random_split_p",
+                          "random_fold_in_p", "random_unwrap_p")]
+RANDOM_REASON = ("random bits drawn with this axis in their shape (dropout or noise in "
+                 "training mode: trace the model in inference mode, e.g. model.eval(), "
+                 "deterministic=True or eqx.nn.inference_mode)")
 
 
 @rule(*SOURCES)
 def _source(w: Walker, eqn, args):
     return [w.constant(v.aval.shape) for v in eqn.outvars]
+
+
+@rule(*RANDOM)
+def _random(w: Walker, eqn, args):
+    """PRNG keys and bits: a slice of the bits drawn for a smaller shape is
+    not the bits drawn for the full one, so every axis they meet is pinned."""
+    return [w.blank(v.aval.shape, w.reason(RANDOM_REASON)) for v in eqn.outvars]
+
+
+@rule(_p("bitcast_convert_type_p"))
+def _bitcast(w: Walker, eqn, args):
+    """A bitcast between types of one width is elementwise (random bits made
+    floats); one that changes the width adds or removes an axis: unknown."""
+    if tuple(eqn.outvars[0].aval.shape) == tuple(eqn.invars[0].aval.shape):
+        return [args[0]]
+    return w.unknown(eqn, args)
