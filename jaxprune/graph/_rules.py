@@ -603,7 +603,9 @@ def _dot_general(w: Walker, eqn, args):
     if lhs.meta.kind == ACT and rhs.meta.kind == ACT:  # attention-like: heads are batch axes
         for i in lb:
             w.head_axes.append(w.flatten(w.current(lhs.axes[i])))
-        w.head_dim_ids.extend([_ids(lhs, lc), _ids(lhs, free_l), _ids(rhs, free_r)])  # q/k, value
+        # q/k (both sides: a key with one head meets query dims already split), value
+        w.head_dim_ids.extend([_ids(lhs, lc), _ids(rhs, rc), _ids(lhs, free_l),
+                               _ids(rhs, free_r)])
     shape = eqn.outvars[0].aval.shape
     contracted = int(np.prod([lhs.shape()[i] for i in lc])) if lc else 1
     w.site("dot_general", int(np.prod(shape)) * contracted,
