@@ -238,11 +238,7 @@ def _check_values(allocation: PyTree) -> None:
     for p, v in _flat_with_none(allocation):
         if v is None or callable(v):
             continue
-        key = _tree.path_str(p)
-        if isinstance(v, (Mapping, list, tuple)):
-            raise TypeError(f"allocation[{key!r}] must be a number in [0, 1], a schedule or "
-                            f"None, got {v!r}.")
-        _masks.check_sparsity(v, f"allocation[{key!r}]")
+        _masks.check_sparsity(v, f"allocation[{_tree.path_str(p)!r}]")
 
 
 def _check_regex(allocation: Mapping, params: PyTree, where: Any) -> None:
