@@ -54,7 +54,8 @@ def test_every_model_holds_state_and_prunable_groups(case):
     kinds = {type(x).__name__ if not jp.tree.is_array(x) else
              ("key" if jp.tree.is_key(x) else np.asarray(x).dtype.kind)
              for _, x in _state_leaves(variables)}
-    assert kinds, name  # every model here keeps non-weight state
+    stats = any(p.startswith("batch_stats/") for p in jp.tree.paths(variables))
+    assert kinds or stats, name  # every model here keeps state beside its weights
     if name.startswith("nnx"):
         assert "key" in kinds and "u" in kinds  # RngKey and RngCount (uint32)
     assert g.prunable, name
