@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxprune import tree as _tree
 from jaxprune.graph import rebuild
 from jaxprune.graph import sites as _sites
 
@@ -92,7 +93,9 @@ def unit_stats(graph, apply_fn: Callable, variables: Any, args: tuple,
     """Per-unit APoZ, activity and (with ``loss_fn``) Taylor scores of every
     prunable group, from its consumers' inputs (see
     :func:`jaxprune.sensitivity.unit_stats`); one jitted call."""
-    return jax.jit(lambda v, a: _unit_stats(graph, apply_fn, v, a, loss_fn))(variables, args)
+    arrays, rest = _tree.split_arrays(variables)  # non-array leaves (Equinox) closed over
+    return jax.jit(lambda v, a: _unit_stats(graph, apply_fn, _tree.merge_arrays(rest, v), a,
+                                            loss_fn))(arrays, args)
 
 
 def _unit_stats(graph, apply_fn: Callable, variables: Any, args: tuple,

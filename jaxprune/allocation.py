@@ -15,7 +15,18 @@ An *allocation* turns one overall sparsity into per-leaf sparsities
 * ``{regex: sparsity}``: leaves whose path matches a key get that sparsity
   (a number or an optax schedule of the step); all other selected leaves get
   the overall sparsity. The first matching key wins.
+* a per-leaf tree: a prefix tree of the parameters (the same keys from the
+  root down to any depth) of numbers, schedules or ``None``; a value covers
+  the leaves under it and overrides the overall sparsity there (``None``:
+  not covered). :func:`from_sensitivity` returns one. A dict is read as a
+  tree when its key paths name subtrees covering every leaf of the
+  parameters, else as ``{regex: sparsity}``.
 * a callable ``(params, sparsity) -> tree of per-leaf sparsities``.
+
+The names are a registry (:data:`REGISTRY`, :func:`register`): an
+:class:`Allocation` says how a name gives per-leaf sparsities, masks and,
+for :func:`jaxprune.structured.masks`, unit counts; adding one is one
+:func:`register` call.
 
 Every function here takes ``(tree, sparsity, allocation, *, where=None,
 ...)`` in that order.
@@ -47,8 +58,8 @@ References:
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -65,6 +76,8 @@ PyTree = Any
 
 __all__ = [
     "NAMES",
+    "REGISTRY",
+    "Allocation",
     "check",
     "compute_masks",
     "erk",
@@ -74,53 +87,175 @@ __all__ = [
     "owl",
     "per_leaf",
     "random_masks",
+    "register",
     "sparsities",
     "uniform_budget",
 ]
 
-NAMES = ("uniform", "global", "erk")
+class Allocation(NamedTuple):
+    """A named allocation: what ``allocation="name"`` means everywhere.
+
+    Attributes:
+      name: the name users pass.
+      sparsities: ``(params, sparsity, where, layers, layer_axis) -> list``,
+        each leaf's sparsity in leaf order; ``None`` for an allocation whose
+        per-leaf counts come from the scores (then ``masks`` is given).
+      masks: ``(scores, sparsity, chosen) -> masks`` (``chosen``: the bool
+        tree of the selected leaves), or ``None``:
+        :func:`jaxprune.masks.topk` at ``sparsities``.
+      units: for :func:`jaxprune.structured.masks`: ``(scores, sparsities)
+        -> counts``, with ``scores`` a list of ``(layers, n)`` unit scores
+        (one per group) and ``sparsities`` one per group; one int32 count
+        per group (units kept in each layer), before ``round_to``. ``None``:
+        not available for structured pruning.
+    """
+
+    name: str
+    sparsities: Callable | None = None
+    masks: Callable | None = None
+    units: Callable | None = None
+
+
+REGISTRY: dict[str, Allocation] = {}
+NAMES: tuple = ()  # the registered names, in registration order
+
+
+def register(allocation: Allocation) -> Allocation:
+    """Adds (or replaces) a named allocation; returns it.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import jaxprune as jp
+      >>> half = jp.allocation.register(jp.allocation.Allocation(
+      ...     "half", sparsities=lambda params, s, where, layers, axis:
+      ...         [s / 2] * len(jax.tree_util.tree_leaves(params))))
+      >>> jp.allocation.sparsities({"w": jnp.ones((4, 4))}, 0.5, "half")
+      {'w': 0.25}
+      >>> _ = jp.allocation.REGISTRY.pop("half")
+    """
+    global NAMES
+    if not isinstance(allocation, Allocation) or not isinstance(allocation.name, str):
+        raise TypeError(f"register takes an Allocation with a str name, got {allocation!r}.")
+    if allocation.sparsities is None and allocation.masks is None:
+        raise ValueError(f"allocation {allocation.name!r} needs sparsities= or masks=.")
+    REGISTRY[allocation.name] = allocation
+    NAMES = tuple(REGISTRY)
+    return allocation
+
+
+def get(name: str, what: str = "allocation") -> Allocation:
+    """The registered allocation ``name``; ``ValueError`` naming the others."""
+    if name not in REGISTRY:
+        raise ValueError(
+            f"{what}: unknown allocation {name!r}; use one of {list(REGISTRY)}, a dict "
+            "{path regex: sparsity}, a per-leaf tree of sparsities or a callable "
+            "(params, sparsity) -> tree.")
+    return REGISTRY[name]
 
 
 def check(allocation: Any, params: PyTree | None = None, where: Any = None, *,
           layers: Any = None, layer_axis: int = 0, what: str = "allocation") -> None:
-    """Validates an allocation (names, regex keys) early, with a clear error;
-    with ``params``, also ``layers=`` / ``layer_axis=`` on them."""
+    """Validates an allocation (names, values, regex keys, tree structure)
+    early, with a clear error; with ``params``, also ``layers=`` /
+    ``layer_axis=`` on them and which form a dict is."""
     if params is not None and layers is not None:
         _tree.stacked_axes(params, layers, layer_axis, _tree.flags(params, where), what)
+    form = _form(allocation, params)
+    if form == "name":
+        get(allocation)
+    elif form in ("tree", "regex", "values"):
+        _check_values(allocation)
+    if form == "regex" and params is not None:
+        _check_regex(allocation, params, where)
+
+
+def _is_function(x: Any) -> bool:
+    return callable(x) and jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(x))
+
+
+def _form(allocation: Any, params: PyTree | None) -> str:
+    """``"name"``, ``"function"``, ``"tree"`` (a per-leaf prefix tree of the
+    params), ``"regex"`` (``{regex: sparsity}``) or, without params,
+    ``"values"`` (a tree or a regex map: the params decide)."""
     if isinstance(allocation, str):
-        if allocation not in NAMES:
+        return "name"
+    if _is_function(allocation):
+        return "function"
+    if isinstance(allocation, (bool, int, float, np.number)) or (
+            hasattr(allocation, "shape") and not isinstance(allocation, Mapping)) \
+            or jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(allocation)):
+        raise TypeError(
+            f"allocation must be one of {list(REGISTRY)}, a dict {{path regex: sparsity}}, a "
+            f"per-leaf tree of sparsities or a callable; got {type(allocation).__name__}. "
+            "For one sparsity everywhere pass sparsity= and allocation='uniform'.")
+    if params is None:
+        return "values"
+    if _covering(allocation, params) is not None:
+        return "tree"
+    if _flat_str_dict(allocation):
+        return "regex"
+    apaths = [_tree.path_str(p) for p, _ in _flat_with_none(allocation)]
+    raise ValueError(
+        f"allocation is a tree but not a prefix tree of the parameters: its leaves "
+        f"{apaths[:6]} do not cover the parameter leaves {_tree.paths(params)[:6]} (every "
+        "parameter leaf must sit under exactly one allocation leaf; use None for leaves it "
+        "leaves to sparsity=). Pass the tree for these parameters (e.g. "
+        "jp.allocation.from_sensitivity of curves scanned on them), or a flat "
+        "{path regex: sparsity} dict.")
+
+
+def _flat_with_none(tree: PyTree) -> list:
+    return jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: x is None)[0]
+
+
+def _flat_str_dict(allocation: Any) -> bool:
+    return isinstance(allocation, Mapping) and all(
+        isinstance(k, str) and jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(v))
+        for k, v in allocation.items())
+
+
+def _covering(allocation: PyTree, params: PyTree) -> list | None:
+    """Per parameter leaf, the allocation value whose path is a prefix of
+    its path (a path-component prefix), or ``None`` if ``allocation`` is
+    not a prefix tree of ``params`` (a leaf uncovered, or a value covering
+    nothing). Paths, not tree types, decide: a dict serves an NNX State."""
+    flat = _flat_with_none(allocation)
+    values = {_tree.path_str(p): v for p, v in flat}
+    used: set = set()
+    out = []
+    for path in _tree.paths(params):
+        parts = path.split("/") if path else [""]
+        hit = next((q for q in ("/".join(parts[:i]) for i in range(len(parts), -1, -1))
+                    if q in values), None)
+        if hit is None:
+            return None
+        used.add(hit)
+        out.append(values[hit])
+    return out if len(used) == len(values) else None
+
+
+def _check_values(allocation: PyTree) -> None:
+    for p, v in _flat_with_none(allocation):
+        if v is None or callable(v):
+            continue
+        _masks.check_sparsity(v, f"allocation[{_tree.path_str(p)!r}]")
+
+
+def _check_regex(allocation: Mapping, params: PyTree, where: Any) -> None:
+    for k in allocation:
+        try:
+            re.compile(k)
+        except re.error as e:
+            raise ValueError(f"allocation key {k!r} is not a valid regex: {e}") from e
+    paths = _tree.paths(params)
+    sel = _tree.flags(params, where)
+    chosen = [p for p, s in zip(paths, sel) if s]
+    for k in allocation:
+        if not any(re.search(k, p) for p in chosen):
             raise ValueError(
-                f"unknown allocation {allocation!r}; use one of {list(NAMES)}, a dict "
-                "{path regex: sparsity} or a callable (params, sparsity) -> tree."
+                f"allocation key {k!r} matches no selected leaf. Selected leaves: "
+                f"{chosen[:20]}. Fix the regex or the where= selection."
             )
-        return
-    if isinstance(allocation, dict):
-        for k, v in allocation.items():
-            if not isinstance(k, str):
-                raise TypeError(f"allocation dict keys must be regex strings, got {k!r}.")
-            try:
-                re.compile(k)
-            except re.error as e:
-                raise ValueError(f"allocation key {k!r} is not a valid regex: {e}") from e
-            if not callable(v):
-                _masks.check_sparsity(v, f"allocation[{k!r}]")
-        if params is not None:
-            paths = _tree.paths(params)
-            sel = _tree.flags(params, where)
-            chosen = [p for p, s in zip(paths, sel) if s]
-            for k in allocation:
-                if not any(re.search(k, p) for p in chosen):
-                    raise ValueError(
-                        f"allocation key {k!r} matches no selected leaf. Selected leaves: "
-                        f"{chosen[:20]}. Fix the regex or the where= selection."
-                    )
-        return
-    if callable(allocation):
-        return
-    raise TypeError(
-        f"allocation must be one of {list(NAMES)}, a dict or a callable; got "
-        f"{type(allocation).__name__}."
-    )
 
 
 def erk(params: PyTree, sparsity: Any, where: Any = None, power: float = 1.0, *,
@@ -186,35 +321,97 @@ def _layer_shape(shape: tuple, axis: int | None) -> tuple:
     return tuple(shape) if axis is None else tuple(d for a, d in enumerate(shape) if a != axis)
 
 
+# --------------------------------------------------------------------------
+# The registered allocations
+
+
+def top_units(scores: jax.Array, k: Any) -> jax.Array:
+    """Keeps exactly the ``k`` largest of a small vector (ties to the lower
+    index, NaN lowest): a stable sort of the sortable keys. Unit counts are
+    small, so a sort compiles and runs faster than the selection engine."""
+    key = _select.sortable_key(scores)
+    order = jnp.argsort(~key, stable=True)
+    rank = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
+    return rank < k
+
+
+def _uniform_units(scores: list, sparsities: list) -> list:
+    return [jnp.asarray(_select.keep_count(sc.shape[-1], s), jnp.int32)
+            for sc, s in zip(scores, sparsities)]
+
+
+def _global_units(scores: list, sparsities: list) -> list:
+    """One threshold over scores divided by their group's mean keeps
+    ``round(N (1 - s))`` of all ``N`` units; each group keeps its share,
+    averaged over its layers."""
+    if not scores:
+        return []
+    flat = [sc / jnp.maximum(jnp.mean(sc), 1e-30) for sc in scores]
+    sizes = [int(np.prod(f.shape)) for f in flat]
+    both = top_units(jnp.concatenate([f.reshape(-1) for f in flat]),
+                     _select.keep_count(sum(sizes), sparsities[0]))
+    parts = jnp.split(both, np.cumsum(sizes)[:-1])
+    return [jnp.round(jnp.sum(m).astype(jnp.float32) / sc.shape[0]).astype(jnp.int32)
+            for m, sc in zip(parts, scores)]
+
+
+register(Allocation(
+    "uniform",
+    sparsities=lambda params, s, where, layers, axis: [s] * len(_tree.paths(params)),
+    units=_uniform_units))
+register(Allocation(
+    "global",
+    masks=lambda scores, s, chosen: _masks.global_topk(scores, s, where=chosen),
+    units=_global_units))
+register(Allocation(
+    "erk",
+    sparsities=lambda params, s, where, layers, axis: jax.tree_util.tree_leaves(
+        erk(params, s, where, layers=layers, layer_axis=axis))))
+
+
 def _per_leaf(params: PyTree, sparsity: Any, allocation: Any, where: Any, step: Any,
               layers: Any = None, layer_axis: int = 0) -> list[Any]:
     """Per-leaf sparsities in leaf order (``0.0`` for unselected leaves)."""
     paths, leaves, _ = _tree.flatten(params)
     sel = _tree.flags(params, where)
     check(allocation)
-    if allocation == "global":
-        raise ValueError(
-            "allocation 'global' has no per-leaf sparsities: one threshold over all "
-            "selected leaves decides them from the scores. Use jp.allocation.masks(scores, "
-            "sparsity, 'global'), or 'uniform' / 'erk' for sparsities known in advance."
-        )
-    if allocation == "uniform":
-        out = [sparsity] * len(leaves)
-    elif allocation == "erk":
-        out = jax.tree_util.tree_leaves(erk(params, sparsity, where, layers=layers,
-                                            layer_axis=layer_axis))
-    elif isinstance(allocation, dict):
+    form = _form(allocation, params)
+    if form == "name":
+        entry = get(allocation)
+        if entry.sparsities is None:
+            raise ValueError(
+                f"allocation {allocation!r} has no per-leaf sparsities: it decides them from "
+                f"the scores. Use jp.allocation.masks(scores, sparsity, {allocation!r}), or "
+                f"one of {[n for n, a in REGISTRY.items() if a.sparsities]} for sparsities "
+                "known in advance.")
+        out = entry.sparsities(params, sparsity, where, layers, layer_axis)
+    elif form == "regex":
         out = [_regex_value(allocation, p, sparsity, step) if s else sparsity
                for p, s in zip(paths, sel)]
-    else:  # a callable (check() accepted nothing else)
+    elif form == "tree":
+        out = [_value(v, p, sparsity, step) if s else sparsity
+               for p, v, s in zip(paths, _covering(allocation, params), sel)]
+    else:
         out = _masks.per_leaf_sparsity(allocation(params, sparsity), params, paths, sel)
     return [v if s else 0.0 for v, s in zip(out, sel)]
+
+
+def _value(v: Any, path: str, sparsity: Any, step: Any) -> Any:
+    """A tree or regex-map value: ``None`` -> ``sparsity``; a schedule at ``step``."""
+    if v is None:
+        return sparsity
+    if callable(v):
+        if step is None:
+            raise ValueError(f"the allocation gives leaf {path!r} a schedule, which needs the "
+                             "step: pass step= (the transforms pass their count).")
+        return v(step)
+    return v
 
 
 def _regex_value(allocation: dict, path: str, sparsity: Any, step: Any) -> Any:
     for k, v in allocation.items():
         if re.search(k, path):
-            return v(step) if callable(v) else v
+            return _value(v, path, sparsity, step)
     return sparsity
 
 
@@ -227,9 +424,9 @@ def sparsities(params: PyTree, sparsity: Any, allocation: Any = "uniform", *,
       params: the parameters (shapes, paths and structure are used).
       sparsity: overall fraction of zeros among the selected weights (a
         number or a traced scalar).
-      allocation: ``"uniform"``, ``"erk"``, a dict ``{path regex: sparsity}``
-        or a callable (see the module docstring); not ``"global"``, whose
-        per-leaf sparsities depend on the scores.
+      allocation: ``"uniform"``, ``"erk"``, a dict ``{path regex: sparsity}``,
+        a per-leaf tree or a callable (see the module docstring); not
+        ``"global"``, whose per-leaf sparsities depend on the scores.
       where: which leaves are pruned (others get ``0.0``).
       step: the step, for schedules inside a dict allocation.
       layers: stacked leaves, each layer its own layer for ERK (see the
@@ -244,6 +441,8 @@ def sparsities(params: PyTree, sparsity: Any, allocation: Any = "uniform", *,
       >>> p = {"a": {"kernel": jnp.ones((4, 4))}, "c": {"kernel": jnp.ones((4, 4))}}
       >>> sparsities(p, 0.5, {"^c": 0.9})
       {'a': {'kernel': 0.5}, 'c': {'kernel': 0.9}}
+      >>> sparsities(p, 0.5, {"a": None, "c": {"kernel": 0.8}})  # a per-leaf tree
+      {'a': {'kernel': 0.5}, 'c': {'kernel': 0.8}}
     """
     values = _per_leaf(params, sparsity, allocation, where, step, layers, layer_axis)
     return _tree.unflatten(jax.tree_util.tree_structure(params), values)
@@ -290,9 +489,9 @@ def masks(scores: PyTree, sparsity: Any, allocation: Any = "uniform", *, where: 
     sel = _masks.selection(params, where, "params")[3]
     treedef = jax.tree_util.tree_structure(shapes)
     chosen = _tree.unflatten(treedef, sel)
-    if allocation == "global":
+    if isinstance(allocation, str) and get(allocation).masks is not None:
         _tree.stacked_axes(params, layers, layer_axis, sel, "masks")  # the checks only
-        return _masks.global_topk(scores, sparsity, where=chosen)
+        return get(allocation).masks(scores, sparsity, chosen)
     sp = _per_leaf(params, sparsity, allocation, where, step, layers, layer_axis)
     stack = None if layers is None else _tree.unflatten(
         treedef, [a is not None for a in _tree.stacked_axes(params, layers, layer_axis, sel,

@@ -317,7 +317,9 @@ def _round_end(plan, inner, state, params, grads, snap, score_state, like):
     (emitted as ``rewound - p``), fresh inner and score states."""
     masks, key_data = _new_masks(plan, state, params, grads, score_state)
     rewound = rewind(snap, masks)
-    u = jax.tree.map(lambda r, p, t: (r - p).astype(t.dtype), rewound, params, like)
+    u = jax.tree.map(lambda r, p, t: (r - p).astype(t.dtype) if _tree.is_float(p)
+                     else np.zeros(t.shape, t.dtype),  # keys, counters, flags: not rewound
+                     rewound, params, like)
     return (u, inner.init(rewound), masks, plan.scorer.init(rewound), key_data,
             state.round + 1)
 

@@ -96,8 +96,10 @@ def _check_float(path: str, leaf: Any, what: str = "scores") -> None:
     if not _tree.is_float(leaf):
         raise TypeError(
             f"{what} leaf {path!r} has dtype {jnp.result_type(leaf)}, but only floating "
-            "leaves can be scored and pruned. Exclude it with where= (e.g. a regex "
-            "or a callable), or cast it to a float dtype."
+            "leaves can be scored and pruned. Integer and bool leaves are usually state "
+            "(step counters, nnx.Rngs counts, raw uint32 PRNG key data, flags), not "
+            "weights: exclude it with where= (e.g. a regex or a callable); if it is a "
+            "weight, cast it to a float dtype."
         )
 
 

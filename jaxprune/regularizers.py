@@ -105,9 +105,11 @@ def _transform(what: str, strength: Any, learning_rate: Any,
         if learning_rate is None:
             out = grad_fn(updates, params, lam)
         else:
-            z = jax.tree.map(lambda p, u: (p + u).astype(p.dtype), params, updates)
+            z = jax.tree.map(lambda p, u: (p + u).astype(p.dtype) if _tree.is_float(p) else p,
+                             params, updates)  # keys, counters, flags: not stepped
             new = prox_fn(z, lam * _value(learning_rate, state.count))
-            out = jax.tree.map(_delta, new, params, updates)
+            out = jax.tree.map(lambda n, p, u: _delta(n, p, u) if _tree.is_float(p) else u,
+                               new, params, updates)
         return out, RegularizerState(optax.safe_increment(state.count))
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -322,9 +322,13 @@ def _masked(layers: _Layers, ranks: tuple, params: PyTree, kept: jax.Array) -> P
     _, leaves, treedef = _tree.flatten(params)
     static = dict(layers.graph.static)
     arrays = iter(masks)
-    out = [x if i in static else jnp.where(next(arrays), x, jnp.zeros((), jnp.result_type(x)))
-           for i, x in enumerate(leaves)]
+    out = [x if i in static else _mask_leaf(x, next(arrays)) for i, x in enumerate(leaves)]
     return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _mask_leaf(x: Any, m: Any) -> Any:
+    """A scalar mask leaves ``x`` as it is (keys, counters, unpruned leaves)."""
+    return x if np.ndim(m) == 0 else jnp.where(m, x, jnp.zeros((), jnp.result_type(x)))
 
 
 def _arrays_of(graph: ModelGraph, tree: PyTree) -> list:
@@ -341,7 +345,8 @@ def check_metric(metric_fn: Callable, params: PyTree) -> None:
     if not callable(metric_fn):
         raise TypeError(f"metric_fn must be a callable params -> scalar, got "
                         f"{type(metric_fn).__name__}.")
-    out = jax.eval_shape(metric_fn, params)
+    arrays, rest = _tree.split_arrays(params)  # non-array leaves (Equinox) pass through
+    out = jax.eval_shape(lambda a: metric_fn(_tree.merge_arrays(rest, a)), arrays)
     shape, dtype = getattr(out, "shape", None), getattr(out, "dtype", None)
     if shape != () or dtype is None or not jnp.issubdtype(dtype, jnp.number) \
             or jnp.issubdtype(dtype, jnp.complexfloating):
@@ -352,9 +357,9 @@ def check_metric(metric_fn: Callable, params: PyTree) -> None:
 
 def _row_bytes(metric_fn: Callable, params: PyTree) -> int:
     """Rough bytes of one evaluation: the parameters plus every intermediate."""
-    pbytes = sum(np.size(x) * jnp.dtype(jnp.result_type(x)).itemsize
-                 for x in jax.tree_util.tree_leaves(params))
-    jaxpr = jax.make_jaxpr(metric_fn)(params).jaxpr
+    arrays, rest = _tree.split_arrays(params)
+    pbytes = sum(np.size(x) * x.dtype.itemsize for x in arrays)  # typed keys have one too
+    jaxpr = jax.make_jaxpr(lambda a: metric_fn(_tree.merge_arrays(rest, a)))(arrays).jaxpr
     return int(pbytes + _jaxpr_bytes(jaxpr))
 
 
@@ -381,17 +386,25 @@ def evaluator(metric_fn: Callable, layers: _Layers, batch_size: int) -> Callable
     key = (metric_fn, layers.granularity, layers.index, layers.treedef,
            id(layers.graph), int(batch_size))
     if key not in _EVALUATORS:
-        def run(params, ranks, kept):
+        def run(arrays, ranks, kept, rest):
+            params = _tree.merge_arrays(rest, arrays)
+
             def one(k):
                 return jnp.asarray(metric_fn(_masked(layers, ranks, params, k)), jnp.float32)
 
             return jax.lax.map(one, kept, batch_size=min(batch_size, kept.shape[0]))
 
-        _EVALUATORS[key] = (jax.jit(run), layers.graph)  # the graph kept alive with its id
+        # the graph kept alive with its id; non-array leaves are static arguments
+        _EVALUATORS[key] = (jax.jit(run, static_argnums=3), layers.graph)
         while len(_EVALUATORS) > 8:
             _EVALUATORS.popitem(last=False)
     fn = _EVALUATORS[key][0]
-    return lambda params, kept: fn(params, layers.ranks, kept)
+
+    def evaluate(params, kept):
+        arrays, rest = _tree.split_arrays(params)
+        return fn(arrays, layers.ranks, kept, rest)
+
+    return evaluate
 
 
 # --------------------------------------------------------------------------

@@ -51,7 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxprune import select as _select
+from jaxprune import allocation as _alloc
 from jaxprune import transform_base as _tb
 from jaxprune import tree as _tree
 from jaxprune.graph import Group, ModelGraph, rebuild
@@ -205,7 +205,9 @@ def masks(graph: ModelGraph, scores: Sequence, sparsity: Any, *, allocation: str
       scores: from :func:`scores` (aligned with ``graph.groups``).
       sparsity: fraction of units removed: a number (traced is fine) or a
         mapping from group index or name to a number.
-      allocation: ``"uniform"`` or ``"global"``.
+      allocation: a registered allocation with a structured form
+        (:data:`jaxprune.allocation.REGISTRY`): ``"uniform"`` or
+        ``"global"``.
       round_to: keep unit counts at multiples of this (e.g. 8 for tensor
         cores): an int, or a mapping from a group index, name or kind
         (``"heads"``, ``"head_dims"``, ``"channels"``) to an int (1 for the
@@ -225,24 +227,22 @@ def masks(graph: ModelGraph, scores: Sequence, sparsity: Any, *, allocation: str
       A bool mask tree with the structure of the traced variables.
     """
     chosen = _chosen_groups(graph, scores, groups)
-    if allocation not in ("uniform", "global"):
-        raise ValueError(f"structured.masks: allocation must be 'uniform' or 'global', got "
-                         f"{allocation!r}.")
+    alloc = _structured_allocation(allocation, "structured.masks")
     rmap = _round_to_of(chosen, round_to)
     counts = _counts_of(chosen, keep or {})
-    if allocation == "global" and (keep or isinstance(sparsity, Mapping)):
-        raise ValueError("structured.masks: allocation='global' takes one sparsity and no "
-                         "keep=. Use allocation='uniform' for per-group sparsities or counts.")
+    if alloc.sparsities is None and (keep or isinstance(sparsity, Mapping)):
+        raise ValueError(f"structured.masks: allocation={allocation!r} takes one sparsity and "
+                         "no keep= (one threshold decides every group's count). Use "
+                         "allocation='uniform' for per-group sparsities or counts.")
     _check_group_keys(graph, sparsity, "structured.masks")
     if isinstance(sparsity, Mapping):
         sparsity = {k: jnp.asarray(v, jnp.float32) for k, v in sparsity.items()}
     for s in (sparsity.values() if isinstance(sparsity, Mapping) else [sparsity]):
         _check_sparsity(s)
     idx = tuple(g.index for g in chosen)
-    keep_fn = _global_keep if allocation == "global" else _uniform_keep
-    fn = _cached(graph, ("masks", allocation, rmap, tuple(sorted(counts.items())), idx),
+    fn = _cached(graph, ("masks", alloc, rmap, tuple(sorted(counts.items())), idx),
                  lambda: jax.jit(lambda sc, s: _leaf_masks(graph, dict(zip(
-                     idx, keep_fn(chosen, sc, s, rmap, counts))))))
+                     idx, _keep_units(alloc, chosen, sc, s, rmap, counts))))))
     return fn(tuple(None if i not in idx else scores[i] for i in range(len(scores))),
               sparsity)
 
@@ -341,12 +341,6 @@ def _sparsity_of(g: Group, sparsity: Any) -> Any:
     return sparsity
 
 
-def _count(n: int, s: Any, round_to: int) -> jax.Array:
-    """``round(n (1 - s))`` rounded to ``round_to``, in ``[round_to, n]``."""
-    k = jnp.asarray(_select.keep_count(n, s), jnp.int32)
-    return _round_count(k, n, round_to)
-
-
 def _round_count(k: jax.Array, n: int, round_to: int) -> jax.Array:
     if round_to == 1:
         return jnp.clip(k, 1, n)
@@ -355,64 +349,38 @@ def _round_count(k: jax.Array, n: int, round_to: int) -> jax.Array:
     return jnp.where(k >= n, n, q)
 
 
-def _uniform_keep(groups: list[Group], scores: Sequence, sparsity: Any, rmap: tuple,
-                  fixed: dict | None = None) -> list:
-    rows, counts, where = [], [], []
-    for g, r in zip(groups, rmap):
-        sc = jnp.asarray(scores[g.index], jnp.float32).reshape(g.layers or 1, g.size)
-        if fixed and g.index in fixed:
-            k = jnp.int32(fixed[g.index])
-        else:
-            k = _count(g.size, _sparsity_of(g, sparsity), r)
-        for layer in range(g.layers or 1):
-            rows.append(sc[layer])
-            counts.append(k)
-            where.append(g)
-    picked = [_top(r, k) for r, k in zip(rows, counts)]
-    return _stack_rows(groups, picked)
-
-
-def _top(scores: jax.Array, k: Any) -> jax.Array:
-    """Keeps exactly the ``k`` largest of a small vector (ties to the lower
-    index, NaN lowest): a stable sort of the sortable keys. Unit counts are
-    small, so a sort compiles and runs faster than the selection engine."""
-    key = _select.sortable_key(scores)
-    order = jnp.argsort(~key, stable=True)
-    rank = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
-    return rank < k
-
-
-def _global_keep(groups: list[Group], scores: Sequence, sparsity: Any, rmap: tuple,
-                 fixed: dict | None = None) -> list:
-    del fixed
-    flat = []
-    for g in groups:
-        sc = jnp.asarray(scores[g.index], jnp.float32)
-        flat.append(sc / jnp.maximum(jnp.mean(sc), 1e-30))
-    sizes = [int(np.prod(np.shape(f))) for f in flat]
-    both = _top(jnp.concatenate([f.reshape(-1) for f in flat]),
-                _select.keep_count(sum(sizes), sparsity))
-    first = jnp.split(both, np.cumsum(sizes)[:-1])
-    rows, counts = [], []
-    for g, m, r in zip(groups, first, rmap):
-        per_layer = jnp.round(jnp.sum(m).astype(jnp.float32) / (g.layers or 1)).astype(jnp.int32)
-        k = _round_count(per_layer, g.size, r)
-        sc = jnp.asarray(scores[g.index], jnp.float32).reshape(g.layers or 1, g.size)
-        for layer in range(g.layers or 1):
-            rows.append(sc[layer])
-            counts.append(k)
-    picked = [_top(r, k) for r, k in zip(rows, counts)]
-    return _stack_rows(groups, picked)
-
-
-def _stack_rows(groups: list[Group], picked: list) -> list:
-    out, i = [], 0
-    for g in groups:
-        n = g.layers or 1
-        rows = picked[i:i + n]
-        i += n
-        out.append(jnp.stack(rows) if g.layers else rows[0])
+def _keep_units(alloc: Any, groups: list[Group], scores: Sequence, sparsity: Any,
+                rmap: tuple, fixed: dict | None = None) -> list:
+    """Kept units per group (``(size,)`` or ``(layers, size)`` bools): counts
+    from the registered allocation (``keep=`` counts where given), rounded to
+    ``round_to``, then each row's best units."""
+    rows = [jnp.asarray(scores[g.index], jnp.float32).reshape(g.layers or 1, g.size)
+            for g in groups]
+    counts = alloc.units(rows, [_sparsity_of(g, sparsity) for g in groups])
+    out = []
+    for g, sc, k, r in zip(groups, rows, counts, rmap):
+        k = jnp.int32(fixed[g.index]) if fixed and g.index in fixed else \
+            _round_count(k, g.size, r)
+        picked = jnp.stack([_alloc.top_units(sc[layer], k) for layer in range(sc.shape[0])])
+        out.append(picked if g.layers else picked[0])
     return out
+
+
+def _structured_allocation(allocation: Any, what: str) -> Any:
+    """The registered allocation for structured pruning, checked."""
+    if not isinstance(allocation, str):
+        raise TypeError(f"{what}: allocation must be a name ({_structured_names()}), got "
+                        f"{type(allocation).__name__}. Per-group budgets go in sparsity= as "
+                        "{group index or name: sparsity}.")
+    alloc = _alloc.get(allocation, what)
+    if alloc.units is None:
+        raise ValueError(f"{what}: allocation {allocation!r} has no structured form; use one "
+                         f"of {_structured_names()}.")
+    return alloc
+
+
+def _structured_names() -> list:
+    return [n for n, a in _alloc.REGISTRY.items() if a.units is not None]
 
 
 def _leaf_masks(graph: ModelGraph, keep: dict) -> PyTree:
@@ -556,14 +524,29 @@ def compact(graph: ModelGraph, variables: PyTree, masks: PyTree) -> PyTree:
     index = _kept_positions(graph, keep)
     out = []
     for j, (x, m) in enumerate(zip(leaves, mleaves)):
+        axes = index.get(j, {})
+        if not axes and (m is None or np.ndim(m) == 0):
+            out.append(x)  # untouched: PRNG keys, counters, flags, unpruned leaves
+            continue
+        _check_sliceable(graph.leaves[j].path, x)
         xp = np if _on_host(x) and (m is None or _on_host(m)) else jnp
         x = xp.asarray(x)
-        if m is not None:
+        if m is not None and np.ndim(m):
             x = xp.where(xp.asarray(m), x, xp.zeros((), x.dtype))
-        for axis, idx in sorted(index.get(j, {}).items()):
+        for axis, idx in sorted(axes.items()):
             x = _take(xp, x, idx, axis)
         out.append(jnp.asarray(x))
     return rebuild(graph.treedef, out, graph.static, fill=...)
+
+
+def _check_sliceable(path: str, x: Any) -> None:
+    """Raises ``TypeError`` for a PRNG key that compaction would have to cut."""
+    if _tree.is_key(x):
+        raise TypeError(
+            f"structured.compact: leaf {path!r} is a PRNG key ({x.dtype}) but the masks or "
+            "the graph's groups cut it. Keys are state, not weights: build the masks with "
+            "jp.structured.masks (keys get a scalar True) and trace the model in inference "
+            "mode, so that no removed unit reaches a key.")
 
 
 def _on_host(x: Any) -> bool:
@@ -744,7 +727,7 @@ def prune(inner: optax.GradientTransformation, *, graph: ModelGraph, sparsity: A
     chosen = _chosen_groups(graph, tuple(() if g.prunable else None for g in graph.groups),
                             groups)
     rmap = _round_to_of(chosen, round_to)
-    keep_fn = _global_keep if allocation == "global" else _uniform_keep
+    alloc = _structured_allocation(allocation, "structured.prune")
 
     def init_fn(params):
         _tb.check_arrays(params, "structured.prune")
@@ -764,7 +747,7 @@ def prune(inner: optax.GradientTransformation, *, graph: ModelGraph, sparsity: A
             sc[g.index] = jnp.where(kept, sc[g.index], -jnp.inf)  # removed units stay removed
         s_now = ({k: _tb.schedule_value(v, state.count) for k, v in sparsity.items()}
                  if isinstance(sparsity, Mapping) else _tb.schedule_value(sparsity, state.count))
-        keep = keep_fn(chosen, sc, s_now, rmap)
+        keep = _keep_units(alloc, chosen, sc, s_now, rmap)
         masks_ = _leaf_masks(graph, dict(zip([g.index for g in chosen], keep)))
         return tuple(keep), link.from_graph(masks_), key_data
 
@@ -798,16 +781,14 @@ def _check_group_keys(graph: ModelGraph, sparsity: Any, what: str) -> None:
 
 
 def _check_prune_sparsity(sparsity: Any, allocation: str) -> None:
-    if allocation not in ("uniform", "global"):
-        raise ValueError(f"structured.prune: allocation must be 'uniform' or 'global', got "
-                         f"{allocation!r}.")
+    alloc = _structured_allocation(allocation, "structured.prune")
     if not isinstance(sparsity, Mapping):
         _tb.check_schedule(sparsity)
         return
-    if allocation == "global":
-        raise ValueError("structured.prune: allocation='global' takes one sparsity (a number "
-                         "or schedule), not per-group budgets; use allocation='uniform' with "
-                         "a mapping.")
+    if alloc.sparsities is None:
+        raise ValueError(f"structured.prune: allocation={allocation!r} takes one sparsity (a "
+                         "number or schedule), not per-group budgets; use "
+                         "allocation='uniform' with a mapping.")
     for k, v in sparsity.items():
         _tb.check_schedule(v, f"sparsity[{k!r}]")
 

@@ -19,8 +19,9 @@ function acts on:
 A callable is told apart by its signature: exactly one positional parameter
 is the optax form, exactly two required ones the ``(path, leaf)`` form;
 anything that could be called both ways is an error. Leaves that are not
-arrays (an Equinox module's activation functions, strings) are never
-selected, whatever ``where=`` says.
+arrays (an Equinox module's activation functions, strings) and typed PRNG
+keys (``nnx.Rngs`` state) are never selected, whatever ``where=`` says; they
+pass through every function untouched.
 
 The default rule (:func:`is_kernel`). A leaf is a kernel if and only if
 
@@ -43,8 +44,8 @@ name. The rule is a heuristic on names and shapes: a kernel named like a norm
 parameter is missed, and a parameter that is not a kernel but has a kernel's
 name and shape is selected. Check what it selects with :func:`selected` (or
 ``jp.summary(params)`` before training), and pass ``where=`` where it is
-wrong. The model graph (``where=graph.kernels``, in a later release) reads
-roles from the computation itself and is the precise way.
+wrong. The model graph (``where=graph.kernels``, :func:`jaxprune.graph.trace`)
+reads roles from the computation itself and is the precise way.
 
 Example:
   >>> import jax.numpy as jnp
@@ -64,7 +65,7 @@ from __future__ import annotations
 import inspect
 import re
 from collections.abc import Callable, Sequence
-from typing import Any, Union
+from typing import Any, NamedTuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -83,6 +84,7 @@ __all__ = [
     "is_array",
     "is_float",
     "is_kernel",
+    "is_key",
     "path_str",
     "paths",
     "select",
@@ -168,6 +170,15 @@ def _dtype(x: Any) -> Any:
     return x.dtype if hasattr(x, "dtype") else jnp.result_type(x)
 
 
+def is_key(x: Any) -> bool:
+    """Whether ``x`` is an array of typed PRNG keys (``jax.random.key``, the
+    key leaves of ``nnx.Rngs``). Keys are state, never weights: every
+    function passes them through untouched (raw ``uint32`` key data is an
+    integer array and passes through as such)."""
+    dtype = getattr(x, "dtype", None)
+    return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+
+
 def is_float(x: Any) -> bool:
     """Whether ``x`` is an array (or scalar) of a floating dtype."""
     return is_array(x) and jnp.issubdtype(_dtype(x), jnp.floating)
@@ -238,7 +249,7 @@ def flags(tree: PyTree, where: Where = None, *, what: str = "where") -> list[boo
 
     Returns:
       A list of Python bools, one per leaf; ``False`` for every leaf that is
-      not an array.
+      not an array and every PRNG key (:func:`is_key`).
 
     Raises:
       ValueError: if a regex or a callable selects no leaf at all, a prefix
@@ -268,7 +279,7 @@ def flags(tree: PyTree, where: Where = None, *, what: str = "where") -> list[boo
             sel = [is_array(x) and bool(where(p, x)) for p, x in zip(names, leaves)]
     else:
         sel = _prefix_flags(where, tree, what)
-    sel = [bool(s) and is_array(x) for s, x in zip(sel, leaves)]
+    sel = [bool(s) and is_array(x) and not is_key(x) for s, x in zip(sel, leaves)]
     if is_fn and any(is_array(x) for x in leaves) and not any(sel):
         raise ValueError(
             f"{what}={where!r} selects no leaf. The leaf paths are: {_some(names)}."
@@ -405,6 +416,35 @@ def leaves_like(tree: PyTree, other: PyTree) -> list[Any]:
             return leaves
         it = iter(leaves)
         return [next(it) if is_array(x) else None for x in jax.tree_util.tree_leaves(tree)]
+
+
+class Rest(NamedTuple):
+    """What :func:`split_arrays` takes out of a tree besides its arrays:
+    the structure and the other leaves, ``((index, leaf), ...)``. Hashable
+    when those leaves are (functions, strings, numbers), so it can be a
+    static argument of ``jax.jit``."""
+
+    treedef: Any
+    leaves: tuple
+
+
+def split_arrays(tree: PyTree) -> tuple[list, Rest]:
+    """The array leaves of ``tree`` (what ``jax.jit`` can take) and the rest
+    (:class:`Rest`: Equinox activation functions, strings, Python numbers),
+    as ``eqx.partition(tree, eqx.is_array)`` splits a module.
+    :func:`merge_arrays` puts them back together."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    arrays = [x for x in leaves if is_array(x)]
+    rest = tuple((i, x) for i, x in enumerate(leaves) if not is_array(x))
+    return arrays, Rest(treedef, rest)
+
+
+def merge_arrays(rest: Rest, arrays: Sequence[Any]) -> PyTree:
+    """The tree :func:`split_arrays` split, with ``arrays`` for its arrays."""
+    static, it = dict(rest.leaves), iter(arrays)
+    return jax.tree_util.tree_unflatten(
+        rest.treedef, [static[i] if i in static else next(it)
+                       for i in range(rest.treedef.num_leaves)])
 
 
 def broadcast_values(value: Any, tree: PyTree, what: str) -> list[Any]:

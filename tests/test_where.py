@@ -53,7 +53,9 @@ def test_default_masks_prune_kernels_and_leave_everything_else(model):
             kept, size = kept + int(m.sum()), size + v.size
         else:
             assert np.shape(m) == () and bool(m), f"{name}: {p} got a mask"
-            if jp.tree.is_array(v):
+            if jp.tree.is_key(v):  # PRNG keys (nnx.Rngs state) pass through
+                np.testing.assert_array_equal(jax.random.key_data(q), jax.random.key_data(v))
+            elif jp.tree.is_array(v):
                 np.testing.assert_array_equal(np.asarray(q), np.asarray(v), err_msg=p)
             else:
                 assert q is v, p  # an activation function passes through

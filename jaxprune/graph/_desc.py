@@ -148,8 +148,8 @@ class Context:
             rows = blk.ids.reshape((d0, -1) + blk.ids.shape[blk.ndims:])
             first = _first_labeled(np.moveaxis(rows, 1, -1), axis=-1)
             self.edge(first[:, None], rows)
-            inner = self.reason("a channel axis split by a reshape: only whole "
-                                "units of the outer axis can be pruned")
+            inner = self.reason("a channel axis split by a reshape (e.g. into heads x head "
+                                "dims): only whole units of the outer axis can be pruned")
             has = bool((blk.ids >= 0).any())
             rest = [codes(n, inner) if has else np.moveaxis(blk.ids, i, 0).reshape(
                 n, -1)[:, 0].copy() for i, n in enumerate(blk.dims) if i > 0]

@@ -603,7 +603,9 @@ def _dot_general(w: Walker, eqn, args):
     if lhs.meta.kind == ACT and rhs.meta.kind == ACT:  # attention-like: heads are batch axes
         for i in lb:
             w.head_axes.append(w.flatten(w.current(lhs.axes[i])))
-        w.head_dim_ids.extend([_ids(lhs, lc), _ids(lhs, free_l), _ids(rhs, free_r)])  # q/k, value
+        # q/k (both sides: a key with one head meets query dims already split), value
+        w.head_dim_ids.extend([_ids(lhs, lc), _ids(rhs, rc), _ids(lhs, free_l),
+                               _ids(rhs, free_r)])
     shape = eqn.outvars[0].aval.shape
     contracted = int(np.prod([lhs.shape()[i] for i in lc])) if lc else 1
     w.site("dot_general", int(np.prod(shape)) * contracted,
@@ -703,11 +705,31 @@ def _gather(w: Walker, eqn, args):
 # Sources
 
 
-SOURCES = [_p(n) for n in ("iota_p", "random_bits_p", "random_seed_p", "random_wrap_p",
-                           "rng_uniform_p", "rng_bit_generator_p", "threefry2x32_p",
-                           "random_split_p", "random_fold_in_p", "random_unwrap_p")]
+SOURCES = [_p("iota_p")]
+RANDOM = [_p(n) for n in ("random_bits_p", "random_seed_p", "random_wrap_p", "rng_uniform_p",
+                          "rng_bit_generator_p", "threefry2x32_p", "random_split_p",
+                          "random_fold_in_p", "random_unwrap_p")]
+RANDOM_REASON = ("random bits drawn with this axis in their shape (dropout or noise in "
+                 "training mode: trace the model in inference mode, e.g. model.eval(), "
+                 "deterministic=True or eqx.nn.inference_mode)")
 
 
 @rule(*SOURCES)
 def _source(w: Walker, eqn, args):
     return [w.constant(v.aval.shape) for v in eqn.outvars]
+
+
+@rule(*RANDOM)
+def _random(w: Walker, eqn, args):
+    """PRNG keys and bits: a slice of the bits drawn for a smaller shape is
+    not the bits drawn for the full one, so every axis they meet is pinned."""
+    return [w.blank(v.aval.shape, w.reason(RANDOM_REASON)) for v in eqn.outvars]
+
+
+@rule(_p("bitcast_convert_type_p"))
+def _bitcast(w: Walker, eqn, args):
+    """A bitcast between types of one width is elementwise (random bits made
+    floats); one that changes the width adds or removes an axis: unknown."""
+    if tuple(eqn.outvars[0].aval.shape) == tuple(eqn.invars[0].aval.shape):
+        return [args[0]]
+    return w.unknown(eqn, args)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from typing import Any
@@ -313,7 +314,25 @@ def _groups(w: Walker, ids: _Ids, paths: list, infos: list) -> list[Group]:
         groups.append(_make_group(len(groups), roots[chosen], bool(per_layer[chosen[0]]),
                                   els, r, paths, infos, (leaf_of, axis_of, layer_of, pos_of),
                                   pinned, w, kinds, noted))
-    return groups
+    return _unique_names(groups)
+
+
+def _unique_names(groups: list[Group]) -> list[Group]:
+    """Names are keys (``groups=``, per-group sparsities): a second group on
+    the same leaf axis (the head dims of a single key/value head beside the
+    query heads) gets its kind appended, then a counter."""
+    seen: set = set()
+    out = []
+    for g in groups:
+        name = g.name
+        if name in seen:
+            name = f"{g.name} {g.kind}"
+        n = 2
+        while name in seen:
+            name, n = f"{g.name} #{n}", n + 1
+        seen.add(name)
+        out.append(g if name == g.name else dataclasses.replace(g, name=name))
+    return out
 
 
 def _kinds(w: Walker, root: np.ndarray) -> dict:
