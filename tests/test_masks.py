@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import oracle
 import pytest
+from harness import assert_trees_equal
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -518,9 +519,7 @@ def test_lazy_score_leaves_give_the_same_masks(call):
               "bias": jnp.ones(8)}
     want = jax.jit(lambda p: call(jp.scores.magnitude(p)))(params)
     got = jax.jit(lambda p: call(_lazy_magnitude(p)))(params)
-    assert jax.tree.structure(got) == jax.tree.structure(want)
-    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+    assert_trees_equal(got, want)
     assert np.ndim(got["bias"]) == 0  # where= decided on the lazy leaves' shapes
 
 

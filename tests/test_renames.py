@@ -9,9 +9,9 @@ import inspect
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 import pytest
+from harness import assert_trees_equal
 
 import jaxprune as jp
 
@@ -19,11 +19,6 @@ import jaxprune as jp
 def _params():
     return {"a": {"kernel": jnp.arange(1.0, 13.0).reshape(3, 4), "bias": jnp.ones(4)},
             "c": {"kernel": jnp.arange(1.0, 9.0).reshape(4, 2), "bias": jnp.ones(2)}}
-
-
-def _same(a, b):
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 # --------------------------------------------------------------------------
@@ -54,7 +49,7 @@ def test_deprecated_functions_warn_and_match_the_new_ones():
     for new, old_call, new_call in cases:
         with pytest.warns(DeprecationWarning, match=new.replace("(", r"\(").replace(")", r"\)")):
             old = old_call()
-        _same(old, new_call())
+        assert_trees_equal(old, new_call())
 
 
 def test_deprecated_ste_keeps_its_old_signature():
@@ -63,14 +58,14 @@ def test_deprecated_ste_keeps_its_old_signature():
         old = jp.ste(optax.sgd(0.1), 0.5, 1)
     new = jp.ste_training(optax.sgd(0.1), sparsity=0.5, update_every=1)
     g = jax.tree.map(jnp.ones_like, p)
-    _same(old.update(g, old.init(p), p), new.update(g, new.init(p), p))
+    assert_trees_equal(old.update(g, old.init(p), p), new.update(g, new.init(p), p))
 
 
 def test_deprecated_dynamic_random_masks_keeps_erk_default():
     p, key = _params(), jax.random.key(1)
     with pytest.warns(DeprecationWarning):
         old = jp.dynamic.random_masks(key, p, 0.5)
-    _same(old, jp.allocation.random_masks(key, p, 0.5, "erk"))
+    assert_trees_equal(old, jp.allocation.random_masks(key, p, 0.5, "erk"))
 
 
 def test_snip_module_moved_to_at_init():
@@ -121,13 +116,13 @@ def test_allocation_functions_order_their_arguments_alike():
 def test_uniform_is_topk_and_global_is_global_topk():
     p = _params()
     s = jp.scores.magnitude(p)
-    _same(jp.allocation.masks(s, 0.5, "uniform"), jp.masks.topk(s, 0.5))
-    _same(jp.allocation.masks(s, 0.5, "global"), jp.masks.global_topk(s, 0.5))
+    assert_trees_equal(jp.allocation.masks(s, 0.5, "uniform"), jp.masks.topk(s, 0.5))
+    assert_trees_equal(jp.allocation.masks(s, 0.5, "global"), jp.masks.global_topk(s, 0.5))
 
 
 def test_topk_keep_counts_equal_sparsity_masks():
     s = jp.scores.magnitude(_params())
-    _same(jp.masks.topk(s, keep={"a": 6, "c": 4}), jp.masks.topk(s, 0.5))
-    _same(jp.masks.global_topk(s, keep=10), jp.masks.global_topk(s, 0.5))
+    assert_trees_equal(jp.masks.topk(s, keep={"a": 6, "c": 4}), jp.masks.topk(s, 0.5))
+    assert_trees_equal(jp.masks.global_topk(s, keep=10), jp.masks.global_topk(s, 0.5))
     traced = jax.jit(lambda s, k: jp.masks.global_topk(s, keep=k))(s, jnp.int32(10))
-    _same(traced, jp.masks.global_topk(s, 0.5))
+    assert_trees_equal(traced, jp.masks.global_topk(s, 0.5))
