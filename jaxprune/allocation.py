@@ -54,25 +54,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprune import _budget
-from jaxprune import deprecation as _deprecation
+from jaxprune import _budget, _deprecation
 from jaxprune import masks as _masks
 from jaxprune import scores as _scores
 from jaxprune import select as _select
 from jaxprune import tree as _tree
-
-PyTree = Any
+from jaxprune.tree import PyTree
 
 __all__ = [
     "NAMES",
     "check",
-    "compute_masks",
     "erk",
     "from_sensitivity",
     "global_budget",
     "masks",
     "owl",
-    "per_leaf",
     "random_masks",
     "sparsities",
     "uniform_budget",
@@ -717,13 +713,7 @@ def global_budget(graph: Any, scores: Sequence, sparsity: float, cost: str = "pa
 
 def _graph_model(graph: Any, groups: Any, cost: str) -> tuple:
     _budget.check_kind(cost)
-    if groups is None:
-        chosen = list(graph.prunable)
-    elif callable(groups):
-        chosen = [g for g in graph.groups if g.prunable and groups(g)]
-    else:
-        names = {g.name: g for g in graph.groups}
-        chosen = [names[k] if isinstance(k, str) else graph.groups[k] for k in groups]
-    if not chosen:
-        raise ValueError("no prunable group selected; print(graph) lists the groups.")
+    from jaxprune.graph import choose_groups
+
+    chosen = choose_groups(graph, groups, what="allocation budget")
     return chosen, _budget.graph_model(graph, chosen, cost)

@@ -26,8 +26,7 @@ import jax.numpy as jnp
 from jaxprune import allocation as _alloc
 from jaxprune import masks as _masks
 from jaxprune import scores as _scores
-
-PyTree = Any
+from jaxprune.tree import PyTree
 
 __all__ = ["snip", "snip_scores"]
 

@@ -68,8 +68,7 @@ from jax import lax
 from jax.extend import core as jcore
 
 from jaxprune import tree as _tree
-
-PyTree = Any
+from jaxprune.tree import PyTree
 
 __all__ = ["InputStats", "calibrate"]
 

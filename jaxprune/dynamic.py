@@ -66,16 +66,16 @@ import numpy as np
 import optax
 from jax import lax
 
+from jaxprune import _deprecation
+from jaxprune import _transform_base as _base
 from jaxprune import allocation as _alloc
-from jaxprune import deprecation as _deprecation
 from jaxprune import masks as _masks
 from jaxprune import scores as _scores
 from jaxprune import select as _select
-from jaxprune import transform_base as _base
 from jaxprune import tree as _tree
 from jaxprune.transforms import PruneState, scheduled_masks
+from jaxprune.tree import PyTree
 
-PyTree = Any
 Schedule = Callable[[Any], Any]
 
 __all__ = [
@@ -83,12 +83,9 @@ __all__ = [
     "STEState",
     "drop_and_grow",
     "random_keys",
-    "random_masks",
     "rigl",
     "set_training",
-    "ste",
     "ste_training",
-    "straight_through",
     "zero_state_outside",
 ]
 

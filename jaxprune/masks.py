@@ -34,13 +34,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxprune import deprecation as _deprecation
+from jaxprune import _deprecation
 from jaxprune import select as _select
 from jaxprune import tree as _tree
 from jaxprune._along import leaf_topk as _leaf_topk
 from jaxprune._along import select_along as _slices
-
-PyTree = Any
+from jaxprune.tree import PyTree
 
 __all__ = [
     "REDUCTIONS",
@@ -54,7 +53,6 @@ __all__ = [
     "n_of_m",
     "pack",
     "random_like",
-    "sparsity",
     "sparsity_of",
     "summary",
     "topk",

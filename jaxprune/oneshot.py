@@ -54,8 +54,7 @@ from jaxprune import masks as _masks
 from jaxprune import scores as _scores
 from jaxprune import tree as _tree
 from jaxprune._along import keep_counts, select_along
-
-PyTree = Any
+from jaxprune.tree import PyTree
 
 __all__ = ["input_points", "sparsegpt", "wanda"]
 

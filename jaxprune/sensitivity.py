@@ -36,7 +36,6 @@ References:
 
 from __future__ import annotations
 
-import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -50,9 +49,8 @@ import numpy as np
 from jaxprune import _budget
 from jaxprune import select as _select
 from jaxprune import tree as _tree
-from jaxprune.graph import ModelGraph
-
-PyTree = Any
+from jaxprune.graph import ModelGraph, choose_groups
+from jaxprune.tree import PyTree
 
 # jp.tree.select is jp.tree.flags on the vocabulary branch.
 _flags = getattr(_tree, "flags", None) or _tree.select
@@ -272,31 +270,10 @@ def _stack(rows: list) -> Any:
     return jnp.stack(rows) if isinstance(rows[0], jax.core.Tracer) else np.stack(rows)
 
 
-def _chosen(graph: ModelGraph, where: Any) -> list:
-    names = {g.name: g for g in graph.groups}
-    if where is None:
-        out = list(graph.prunable)
-    elif isinstance(where, str):
-        out = [g for g in graph.prunable if re.search(where, g.name)]
-    elif callable(where):
-        out = [g for g in graph.groups if g.prunable and where(g)]
-    else:
-        out = []
-        for k in where:
-            if k not in names and not (isinstance(k, int) and 0 <= k < len(graph.groups)):
-                raise ValueError(f"sensitivity: no group {k!r}; groups are {list(names)[:12]}.")
-            out.append(names[k] if isinstance(k, str) else graph.groups[k])
-    bad = [g.name for g in out if not g.prunable]
-    if bad or not out:
-        raise ValueError(f"sensitivity: no prunable group selected (not prunable: {bad}); "
-                         "print(graph) lists the groups and why some are fixed.")
-    return out
-
-
 def _group_layers(graph: ModelGraph, params: PyTree, where: Any, scores: Any) -> _Layers:
     from jaxprune import structured
 
-    groups = _chosen(graph, where)
+    groups = choose_groups(graph, where, what="sensitivity")
     sc = structured.scores(graph, params, "l2") if scores is None else scores
     ranks = tuple(_stack([_rank(row) for row in _rows_of(sc[g.index], g)]) for g in groups)
     return _Layers("group", tuple(g.name for g in groups),
@@ -572,7 +549,7 @@ def from_scores(scores: Any, params: PyTree | None = None, levels: Sequence[floa
     lv = check_levels(levels)
     group = isinstance(scores, (tuple, list)) and graph is not None
     if group:
-        groups = _chosen(graph, where)
+        groups = choose_groups(graph, where, what="sensitivity")
         vecs = []
         for g in groups:
             if scores[g.index] is None:

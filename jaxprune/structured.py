@@ -51,13 +51,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxprune import _transform_base as _tb
 from jaxprune import select as _select
-from jaxprune import transform_base as _tb
 from jaxprune import tree as _tree
-from jaxprune.graph import Group, ModelGraph
-from jaxprune.graph._model import rebuild
-
-PyTree = Any
+from jaxprune.graph import WEIGHT_ROLES, Group, ModelGraph, choose_groups, rebuild
+from jaxprune.tree import PyTree
 
 __all__ = [
     "SCORES",
@@ -70,7 +68,6 @@ __all__ = [
 ]
 
 SCORES = ("l1", "l2", "taylor", "bn_scale", "random")
-_WEIGHT_ROLES = ("kernel", "embedding", "bias", "norm")
 
 
 # --------------------------------------------------------------------------
@@ -137,7 +134,7 @@ def _group_score(graph, g: Group, leaves, gleaves, score: str, key) -> jax.Array
     shape = (g.layers, g.size) if g.layers else (g.size,)
     if score == "random":
         return jax.random.uniform(jax.random.fold_in(key, g.index), shape, jnp.float32)
-    members = [m for m in g.members if graph.leaves[m.leaf].role in _WEIGHT_ROLES]
+    members = [m for m in g.members if graph.leaves[m.leaf].role in WEIGHT_ROLES]
     if score == "bn_scale":
         members = [m for m in members if graph.leaves[m.leaf].kind == "scale"]
         if not members:
@@ -261,23 +258,10 @@ def _chosen_groups(graph: ModelGraph, scores: Sequence, groups: Any) -> list[Gro
     if len(scores) != len(graph.groups):
         raise ValueError(f"structured.masks: {len(scores)} scores for {len(graph.groups)} "
                          "groups. Compute them with jp.structured.scores(graph, variables).")
-    names = {g.name: g for g in graph.groups}
+    picked = choose_groups(graph, groups, what="structured.masks", empty_ok=True)
     if groups is None:
-        picked = [g for g in graph.groups if g.prunable and scores[g.index] is not None
-                  and g.kind != "head_dims"]
-    elif callable(groups):
-        picked = [g for g in graph.groups if groups(g)]
-    else:
-        picked = []
-        for k in groups:
-            if k not in names and not (isinstance(k, int) and 0 <= k < len(graph.groups)):
-                raise ValueError(f"structured.masks: no group {k!r}; groups are "
-                                 f"{list(names)[:12]}.")
-            picked.append(names[k] if isinstance(k, str) else graph.groups[k])
+        picked = [g for g in picked if scores[g.index] is not None]
     for g in picked:
-        if not g.prunable:
-            raise ValueError(f"structured.masks: group {g.name!r} cannot be pruned: "
-                             f"{'; '.join(g.reasons)}.")
         if scores[g.index] is None:
             raise ValueError(f"structured.masks: group {g.name!r} has no scores.")
     return picked

@@ -38,13 +38,13 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
+from jaxprune import _deprecation
+from jaxprune import _transform_base as _base
 from jaxprune import allocation as _alloc
-from jaxprune import deprecation as _deprecation
 from jaxprune import scores as _scores
-from jaxprune import transform_base as _base
 from jaxprune import tree as _tree
+from jaxprune.tree import PyTree
 
-PyTree = Any
 Schedule = Callable[[Any], Any]
 
 __all__ = [
@@ -58,9 +58,10 @@ __all__ = [
 
 
 def _moved(name: str) -> Callable[..., Any]:
-    """The shared helpers moved to transform_base; their old names here warn."""
+    """The shared helpers moved to the internal _transform_base; their old
+    names here warn."""
     return _deprecation.alias(getattr(_base, name), f"jaxprune.transforms.{name}",
-                              f"jaxprune.transform_base.{name}")
+                              f"jaxprune._transform_base.{name} (internal)")
 
 
 apply_mask_to_updates = _moved("apply_mask_to_updates")

@@ -70,13 +70,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprune import deprecation as _deprecation
+from jaxprune import _deprecation
 
-PyTree = Any
+PyTree = Any  # the one alias: any pytree (jaxprune.tree.PyTree everywhere)
 Where = Union[None, str, Callable[..., Any], PyTree]
 
 __all__ = [
     "NON_KERNEL_NAMES",
+    "PyTree",
     "Where",
     "flags",
     "flatten",
@@ -85,7 +86,6 @@ __all__ = [
     "is_kernel",
     "path_str",
     "paths",
-    "select",
     "selected",
     "unflatten",
 ]

@@ -77,9 +77,44 @@ def test_snip_module_moved_to_at_init():
     assert callable(jp.snip)  # importing the old module did not replace the function
 
 
-def test_deprecated_names_are_not_in_all():
-    for old in ("sparsity", "ste", "straight_through"):
-        assert old not in jp.__all__
+@pytest.mark.parametrize("old, new, name", [
+    ("jaxprune.search", "jaxprune.agents", "SearchResult"),
+    ("jaxprune.transform_base", "jaxprune._transform_base", "check_positive_int"),
+    ("jaxprune.deprecation", "jaxprune._deprecation", "alias"),
+])
+def test_old_module_paths_warn_and_name_the_new_module(old, new, name):
+    with pytest.warns(DeprecationWarning, match=f"{new}.{name}"):
+        value = getattr(importlib.import_module(old), name)
+    assert value is getattr(importlib.import_module(new), name)
+    assert callable(jp.search) and jp.search is jp.agents.search  # the function stays
+
+
+DEPRECATED = {"jaxprune": ("sparsity", "ste", "straight_through", "transform_base",
+                           "deprecation"),
+              "jaxprune.masks": ("sparsity",), "jaxprune.tree": ("select",),
+              "jaxprune.lottery": ("random_mask",),
+              "jaxprune.dynamic": ("ste", "straight_through", "random_masks"),
+              "jaxprune.allocation": ("per_leaf", "compute_masks")}
+
+
+@pytest.mark.parametrize("module", sorted(DEPRECATED))
+def test_deprecated_names_work_but_are_in_no_all(module):
+    mod = importlib.import_module(module)
+    for old in DEPRECATED[module]:
+        assert old not in mod.__all__, f"{module}.{old} is deprecated but in __all__"
+        assert getattr(mod, old) is not None
+
+
+def test_no_public_function_hides_a_module_of_its_name():
+    import sys
+    import types
+
+    for name in jp.__all__:
+        value = getattr(jp, name)
+        hidden = sys.modules.get(f"jaxprune.{name}")
+        if not isinstance(value, types.ModuleType) and hidden is not None:
+            assert type(hidden) is not types.ModuleType, (
+                f"jp.{name} is a {type(value).__name__} and hides the module jaxprune.{name}")
 
 
 # --------------------------------------------------------------------------

@@ -21,7 +21,10 @@ Example:
 
 from jaxprune.graph import _control as _control  # registers the control-flow rules
 from jaxprune.graph import rules
+from jaxprune.graph._groups import WEIGHT_ROLES, choose_groups
 from jaxprune.graph._model import Group, LeafInfo, Member, ModelGraph
+from jaxprune.graph._model import rebuild as rebuild  # shared with structured (not in __all__)
 from jaxprune.graph._trace import register, trace
 
-__all__ = ["Group", "LeafInfo", "Member", "ModelGraph", "register", "rules", "trace"]
+__all__ = ["WEIGHT_ROLES", "Group", "LeafInfo", "Member", "ModelGraph", "register", "rules",
+           "choose_groups", "trace"]

@@ -51,8 +51,7 @@ import optax
 
 from jaxprune import _budget
 from jaxprune import sensitivity as _sens
-
-PyTree = Any
+from jaxprune.tree import PyTree
 
 __all__ = ["AGENTS", "SearchResult", "search"]
 
