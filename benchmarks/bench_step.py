@@ -249,7 +249,8 @@ class Runner:
 def time_mask_update(params, allocation, reps):
     """The mask update of jp.prune alone (scores + selection), jitted: a list of
     (wall, CPU) ms."""
-    fn = jax.jit(lambda p: jp.allocation.masks(jp.scores.magnitude(p), SPARSITY, allocation,
+    fn = jax.jit(lambda p: jp.allocation.masks(jp.scores.magnitude(p), SPARSITY,
+                                               allocation=allocation,
                                                params=p))
     jax.block_until_ready(fn(params))
     ts = []

@@ -38,13 +38,7 @@ from jaxprune import (
 from jaxprune.agents import SearchResult, search
 from jaxprune.at_init import snip
 from jaxprune.calibration import calibrate
-from jaxprune.dynamic import (
-    DynamicState,
-    STEState,
-    rigl,
-    set_training,
-    ste_training,
-)
+from jaxprune.dynamic import DynamicState, rigl, set_training
 from jaxprune.lottery import LotteryState, lottery_ticket
 from jaxprune.masks import (
     apply_masks,
@@ -54,7 +48,14 @@ from jaxprune.masks import (
     summary,
     unpack,
 )
-from jaxprune.transforms import PruneState, get_masks, keep_masks, prune
+from jaxprune.transforms import (
+    PruneState,
+    STEState,
+    get_masks,
+    keep_masks,
+    prune,
+    ste_training,
+)
 
 __version__ = "0.1.0"
 
@@ -114,7 +115,7 @@ class _DeprecatedModule(_types.ModuleType):
         self._target, self._new, self._note = target, new, note
 
     def __getattr__(self, attr: str):
-        if attr.startswith("__"):
+        if attr.startswith("_"):  # dunders and probes (doctest, mock) never warn
             raise AttributeError(attr)
         _deprecation.warn(f"{self.__name__}.{attr}", f"{self._new}.{attr}{self._note}")
         return getattr(self._target, attr)

@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import inspect
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -50,3 +51,55 @@ def alias(fn: Callable[..., Any], old: str, new: str) -> Callable[..., Any]:
 
     wrapper.__doc__ = f"Deprecated alias of :func:`{new}` (was ``{old}``)."
     return wrapper
+
+
+def keyword_only(*old: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator: options made keyword-only still work by position, warning.
+
+    The decorated function's signature is the new one (keyword-only
+    ``old``); a call that passes more positional arguments than it takes
+    maps the extra ones, in order, onto ``old`` and warns.
+
+    Args:
+      old: the options that used to follow the positional parameters, in
+        their old order.
+
+    Returns:
+      The decorator.
+
+    Example:
+      >>> import warnings
+      >>> @keyword_only("where")
+      ... def f(x, *, where=None):
+      ...     return x, where
+      >>> with warnings.catch_warnings(record=True) as w:
+      ...     warnings.simplefilter("always")
+      ...     f(1, "a"), str(w[0].message).replace("jp._deprecation.", "")
+      ((1, 'a'), 'f(..., where) by position is deprecated; use f(..., where=) instead.')
+    """
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        params = inspect.signature(fn).parameters.values()
+        n = sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
+        name = f"{fn.__module__}.{fn.__qualname__}".replace("jaxprune.", "jp.", 1)
+
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            if len(args) > n:
+                extra = args[n:]
+                if len(extra) > len(old):
+                    raise TypeError(f"{name} takes {n} positional arguments (and formerly "
+                                    f"{', '.join(old)}), got {len(args)}.")
+                names = old[:len(extra)]
+                for k in names:
+                    if k in kwargs:
+                        raise TypeError(f"{name} got multiple values for {k!r}.")
+                warn(f"{name}(..., {', '.join(names)}) by position",
+                     f"{name}(..., {'=, '.join(names)}=)")
+                kwargs.update(zip(names, extra))
+                args = args[:n]
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    return decorate

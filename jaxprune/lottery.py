@@ -294,7 +294,8 @@ def _new_masks(plan: _Plan, state: LotteryState, params: PyTree, grads: PyTree,
         masks = _masks.topk(scores, where=chosen, keep=keep, layers=stack,
                             layer_axis=plan.layer_axis)
     else:
-        masks = _alloc.masks(scores, keep, plan.allocation, where=plan.where, params=params,
+        masks = _alloc.masks(scores, keep, allocation=plan.allocation, where=plan.where,
+                             params=params,
                              step=state.count, layers=stack, layer_axis=plan.layer_axis)
     masks = jax.tree.map(lambda new, old: new & old, masks, state.masks)
     return masks, key_data

@@ -174,7 +174,8 @@ def _one_of(sparsity: Any, keep: Any, fn: str) -> None:
 # Top-k masks
 
 
-def topk(scores: PyTree, sparsity: Any = None, where: Any = None, *, keep: Any = None,
+@_deprecation.keyword_only("where")
+def topk(scores: PyTree, sparsity: Any = None, *, where: Any = None, keep: Any = None,
          axis: Any = None, layers: Any = None, layer_axis: int = 0) -> PyTree:
     """Per-leaf top-k masks: each selected leaf keeps its largest scores.
 
@@ -289,7 +290,8 @@ def _layer_topk(path: str, scores: Any, layer_axis: int, keep: Any, sparsity: An
     return _slices(scores, others, k)
 
 
-def global_topk(scores: PyTree, sparsity: Any = None, where: Any = None, *,
+@_deprecation.keyword_only("where")
+def global_topk(scores: PyTree, sparsity: Any = None, *, where: Any = None,
                 keep: Any = None) -> PyTree:
     """Global top-k masks: one threshold over all selected leaves.
 
@@ -464,7 +466,9 @@ def nm_leaf(s: jax.Array, n: int, m: int, axis: int, path: str) -> jax.Array:
     return jnp.moveaxis(keep, -1, ax)
 
 
-def n_of_m(scores: PyTree, n: int = 2, m: int = 4, axis: int = -2, where: Any = None) -> PyTree:
+@_deprecation.keyword_only("n", "m", "axis", "where")
+def n_of_m(scores: PyTree, *, n: int = 2, m: int = 4, axis: int = -2,
+           where: Any = None) -> PyTree:
     """N:M structured sparsity: in every group of ``m`` consecutive entries along
     ``axis``, keep the ``n`` with the largest scores.
 
@@ -488,7 +492,7 @@ def n_of_m(scores: PyTree, n: int = 2, m: int = 4, axis: int = -2, where: Any = 
     Example:
       >>> import jax.numpy as jnp
       >>> s = {"w": jnp.array([[4.0, 0.0], [1.0, 1.0], [3.0, 3.0], [2.0, 2.0]])}
-      >>> n_of_m(s, 2, 4)["w"][:, 0].tolist()
+      >>> n_of_m(s, n=2, m=4)["w"][:, 0].tolist()
       [True, False, True, False]
 
     References:
@@ -553,9 +557,11 @@ def _block_tiles(x: jax.Array, b0: int, b1: int, reduce: str, p: str) -> jax.Arr
     return _reduce(t, (-3, -1), reduce)
 
 
+@_deprecation.keyword_only("block_shape", "reduce", "where")
 def block(
     scores: PyTree,
     sparsity: Any,
+    *,
     block_shape: int | tuple[int, int] = 4,
     reduce: str = "mean",
     where: Any = None,
@@ -583,7 +589,7 @@ def block(
     Example:
       >>> import jax.numpy as jnp
       >>> s = {"w": jnp.array([[1.0, 1.0, 9.0, 9.0], [1.0, 1.0, 9.0, 9.0]])}
-      >>> block(s, 0.5, (2, 2))["w"].astype(int).tolist()
+      >>> block(s, 0.5, block_shape=(2, 2))["w"].astype(int).tolist()
       [[0, 0, 1, 1], [0, 0, 1, 1]]
 
     References:
@@ -618,13 +624,14 @@ def _unit_scores(x: jax.Array, axis: int, reduce: str, p: str) -> jax.Array:
     return _reduce(x, tuple(a for a in range(x.ndim) if a != ax), reduce)
 
 
+@_deprecation.keyword_only("axis", "reduce", "where")
 def channels(
     scores: PyTree,
     sparsity: Any,
+    *,
     axis: int = -1,
     reduce: str = "l1",
     where: Any = None,
-    *,
     norm: str | None = None,
 ) -> PyTree:
     """Structured masks that keep or remove whole units along ``axis``.
@@ -776,7 +783,8 @@ def _zero_count(x: jax.Array, axis: Any = None) -> jax.Array:
     return jnp.sum(zero, axis=axis, dtype=jnp.int32)
 
 
-def sparsity_of(tree: PyTree, where: Any = None) -> Any:
+@_deprecation.keyword_only("where")
+def sparsity_of(tree: PyTree, *, where: Any = None) -> Any:
     """Fraction of zeros (or ``False``) among the selected entries.
 
     Works on parameters (counts exact zeros) and on masks (counts ``False``).
@@ -863,7 +871,8 @@ def _leaf_rows(path: str, leaf: Any, axis: int | None) -> list[dict]:
     return [_row(f"{path}[{i}]", rest, per, int(z)) for i, z in enumerate(zeros)]
 
 
-def summary(tree: PyTree, where: Any = None, *, layers: Any = None,
+@_deprecation.keyword_only("where")
+def summary(tree: PyTree, *, where: Any = None, layers: Any = None,
             layer_axis: int = 0) -> Summary:
     """Per-leaf table of kept entries and sparsity (of params or masks).
 

@@ -236,10 +236,10 @@ def _graph_leaves(graph: ModelGraph, tree: PyTree, what: str) -> tuple:
     the tree has no such leaf), and how to put them back."""
     paths, leaves, treedef = _tree.flatten(tree)
     gpaths = [info.path for info in graph.leaves]
-    from jaxprune.structured import _common_prefix
+    from jaxprune.structured import common_prefix
 
     try:
-        prefix = _common_prefix(paths, gpaths)
+        prefix = common_prefix(paths, gpaths)
     except ValueError:
         raise ValueError(f"regularizers.{what}: the parameters do not match the traced "
                          f"variables by path (parameters {paths[:4]}..., traced "

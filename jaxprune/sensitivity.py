@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprune import _budget
+from jaxprune import _budget, _deprecation
 from jaxprune import select as _select
 from jaxprune import tree as _tree
 from jaxprune.graph import ModelGraph, choose_groups
@@ -174,7 +174,8 @@ def _rates_by_name(curves: Curves, budget: Any) -> dict:
                      "the scanned parameters' structure.")
 
 
-def plot(curves: Curves, ax: Any = None, path: str | None = None) -> Any:
+@_deprecation.keyword_only("ax", "path")
+def plot(curves: Curves, *, ax: Any = None, path: str | None = None) -> Any:
     """Plots metric against sparsity, one line per layer.
 
     Args:
@@ -290,11 +291,11 @@ def _masked(layers: _Layers, ranks: tuple, params: PyTree, kept: jax.Array) -> P
             keep = (ranks[li] < kept[li]).reshape(np.shape(x))
             leaves[i] = jnp.where(keep, x, jnp.zeros((), jnp.result_type(x)))
         return jax.tree_util.tree_unflatten(layers.treedef, leaves)
-    from jaxprune.structured import _leaf_masks
+    from jaxprune.structured import leaf_masks
 
     units = {i: ranks[li] < kept[li] if layers.graph.groups[i].layers
              else ranks[li][0] < kept[li] for li, i in enumerate(layers.index)}
-    masks = _arrays_of(layers.graph, _leaf_masks(layers.graph, units))
+    masks = _arrays_of(layers.graph, leaf_masks(layers.graph, units))
     _, leaves, treedef = _tree.flatten(params)
     static = dict(layers.graph.static)
     arrays = iter(masks)
@@ -400,9 +401,10 @@ def check_levels(levels: Any) -> np.ndarray:
     return arr
 
 
-def scan(metric_fn: Callable[[PyTree], Any], params: PyTree,
-         levels: Sequence[float] = LEVELS, where: Any = None, granularity: str = "leaf",
-         graph: ModelGraph | None = None, *, scores: Any = None,
+@_deprecation.keyword_only("levels", "where", "granularity", "graph")
+def scan(metric_fn: Callable[[PyTree], Any], params: PyTree, *,
+         levels: Sequence[float] = LEVELS, where: Any = None, groups: Any = None,
+         granularity: str = "leaf", graph: ModelGraph | None = None, scores: Any = None,
          higher_is_better: bool = False, batch_size: int | None = None,
          max_bytes: int = 1 << 30) -> Curves:
     """Sensitivity curves: the metric with one layer at a time pruned to each level.
@@ -421,9 +423,10 @@ def scan(metric_fn: Callable[[PyTree], Any], params: PyTree,
       params: the parameters (for ``"group"``, the variables the graph traced).
       levels: sparsities to test, strictly increasing in ``[0, 1]``.
       where: leaf granularity: which leaves (as everywhere; default
-        :func:`jaxprune.tree.is_kernel`); group granularity: which groups (a
-        regex on group names, a sequence of names or indices, or a callable
-        ``group -> bool``; default every prunable one).
+        :func:`jaxprune.tree.is_kernel`).
+      groups: group granularity: which groups (as everywhere, see
+        :func:`jaxprune.graph.choose_groups`; default every prunable one
+        but head dims).
       granularity: ``"leaf"`` (unstructured) or ``"group"`` (units).
       graph: the model graph (required for ``"group"``; for ``"leaf"`` it
         adds the ``"flops"`` cost model).
@@ -458,7 +461,8 @@ def scan(metric_fn: Callable[[PyTree], Any], params: PyTree,
     """
     t0 = time.perf_counter()
     lv = check_levels(levels)
-    layers = _layers(params, where, granularity, graph, scores)
+    layers = layers_of(params, granularity=granularity, graph=graph, scores=scores,
+                       where=where, groups=groups, what="sensitivity.scan")
     check_metric(metric_fn, params)
     kept = np.array([[_select.keep_count(int(n), float(s)) for s in lv] for n in layers.sizes],
                     np.int64)
@@ -469,19 +473,37 @@ def scan(metric_fn: Callable[[PyTree], Any], params: PyTree,
     vals = np.asarray(evaluator(metric_fn, layers, int(b))(params, jnp.asarray(rows, jnp.int32)))
     return Curves(granularity, layers.names, lv, vals[1:].reshape(kept.shape).astype(np.float64),
                   float(vals[0]), layers.sizes, kept, bool(higher_is_better),
-                  _models(layers, params, graph), layers.index, layers.treedef,
+                  cost_models(layers, params, graph), layers.index, layers.treedef,
                   time.perf_counter() - t0, len(rows))
 
 
-def _layers(params, where, granularity, graph, scores) -> _Layers:
+def layers_of(params: PyTree, *, granularity: str, graph: ModelGraph | None, scores: Any,
+              where: Any, groups: Any, what: str) -> _Layers:
+    """The layers that ``scan`` and ``jp.search`` budget: leaves chosen by
+    ``where=`` or graph groups chosen by ``groups=``, with their ranks."""
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}.")
     if granularity == "group":
         if graph is None:
             raise ValueError("granularity='group' needs graph=jp.graph.trace(apply_fn, "
                              "params, x): the groups are the graph's channel groups.")
-        return _group_layers(graph, params, where, scores)
+        return _group_layers(graph, params, group_selection(where, groups, what), scores)
+    if groups is not None:
+        raise ValueError(f"{what}: groups= chooses graph groups (granularity='group'); with "
+                         "granularity='leaf' choose leaves with where=.")
     return _leaf_layers(params, where, scores)
+
+
+def group_selection(where: Any, groups: Any, what: str) -> Any:
+    """``groups=``, or a ``where=`` that selected groups before 0.2 (warns)."""
+    if where is None:
+        return groups
+    if groups is not None:
+        raise ValueError(f"{what}: where= selects leaves and groups= selects groups; pass "
+                         "only groups= for group curves.")
+    _deprecation.warn(f"jp.{what}(where=...) choosing groups", f"jp.{what}(groups=...)",
+                      stacklevel=4)
+    return where
 
 
 def _rows(sizes: np.ndarray, kept: np.ndarray) -> np.ndarray:
@@ -493,7 +515,8 @@ def _rows(sizes: np.ndarray, kept: np.ndarray) -> np.ndarray:
     return rows
 
 
-def _models(layers: _Layers, params: PyTree, graph: ModelGraph | None) -> dict:
+def cost_models(layers: _Layers, params: PyTree, graph: ModelGraph | None) -> dict:
+    """Cost models (``"params"``, ``"flops"`` where known) of ``layers``."""
     if layers.granularity == "group":
         groups = [graph.groups[i] for i in layers.index]
         return {k: _budget.graph_model(graph, groups, k) for k in _budget.COSTS}
@@ -515,8 +538,10 @@ def _models(layers: _Layers, params: PyTree, graph: ModelGraph | None) -> dict:
 # Curves from scores (contribution and activation budgets)
 
 
-def from_scores(scores: Any, params: PyTree | None = None, levels: Sequence[float] = LEVELS,
-                where: Any = None, graph: ModelGraph | None = None) -> Curves:
+@_deprecation.keyword_only("levels", "where", "graph")
+def from_scores(scores: Any, params: PyTree | None = None, *, levels: Sequence[float] = LEVELS,
+                where: Any = None, groups: Any = None,
+                graph: ModelGraph | None = None) -> Curves:
     """Predicted-damage curves from importance scores (larger = more important).
 
     The damage of removing a fraction ``s`` of a layer is the sum of its
@@ -533,7 +558,8 @@ def from_scores(scores: Any, params: PyTree | None = None, levels: Sequence[floa
         ``jp.scores.saliency(params, grads)``).
       params: the parameters (leaf curves only).
       levels: sparsities at which the curves are tabulated.
-      where: which leaves or groups (as in :func:`scan`).
+      where: which leaves (leaf curves; as in :func:`scan`).
+      groups: which groups (group curves; as in :func:`scan`).
       graph: the model graph (required for group curves).
 
     Returns:
@@ -549,15 +575,16 @@ def from_scores(scores: Any, params: PyTree | None = None, levels: Sequence[floa
     lv = check_levels(levels)
     group = isinstance(scores, (tuple, list)) and graph is not None
     if group:
-        groups = choose_groups(graph, where, what="sensitivity")
+        chosen = choose_groups(graph, group_selection(where, groups, "sensitivity.from_scores"),
+                               what="sensitivity.from_scores")
         vecs = []
-        for g in groups:
+        for g in chosen:
             if scores[g.index] is None:
                 raise ValueError(f"from_scores: group {g.name!r} has no scores.")
             vecs.append(np.asarray(scores[g.index], np.float64).reshape(g.layers or 1, g.size))
-        layers = _Layers("group", tuple(g.name for g in groups),
-                         np.array([g.size for g in groups], np.int64),
-                         tuple(g.index for g in groups), (), graph.treedef, graph)
+        layers = _Layers("group", tuple(g.name for g in chosen),
+                         np.array([g.size for g in chosen], np.int64),
+                         tuple(g.index for g in chosen), (), graph.treedef, graph)
     else:
         if params is None:
             raise ValueError("from_scores: leaf curves need params= (for their structure); "
@@ -571,7 +598,7 @@ def from_scores(scores: Any, params: PyTree | None = None, levels: Sequence[floa
     values = np.array([[np.sort(v, axis=1)[:, :n - k].sum() for k in row]
                        for v, n, row in zip(vecs, layers.sizes, kept)])
     return Curves(layers.granularity, layers.names, lv, values, 0.0, layers.sizes, kept, False,
-                  _models(layers, params, graph), layers.index, layers.treedef)
+                  cost_models(layers, params, graph), layers.index, layers.treedef)
 
 
 def unit_stats(graph: ModelGraph, apply_fn: Callable, variables: PyTree, *args: Any,
@@ -627,8 +654,9 @@ def unit_stats(graph: ModelGraph, apply_fn: Callable, variables: PyTree, *args: 
 # Adaptive budgets
 
 
-def adaptive(metric_fn: Callable[[PyTree], Any], levels: Sequence[float] = LEVELS,
-             where: Any = None, *, higher_is_better: bool = False,
+@_deprecation.keyword_only("levels", "where")
+def adaptive(metric_fn: Callable[[PyTree], Any], *, levels: Sequence[float] = LEVELS,
+             where: Any = None, higher_is_better: bool = False,
              batch_size: int | None = None) -> Callable:
     """An allocation for :func:`jaxprune.prune` that re-measures and re-solves.
 

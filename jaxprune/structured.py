@@ -239,7 +239,7 @@ def masks(graph: ModelGraph, scores: Sequence, sparsity: Any, *, allocation: str
     idx = tuple(g.index for g in chosen)
     keep_fn = _global_keep if allocation == "global" else _uniform_keep
     fn = _cached(graph, ("masks", allocation, rmap, tuple(sorted(counts.items())), idx),
-                 lambda: jax.jit(lambda sc, s: _leaf_masks(graph, dict(zip(
+                 lambda: jax.jit(lambda sc, s: leaf_masks(graph, dict(zip(
                      idx, keep_fn(chosen, sc, s, rmap, counts))))))
     return fn(tuple(None if i not in idx else scores[i] for i in range(len(scores))),
               sparsity)
@@ -400,7 +400,7 @@ def _stack_rows(groups: list[Group], picked: list) -> list:
     return out
 
 
-def _leaf_masks(graph: ModelGraph, keep: dict) -> PyTree:
+def leaf_masks(graph: ModelGraph, keep: dict) -> PyTree:
     """Bool masks of every leaf from the kept units of each group."""
     out: list = [jnp.ones((), jnp.bool_) for _ in graph.leaves]
     for g in graph.groups:
@@ -601,7 +601,7 @@ def _mask_leaves(graph: ModelGraph, masks: PyTree) -> list:
         return _arrays(graph, masks, "masks")
     gpaths = [info.path for info in graph.leaves]
     try:
-        prefix = _common_prefix(paths, gpaths)
+        prefix = common_prefix(paths, gpaths)
     except ValueError:
         raise ValueError(
             f"structured: the masks match neither the traced variables ({len(gpaths)} leaves) "
@@ -750,7 +750,7 @@ def prune(inner: optax.GradientTransformation, *, graph: ModelGraph, sparsity: A
         s_now = ({k: _tb.schedule_value(v, state.count) for k, v in sparsity.items()}
                  if isinstance(sparsity, Mapping) else _tb.schedule_value(sparsity, state.count))
         keep = keep_fn(chosen, sc, s_now, rmap)
-        masks_ = _leaf_masks(graph, dict(zip([g.index for g in chosen], keep)))
+        masks_ = leaf_masks(graph, dict(zip([g.index for g in chosen], keep)))
         return tuple(keep), link.from_graph(masks_), key_data
 
     def update_fn(updates, state, params=None, **extra_args):
@@ -820,7 +820,7 @@ class _Link(NamedTuple):
 def _link(graph: ModelGraph, params: PyTree) -> _Link:
     paths, leaves, treedef = _tree.flatten(params)
     gpaths = [info.path for info in graph.leaves]
-    prefix = _common_prefix(paths, gpaths)
+    prefix = common_prefix(paths, gpaths)
     index = []
     for p, x in zip(paths, leaves):
         j = gpaths.index(prefix + p)
@@ -833,7 +833,9 @@ def _link(graph: ModelGraph, params: PyTree) -> _Link:
     return _Link(tuple(index), tuple(info.shape for info in graph.leaves), treedef, where)
 
 
-def _common_prefix(paths: list, gpaths: list) -> str:
+def common_prefix(paths: list, gpaths: list) -> str:
+    """The path prefix that maps a subtree's leaf ``paths`` (Linen ``params``)
+    onto the graph's ``gpaths`` (the ``variables`` it traced)."""
     gset = set(gpaths)
     if not paths:
         raise ValueError("structured.prune: the parameters have no leaves.")

@@ -322,7 +322,7 @@ def test_where_variants_select_the_right_leaves():
         assert {p for p, s in zip(jp.tree.paths(tree), jp.tree.flags(tree, where)) if s} == want, where
         # n_of_m (cheap to compile) and topk (the full engine) honour it the same way.
         for masks, check in (
-            (jax.jit(lambda t, w=where: jp.masks.n_of_m(t, 1, 2, axis=-1, where=w))(tree),
+            (jax.jit(lambda t, w=where: jp.masks.n_of_m(t, n=1, m=2, axis=-1, where=w))(tree),
              lambda x: oracle.n_of_m(x, 1, 2, -1)),
             (jax.jit(lambda t, w=where: jp.masks.topk(t, 0.5, where=w))(tree)
              if where == "kernel$" else None,

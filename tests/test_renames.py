@@ -35,14 +35,14 @@ def test_deprecated_functions_warn_and_match_the_new_ones():
          lambda: jp.apply_masks_ste(p, masks)),
         ("jaxprune.allocation.random_masks",
          lambda: jp.dynamic.random_masks(key, p, 0.5, "uniform"),
-         lambda: jp.allocation.random_masks(key, p, 0.5, "uniform")),
+         lambda: jp.allocation.random_masks(key, p, 0.5, allocation="uniform")),
         ("jaxprune.masks.random_like", lambda: jp.lottery.random_mask(key, masks),
          lambda: jp.masks.random_like(key, masks)),
         ("jaxprune.allocation.sparsities", lambda: jp.allocation.per_leaf("erk", p, 0.5),
-         lambda: jax.tree.leaves(jp.allocation.sparsities(p, 0.5, "erk"))),
+         lambda: jax.tree.leaves(jp.allocation.sparsities(p, 0.5, allocation="erk"))),
         ("jaxprune.allocation.masks",
          lambda: jp.allocation.compute_masks(p, 0.5, "global", None, p),
-         lambda: jp.allocation.masks(p, 0.5, "global", params=p)),
+         lambda: jp.allocation.masks(p, 0.5, allocation="global", params=p)),
         ("jaxprune.scores.random(params, key=key)", lambda: jp.scores.random(key, p),
          lambda: jp.scores.random(p, key=key)),
     ]
@@ -65,7 +65,7 @@ def test_deprecated_dynamic_random_masks_keeps_erk_default():
     p, key = _params(), jax.random.key(1)
     with pytest.warns(DeprecationWarning):
         old = jp.dynamic.random_masks(key, p, 0.5)
-    assert_trees_equal(old, jp.allocation.random_masks(key, p, 0.5, "erk"))
+    assert_trees_equal(old, jp.allocation.random_masks(key, p, 0.5, allocation="erk"))
 
 
 def test_snip_module_moved_to_at_init():
@@ -151,8 +151,9 @@ def test_allocation_functions_order_their_arguments_alike():
 def test_uniform_is_topk_and_global_is_global_topk():
     p = _params()
     s = jp.scores.magnitude(p)
-    assert_trees_equal(jp.allocation.masks(s, 0.5, "uniform"), jp.masks.topk(s, 0.5))
-    assert_trees_equal(jp.allocation.masks(s, 0.5, "global"), jp.masks.global_topk(s, 0.5))
+    assert_trees_equal(jp.allocation.masks(s, 0.5, allocation="uniform"), jp.masks.topk(s, 0.5))
+    assert_trees_equal(jp.allocation.masks(s, 0.5, allocation="global"),
+                       jp.masks.global_topk(s, 0.5))
 
 
 def test_topk_keep_counts_equal_sparsity_masks():
@@ -161,3 +162,31 @@ def test_topk_keep_counts_equal_sparsity_masks():
     assert_trees_equal(jp.masks.global_topk(s, keep=10), jp.masks.global_topk(s, 0.5))
     traced = jax.jit(lambda s, k: jp.masks.global_topk(s, keep=k))(s, jnp.int32(10))
     assert_trees_equal(traced, jp.masks.global_topk(s, 0.5))
+
+
+@pytest.mark.parametrize("old, new, message", [
+    (lambda s: jp.masks.topk(s, 0.5, "a/"), lambda s: jp.masks.topk(s, 0.5, where="a/"),
+     r"jp.masks.topk\(\.\.\., where\) by position"),
+    (lambda s: jp.masks.n_of_m(s, 1, 2, -1), lambda s: jp.masks.n_of_m(s, n=1, m=2, axis=-1),
+     "n, m, axis"),
+    (lambda s: jp.masks.channels(s, 0.5, 0), lambda s: jp.masks.channels(s, 0.5, axis=0),
+     "axis"),
+    (lambda s: jp.allocation.masks(s, 0.5, "global"),
+     lambda s: jp.allocation.masks(s, 0.5, allocation="global"), "allocation"),
+    (lambda s: jp.allocation.erk(s, 0.5, "a/"), lambda s: jp.allocation.erk(s, 0.5, where="a/"),
+     "where"),
+    (lambda s: jp.sparsity_of(s, "a/"), lambda s: jp.sparsity_of(s, where="a/"), "where"),
+])
+def test_options_made_keyword_only_still_work_by_position_and_warn(old, new, message):
+    s = jp.scores.magnitude(_params())
+    with pytest.warns(DeprecationWarning, match=message):
+        got = old(s)
+    assert_trees_equal(got, new(s))
+
+
+def test_keyword_only_shim_rejects_a_value_given_twice_or_too_many():
+    s = jp.scores.magnitude(_params())
+    with pytest.raises(TypeError, match="multiple values for 'where'"):
+        jp.masks.topk(s, 0.5, "a/", where="c/")
+    with pytest.raises(TypeError, match="positional arguments"):
+        jp.masks.topk(s, 0.5, "a/", 3)

@@ -48,7 +48,7 @@ def restack(tree, axis=0):
 
 def masks(scores, sparsity, allocation="uniform", **kw):
     """jp.allocation.masks under jit (one compilation instead of op-by-op)."""
-    return jax.jit(lambda s: jp.allocation.masks(s, sparsity, allocation, **kw))(scores)
+    return jax.jit(lambda s: jp.allocation.masks(s, sparsity, allocation=allocation, **kw))(scores)
 
 
 def layer_counts(mask, axis=0):
@@ -85,8 +85,8 @@ def test_global_is_one_threshold_over_the_stack():
 def test_erk_treats_each_layer_as_a_layer_and_layer_axis_1():
     p = stacked_params(axis=1)  # MaxText's param_scan_axis=1: (D, L, H)
     assert p["layers"]["w1"].shape == (D, L, H)
-    sp = jp.allocation.sparsities(p, 0.8, "erk", layers="layers/", layer_axis=1)
-    flat = jp.allocation.sparsities(unstack(p, 1), 0.8, "erk")
+    sp = jp.allocation.sparsities(p, 0.8, allocation="erk", layers="layers/", layer_axis=1)
+    flat = jp.allocation.sparsities(unstack(p, 1), 0.8, allocation="erk")
     assert float(sp["layers"]["w1"]) == pytest.approx(float(flat["layers"][0]["w1"]), abs=1e-6)
     got = masks(jp.scores.magnitude(p), 0.8, "erk", layers="layers/", layer_axis=1)
     want = masks(jp.scores.magnitude(unstack(p, 1)), 0.8, "erk")
@@ -97,7 +97,8 @@ def test_topk_keep_per_layer_and_random_masks():
     p = stacked_params()
     m = jax.jit(lambda s: jp.masks.topk(s, keep={"head": 5, "layers": 10}, layers="layers/"))(p)
     assert layer_counts(m["layers"]["w2"]) == [10] * L and int(m["head"]["kernel"].sum()) == 5
-    r = jax.jit(lambda p: jp.allocation.random_masks(jax.random.key(1), p, 0.75, "uniform",
+    r = jax.jit(lambda p: jp.allocation.random_masks(jax.random.key(1), p, 0.75,
+                                                 allocation="uniform",
                                                      layers="layers/"))(p)
     assert layer_counts(r["layers"]["w1"]) == [round(D * H / 4)] * L
 
@@ -230,7 +231,7 @@ def test_snip_uniform_per_layer():
     p = stacked_params()
     x = jax.random.normal(jax.random.key(3), (16, D))
     loss = lambda p, x: jnp.mean(apply_fn(p, x) ** 2)  # noqa: E731
-    m = jax.jit(lambda p: jp.snip(loss, p, x, 0.5, "uniform", layers="layers/"))(p)
+    m = jax.jit(lambda p: jp.snip(loss, p, x, 0.5, allocation="uniform", layers="layers/"))(p)
     assert layer_counts(m["layers"]["w1"]) == [D * H // 2] * L
 
 
