@@ -25,10 +25,11 @@ exactly zero after every step (the updates are ``where(mask, u, -p)``, as in
 :func:`jaxprune.prune`). Mask updates run under :func:`jax.lax.cond`, so
 other steps cost what a masked step costs.
 
-:func:`ste_training` instead keeps dense weights and recomputes a mask from
-them; the model applies it in its forward pass with
-:func:`jaxprune.apply_masks_ste`, so gradients reach pruned weights and they
-can come back.
+:func:`jaxprune.ste_training` (in :mod:`jaxprune.transforms`, beside the
+engine it shares with :func:`jaxprune.prune`) instead keeps dense weights
+and recomputes a mask from them; the model applies it in its forward pass
+with :func:`jaxprune.apply_masks_ste`, so gradients reach pruned weights
+and they can come back.
 
 Example:
   >>> import jax, jax.numpy as jnp, optax

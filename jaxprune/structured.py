@@ -60,14 +60,64 @@ from jaxprune.tree import PyTree
 __all__ = [
     "SCORES",
     "StructuredState",
+    "UnitScore",
     "compact",
     "kept_units",
     "masks",
     "prune",
+    "register_score",
+    "score_names",
     "scores",
 ]
 
-SCORES = ("l1", "l2", "taylor", "bn_scale", "random")
+class UnitScore(NamedTuple):
+    """A named structured score: ``finish(sum over members of reduce(pointwise(w
+    [* g])))`` per unit. ``pointwise`` maps a member's (float32) weights, or
+    ``w * g`` when ``needs == "grads"``, to per-entry values; they are summed
+    per unit over every member whose role is in ``roles`` (and, with
+    ``norm_scales``, that is a normalisation scale); ``finish`` maps the
+    sums to the unit scores. ``needs``: ``"grads"``, ``"key"`` or ``""``.
+    ``random`` scores ignore the weights (``pointwise=None``)."""
+
+    pointwise: Callable | None
+    finish: Callable = lambda total: total
+    needs: str = ""
+    norm_scales: bool = False
+
+
+# The registry of structured scores, as jp.scores' is of unstructured ones.
+_UNIT_SCORES: dict[str, UnitScore] = {
+    "l1": UnitScore(jnp.abs),
+    "l2": UnitScore(jnp.square, jnp.sqrt),
+    "taylor": UnitScore(lambda wg: wg, jnp.square, needs="grads"),
+    "bn_scale": UnitScore(jnp.abs, norm_scales=True),
+    "random": UnitScore(None, needs="key"),
+}
+SCORES = tuple(_UNIT_SCORES)  # the built-in names (score_names() lists registered ones too)
+
+
+def register_score(name: str, score: UnitScore) -> None:
+    """Registers a structured score under ``name`` (``score=name`` in
+    :func:`scores`, :func:`prune`, ``regularizers.threshold``).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import jaxprune as jp
+      >>> jp.structured.register_score("sq", jp.structured.UnitScore(jnp.square))
+      >>> p = {"a": {"w": jnp.array([[1.0, 2.0]])}, "c": {"w": jnp.ones((2, 1))}}
+      >>> g = jp.graph.trace(lambda p, x: x @ p["a"]["w"] @ p["c"]["w"], p, jnp.ones((1, 1)))
+      >>> jp.structured.scores(g, p, "sq")[g.prunable[0].index].tolist()
+      [2.0, 5.0]
+    """
+    if not isinstance(score, UnitScore):
+        raise TypeError(f"structured.register_score: {name!r} needs a UnitScore, got "
+                        f"{type(score).__name__}.")
+    _UNIT_SCORES[name] = score
+
+
+def score_names() -> list[str]:
+    """Names accepted by ``score=`` in :func:`scores` (built-in and registered)."""
+    return sorted(_UNIT_SCORES)
 
 
 # --------------------------------------------------------------------------
@@ -93,7 +143,8 @@ def scores(graph: ModelGraph, variables: PyTree, score: str | Callable = "l2", *
     Args:
       graph: from :func:`jaxprune.graph.trace` on these variables.
       variables: the variables (traced values are fine: this runs under jit).
-      score: one of :data:`SCORES` or a callable.
+      score: a registered name (:func:`score_names`: the built-in
+        :data:`SCORES` and those of :func:`register_score`) or a callable.
       grads: gradients with the structure of ``variables`` (for ``"taylor"``).
       key: a PRNG key (for ``"random"``).
 
@@ -104,14 +155,15 @@ def scores(graph: ModelGraph, variables: PyTree, score: str | Callable = "l2", *
     """
     leaves = _arrays(graph, variables, "variables")
     gleaves = _arrays(graph, grads, "grads") if grads is not None else None
-    if score == "taylor" and gleaves is None:
-        raise ValueError("structured.scores: score='taylor' needs grads= (gradients of the "
+    if not callable(score) and score not in _UNIT_SCORES:
+        raise ValueError(f"structured.scores: unknown score {score!r}; use one of "
+                         f"{score_names()} or a callable (group, variables, grads) -> scores.")
+    needs = "" if callable(score) else _UNIT_SCORES[score].needs
+    if needs == "grads" and gleaves is None:
+        raise ValueError(f"structured.scores: score={score!r} needs grads= (gradients of the "
                          "loss with the structure of the variables).")
-    if score == "random" and key is None:
-        raise ValueError("structured.scores: score='random' needs key= (a PRNG key).")
-    if not callable(score) and score not in SCORES:
-        raise ValueError(f"structured.scores: unknown score {score!r}; use one of {SCORES} "
-                         "or a callable (group, variables, grads) -> scores.")
+    if needs == "key" and key is None:
+        raise ValueError(f"structured.scores: score={score!r} needs key= (a PRNG key).")
     if callable(score):
         return tuple(jnp.asarray(score(g, variables, grads), jnp.float32) if g.prunable
                      else None for g in graph.groups)
@@ -131,36 +183,27 @@ def _cached(graph: ModelGraph, key: tuple, make: Callable) -> Callable:
 
 
 def _group_score(graph, g: Group, leaves, gleaves, score: str, key) -> jax.Array:
+    spec = _UNIT_SCORES[score]
     shape = (g.layers, g.size) if g.layers else (g.size,)
-    if score == "random":
+    if spec.pointwise is None:
         return jax.random.uniform(jax.random.fold_in(key, g.index), shape, jnp.float32)
     members = [m for m in g.members if graph.leaves[m.leaf].role in WEIGHT_ROLES]
-    if score == "bn_scale":
+    if spec.norm_scales:
         members = [m for m in members if graph.leaves[m.leaf].kind == "scale"]
         if not members:
             raise ValueError(
-                f"structured.scores: score='bn_scale' but group {g.name!r} has no "
+                f"structured.scores: score={score!r} but group {g.name!r} has no "
                 "normalisation scale (its members: "
                 f"{[m.path for m in g.members][:6]}). Use score='l2', or score only groups "
                 "with a BatchNorm/LayerNorm scale.")
     total = jnp.zeros(shape, jnp.float32)
     for m in members:
         x = leaves[m.leaf].astype(jnp.float32)
-        if score == "taylor":
+        if spec.needs == "grads":
             x = x * gleaves[m.leaf].astype(jnp.float32)
-        per_pos = _reduce_others(_pointwise(x, score), graph.leaves[m.leaf].layers, m.axis)
+        per_pos = _reduce_others(spec.pointwise(x), graph.leaves[m.leaf].layers, m.axis)
         total = total + _to_units(per_pos, m, g)
-    if score == "l2":
-        return jnp.sqrt(total)
-    return total * total if score == "taylor" else total
-
-
-def _pointwise(x: jax.Array, score: str) -> jax.Array:
-    if score == "l2":
-        return x * x
-    if score in ("l1", "bn_scale"):
-        return jnp.abs(x)
-    return x  # taylor: w * g, summed per unit and squared later
+    return spec.finish(total)
 
 
 def _reduce_others(x: jax.Array, layers, axis: int) -> jax.Array:
@@ -722,7 +765,7 @@ def prune(inner: optax.GradientTransformation, *, graph: ModelGraph, sparsity: A
     """
     _check_prune_sparsity(sparsity, allocation)
     _check_group_keys(graph, sparsity, "structured.prune")
-    if not callable(score) and score not in SCORES:
+    if not callable(score) and score not in _UNIT_SCORES:
         raise ValueError(f"structured.prune: unknown score {score!r}; use one of {SCORES}.")
     _tb.check_positive_int(update_every, "structured.prune", "update_every")
     inner = optax.with_extra_args_support(inner)

@@ -102,6 +102,9 @@ CHANGES: dict[str, str | None] = {
         "0.9, 0.95), where=None, groups=None, granularity='leaf', graph=None, "
         "scores=None, higher_is_better=False, batch_size=None, max_bytes=1073741824)"
     ),
+    'jaxprune.structured.UnitScore': 'namedtuple(pointwise, finish, needs, norm_scales)',
+    'jaxprune.structured.register_score': 'callable(name, score)',
+    'jaxprune.structured.score_names': 'callable()',
     'jaxprune.transforms.STEState': 'namedtuple(count, masks, score_state, key, inner_state)',
     'jaxprune.transforms.scheduled_masks': None,
     'jaxprune.transforms.ste_training': (

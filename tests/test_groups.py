@@ -67,3 +67,19 @@ def test_choose_groups_errors_name_the_problem(groups, match):
     _, g, _ = mlp()
     with pytest.raises((ValueError, TypeError), match=match):
         jp.graph.choose_groups(g, groups, what="structured.masks")
+
+
+def test_structured_scores_have_a_registry_like_unstructured_ones():
+    p, g, _ = mlp()
+    assert set(jp.structured.SCORES) <= set(jp.structured.score_names())
+    jp.structured.register_score("l2_squared", jp.structured.UnitScore(jnp.square))
+    assert "l2_squared" in jp.structured.score_names()
+    got = jp.structured.scores(g, p, "l2_squared")
+    want = jp.structured.scores(g, p, "l2")
+    for a, b in zip(got, want):
+        if b is not None:
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b) ** 2, rtol=1e-5)
+    with pytest.raises(ValueError, match="unknown score 'nope'.*l2_squared"):
+        jp.structured.scores(g, p, "nope")
+    with pytest.raises(TypeError, match="needs a UnitScore"):
+        jp.structured.register_score("bad", jnp.square)
