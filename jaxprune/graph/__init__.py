@@ -19,12 +19,16 @@ Example:
   ('a/w:1', 8, 48)
 """
 
+from jaxprune import tree as _tree
 from jaxprune.graph import _control as _control  # registers the control-flow rules
 from jaxprune.graph import rules
-from jaxprune.graph._groups import WEIGHT_ROLES, choose_groups
+from jaxprune.graph._groups import WEIGHT_ROLES, choose_groups, layer_counts
 from jaxprune.graph._model import Group, LeafInfo, Member, ModelGraph
 from jaxprune.graph._model import rebuild as rebuild  # shared with structured (not in __all__)
 from jaxprune.graph._trace import register, trace
 
-__all__ = ["WEIGHT_ROLES", "Group", "LeafInfo", "Member", "ModelGraph", "register", "rules",
-           "choose_groups", "trace"]
+__all__ = ["WEIGHT_ROLES", "Group", "LeafInfo", "Member", "ModelGraph", "choose_groups",
+           "register", "rules", "trace"]
+
+# layers=graph in every function of jp.tree's users (stacked layers).
+_tree.register_layer_source(ModelGraph, layer_counts)

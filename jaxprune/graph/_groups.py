@@ -9,7 +9,7 @@ Every function that acts on a graph's groups (``structured.masks``,
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from jaxprune.graph._model import Group, ModelGraph
@@ -110,3 +110,18 @@ def _flag(v: Any, what: str) -> bool:
     if not isinstance(v, bool):
         raise TypeError(f"{what}: a mapping groups= maps group names to bools, got {v!r}.")
     return v
+
+
+def layer_counts(graph: ModelGraph, names: Sequence[str]) -> list[Any]:
+    """The graph's layer count of every path (``None`` if not stacked); a
+    path may also name a subtree's leaf (Linen ``params`` of traced
+    ``variables``: ``layers/kernel`` is the graph's ``params/layers/kernel``)."""
+    by_path = {info.path: info.layers for info in graph.leaves}
+    out = []
+    for p in names:
+        if p in by_path:
+            out.append(by_path[p])
+            continue
+        hits = [c for q, c in by_path.items() if q.endswith("/" + p)]
+        out.append(hits[0] if len(hits) == 1 else None)
+    return out
