@@ -766,7 +766,9 @@ def prune(inner: optax.GradientTransformation, *, graph: ModelGraph, sparsity: A
     _check_prune_sparsity(sparsity, allocation)
     _check_group_keys(graph, sparsity, "structured.prune")
     if not callable(score) and score not in _UNIT_SCORES:
-        raise ValueError(f"structured.prune: unknown score {score!r}; use one of {SCORES}.")
+        raise ValueError(f"structured.prune: unknown score {score!r}; use one of "
+                         f"{score_names()}.")
+    with_grads = not callable(score) and _UNIT_SCORES[score].needs == "grads"
     _tb.check_positive_int(update_every, "structured.prune", "update_every")
     inner = optax.with_extra_args_support(inner)
     chosen = _chosen_groups(graph, tuple(() if g.prunable else None for g in graph.groups),
@@ -786,7 +788,7 @@ def prune(inner: optax.GradientTransformation, *, graph: ModelGraph, sparsity: A
     def recompute(state, params, grads, link):
         key_data, key = _tb.split_key(state.key)
         full = link.to_graph(params)
-        g_full = link.to_graph(grads) if score == "taylor" else None
+        g_full = link.to_graph(grads) if with_grads else None
         sc = list(scores(graph, full, score, grads=g_full, key=key))
         for g, kept in zip(chosen, state.units):
             sc[g.index] = jnp.where(kept, sc[g.index], -jnp.inf)  # removed units stay removed
