@@ -20,7 +20,9 @@ sparsegpt      ``jp.oneshot.sparsegpt``: OBS reconstruction kernel by kernel
 at 50% unstructured, 4:8, 2:4, and 60% and 70% with uniform per-kernel
 budgets against OWL budgets (``jp.allocation.owl``, ``m=5, lam=0.08``). It
 also times every method against one training step and one forward pass
-over the calibration set, and counts the forward passes each one needs.
+over the calibration set, and counts the forward passes each one needs
+(SparseGPT's in full-forward equivalents of MACs,
+``jp.oneshot.capture_passes``).
 
 The trained checkpoint is saved (npz) under ``--results`` and reused by
 later runs with the same configuration; ``--train-steps`` sets the
@@ -318,6 +320,17 @@ def magnitude_masks(params, sparsity, n, m):
     return jp.masks.topk(scores, sparsity, where=WHERE, axis=(-2, -1))
 
 
+def capture_cost(apply, params, calib: list) -> float:
+    """SparseGPT's captures in full-forward equivalents (MACs), printed
+    beside the general path's (one pass from the inputs per input point)."""
+    points = len(jp.oneshot.input_points(apply, params, calib[0], where=WHERE))
+    cached = jp.oneshot.capture_passes(apply, params, calib, where=WHERE)
+    general = jp.oneshot.capture_passes(apply, params, calib, where=WHERE, cached=False)
+    print(f"sparsegpt captures: {points} input points, {cached:.2f} full-forward equivalents "
+          f"from cached activations ({general:.2f} with one pass per point)")
+    return cached
+
+
 def forward_seconds(apply, params, calib: list) -> float:
     """One jitted forward pass over the calibration set, warm."""
     f = jax.jit(apply)
@@ -377,8 +390,7 @@ def run(args) -> dict:
     stats = jp.calibrate(apply, params, calib, where=WHERE)
     jax.block_until_ready(stats)
     t_cal = time.perf_counter() - t0
-    passes = dict(magnitude=0, wanda=1,
-                  sparsegpt=len(jp.oneshot.input_points(apply, params, calib[0], where=WHERE)))
+    passes = dict(magnitude=0, wanda=1, sparsegpt=round(capture_cost(apply, params, calib), 2))
     res.update(calibrate_seconds=t_cal, passes=passes, results={})
     owl = jp.allocation.owl(stats)  # m=5, lam=0.08: the reference LLaMA-7B script
     for method in _bar(METHODS, "methods", progress):

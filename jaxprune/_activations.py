@@ -1,16 +1,14 @@
-"""A small activation hook: the inputs of every kernel, read from the jaxpr.
+"""The activation taps behind :func:`jaxprune.sensitivity.unit_stats`.
 
-``apply_fn`` is re-run by an interpreter over its jaxpr. Every
-``dot_general`` or ``conv_general_dilated`` whose operand is a variable leaf
-(directly, or through a dtype conversion or copy) is a *site*: its other
-operand, the activation entering that kernel, is recorded, and a zero
-*probe* is added to it so that the gradient of a loss with respect to the
-probe is the gradient with respect to that activation. Calls (``jit``,
-``custom_jvp``/``custom_vjp``, ``remat``) are inlined; other higher-order
-primitives (``scan``, ``while``, ``cond``) run as they are, unhooked.
-
-This is the statistic ``jp.calibrate`` collects per kernel input; the
-per-unit reductions (:func:`unit_stats`) can move there as a statistic.
+The graph's reader (:mod:`jaxprune.graph.sites`) finds every
+``dot_general`` or ``conv_general_dilated`` that reads a variable leaf as
+it is (up to a dtype conversion or copy), outside ``scan``, ``while`` and
+``cond`` (calls such as ``jit``, ``remat``, ``custom_jvp``/``custom_vjp``
+are followed); :func:`jaxprune.graph.sites.run` re-evaluates the model with
+a hook at those sites that records the activation entering the kernel and
+adds a zero *probe* to it, so that the gradient of a loss with respect to
+the probe is the gradient with respect to that activation. This is the
+hook :func:`jaxprune.calibrate` uses for its statistics, with another tap.
 """
 
 from __future__ import annotations
@@ -21,13 +19,9 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
-from jaxprune.graph._control import CALLS, sub_jaxpr
-from jaxprune.graph._model import rebuild
-
-_PASS = {lax.convert_element_type_p, getattr(lax, "copy_p", None)}
-_CALLS = {p for p in CALLS if p is not None}
+from jaxprune.graph import rebuild
+from jaxprune.graph import sites as _sites
 
 
 class Site(NamedTuple):
@@ -38,53 +32,22 @@ class Site(NamedTuple):
     axes: dict
 
 
-def _site(eqn, tags: list) -> tuple[int, Site] | None:
-    """``(activation operand index, Site)`` if ``eqn`` reads a kernel leaf."""
-    if eqn.primitive is lax.dot_general_p:
-        (lc, rc), _ = eqn.params["dimension_numbers"]
-        for k, a, kc, ac in ((1, 0, rc, lc), (0, 1, lc, rc)):
-            if tags[k] is not None and tags[a] is None:
-                return a, Site(tags[k], dict(zip(kc, ac)))
-    elif eqn.primitive is lax.conv_general_dilated_p and eqn.params["feature_group_count"] == 1 \
-            and eqn.params["batch_group_count"] == 1 and tags[1] is not None and tags[0] is None:
-        dn = eqn.params["dimension_numbers"]
-        return 0, Site(tags[1], {dn.rhs_spec[1]: dn.lhs_spec[1]})
-    return None
+class _Probe:
+    """The hook: records each site's activation, plus its probe if given."""
 
+    def __init__(self, order: dict, probes: list | None):
+        self.order, self.probes = order, probes
 
-def _run(jaxpr, consts, args, tags, probes, sites, record):
-    env, tag = {}, {}
+    def key(self, s: _sites.Site) -> int:
+        return self.order[s.order]
 
-    def read(v):
-        return v.val if isinstance(v, jax.extend.core.Literal) else env[v]
+    def tap(self, s: _sites.Site, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        if self.probes is not None:
+            x = x + self.probes[self.key(s)]
+        return x, x
 
-    for v, x in zip(jaxpr.constvars, consts):
-        env[v] = x
-    for v, x, t in zip(jaxpr.invars, args, tags):
-        env[v], tag[v] = x, t
-    for eqn in jaxpr.eqns:
-        ins = [read(v) for v in eqn.invars]
-        tin = [None if isinstance(v, jax.extend.core.Literal) else tag.get(v) for v in eqn.invars]
-        found = _site(eqn, tin)
-        if found is not None:
-            a, site = found
-            if probes is not None:
-                ins[a] = ins[a] + probes[len(sites)]
-            sites.append(site)
-            record.append(ins[a])
-        if eqn.primitive in _CALLS:
-            sub = sub_jaxpr(eqn)
-            outs = _run(sub.jaxpr, sub.consts, ins, tin, probes, sites, record)
-        else:
-            params = eqn.primitive.get_bind_params(eqn.params)
-            subfuns, params = params if isinstance(params, tuple) else ((), params)
-            outs = eqn.primitive.bind(*subfuns, *ins, **params)
-            outs = outs if eqn.primitive.multiple_results else [outs]
-        for v, x in zip(eqn.outvars, outs):
-            env[v] = x
-            if eqn.primitive in _PASS and tin and tin[0] is not None:
-                tag[v] = tin[0]
-    return [read(v) for v in jaxpr.outvars]
+    def zeros(self, s: _sites.Site, lead: tuple) -> Any:
+        raise AssertionError("activation taps are outside loops")  # pragma: no cover
 
 
 def kernel_inputs(graph, apply_fn: Callable, variables: Any, args: tuple,
@@ -100,10 +63,13 @@ def kernel_inputs(graph, apply_fn: Callable, variables: Any, args: tuple,
 
     closed = jax.make_jaxpr(f)(arrays, flat_args)
     out_def = jax.tree_util.tree_structure(jax.eval_shape(f, arrays, flat_args))
-    tags = list(range(len(arrays))) + [None] * len(flat_args)
-    sites, record = [], []
-    outs = _run(closed.jaxpr, closed.consts, arrays + flat_args, tags, probes, sites, record)
-    return jax.tree_util.tree_unflatten(out_def, outs), sites, record
+    found = _sites.find(closed, [np.shape(x) for x in arrays], list(range(len(arrays))))
+    chosen = sorted((s for s in found.sites + found.batched if s.direct and not s.control),
+                    key=lambda s: s.order)
+    hook = _Probe({s.order: i for i, s in enumerate(chosen)}, probes)
+    outs, taps = _sites.run(found, closed, arrays + flat_args, chosen, hook)
+    sites = [Site(s.leaf, dict(s.pairs)) for s in chosen]
+    return jax.tree_util.tree_unflatten(out_def, outs), sites, [taps[i] for i in range(len(chosen))]
 
 
 def _per_position(x: jax.Array, axis: int, fn) -> jax.Array:

@@ -11,6 +11,8 @@ batches:
   them, and updates the remaining weights of each kernel to reconstruct its
   outputs (optimal brain surgeon on the inputs' Gram matrix), each kernel
   seeing inputs that already passed through the pruned kernels before it.
+  Its captures resume from cached activations (:func:`capture_passes`
+  gives their cost in forward passes).
 
 Per-kernel budgets come from ``sparsity`` (a number or a per-leaf tree) or
 an ``allocation`` callable ``(params, sparsity) -> per-leaf tree`` such as
@@ -54,9 +56,10 @@ from jaxprune import masks as _masks
 from jaxprune import scores as _scores
 from jaxprune import tree as _tree
 from jaxprune._along import keep_counts, select_along
+from jaxprune.graph import sites as _sites
 from jaxprune.tree import PyTree
 
-__all__ = ["input_points", "sparsegpt", "wanda"]
+__all__ = ["capture_passes", "input_points", "sparsegpt", "wanda"]
 
 
 # --------------------------------------------------------------------------
@@ -212,16 +215,19 @@ def _cholesky_factors(h: jax.Array, damp: Any) -> tuple[jax.Array, jax.Array]:
     return jnp.linalg.cholesky((hinv + hinv.T) / 2).T, dead
 
 
-def _column(i, w1, err1, u1, keep):
-    """Prunes column ``i`` of the block and spreads its error over the later columns."""
+def _column(i, w1, err1, u1, keep, qcol=None):
+    """Prunes (and with ``qcol`` quantizes) column ``i`` of the block and
+    spreads its error over the later columns."""
     w = w1[:, i]
     q = jnp.where(keep, w, 0.0)
+    if qcol is not None:
+        q = qcol(q)
     e = (w - q) / u1[i, i]
     w1 = (w1 - e[:, None] * u1[i][None, :]).at[:, i].set(q)
     return w1, err1.at[:, i].set(e)
 
 
-def _block(w, mask, u, i1, width: int, keep, nm):
+def _block(w, mask, u, i1, width: int, keep, nm, qcol=None):
     """One block of ``width`` columns from column ``i1`` (traced or static)."""
     rows = w.shape[0]
     w1 = lax.dynamic_slice_in_dim(w, i1, width, 1)
@@ -232,7 +238,7 @@ def _block(w, mask, u, i1, width: int, keep, nm):
         keep1 = select_along(w1 * w1 / (diag * diag)[None, :], (0, 1), keep)
 
         def col(i, c):
-            return _column(i, *c, u1, keep1[:, i])
+            return _column(i, *c, u1, keep1[:, i], qcol)
 
         w1, err1 = lax.fori_loop(0, width, col, (w1, err1))
     else:
@@ -244,7 +250,7 @@ def _block(w, mask, u, i1, width: int, keep, nm):
             dg = lax.dynamic_slice_in_dim(diag, g * m, m)
             kg = select_along(cols * cols / (dg * dg)[None, :], 1, n)
             for c in range(m):
-                w1, err1 = _column(g * m + c, w1, err1, u1, kg[:, c])
+                w1, err1 = _column(g * m + c, w1, err1, u1, kg[:, c], qcol)
             return w1, err1, lax.dynamic_update_slice(keep1, kg, (0, g * m))
 
         w1, err1, keep1 = lax.fori_loop(0, width // m, group,
@@ -257,8 +263,8 @@ def _block(w, mask, u, i1, width: int, keep, nm):
     return w, lax.dynamic_update_slice_in_dim(mask, keep1, i1, 1)
 
 
-@functools.partial(jax.jit, static_argnames=("blocksize", "nm"))
-def _obs(w, h, keep, damp, *, blocksize: int, nm):
+@functools.partial(jax.jit, static_argnames=("blocksize", "nm", "quantize"))
+def _obs(w, h, keep, damp, *, blocksize: int, nm, quantize=None):
     """SparseGPT on ``w`` ``(outputs, inputs)`` with ``h = 2 X^T X / rows``:
     returns the pruned and updated ``w``, its keep mask, and whether the
     Cholesky factorisations were finite. ``keep`` holds the kept count of
@@ -267,17 +273,18 @@ def _obs(w, h, keep, damp, *, blocksize: int, nm):
     w, h = w.astype(jnp.float32), h.astype(jnp.float32)
     u, dead = _cholesky_factors(h, damp)
     w = jnp.where(dead[None, :], 0.0, w)
+    qcol = None if quantize is None else quantize(w)
     mask = jnp.ones(w.shape, bool)
     cols = w.shape[1]
     full = cols // blocksize
 
     def body(b, c):
-        return _block(*c, u, b * blocksize, blocksize, keep[b], nm)
+        return _block(*c, u, b * blocksize, blocksize, keep[b], nm, qcol)
 
     if full:
         w, mask = lax.fori_loop(0, full, body, (w, mask))
     if cols % blocksize:
-        w, mask = _block(w, mask, u, full * blocksize, cols % blocksize, keep[full], nm)
+        w, mask = _block(w, mask, u, full * blocksize, cols % blocksize, keep[full], nm, qcol)
     return w.astype(dtype), mask, jnp.all(jnp.isfinite(u))
 
 
@@ -341,14 +348,16 @@ def _schedule(plan) -> list[tuple[tuple[int, ...], Any, int | None]]:
 
 
 class _Capture:
-    """Jitted Gram captures of one input point, cached per batch shape."""
+    """Jitted Gram captures of one input point, each a pass over the model
+    from its inputs (the general path), cached per batch shape."""
 
-    def __init__(self, model: _cal.Model):
+    def __init__(self, model):
         self.model = model
-        self.passes = 0
 
     def __call__(self, leaves: tuple, scan: Any, layer: int | None, batches: list,
-                 arrays: list) -> dict:
+                 arrays: list, run: bool = True) -> dict:
+        if not run:
+            return None
         base = self.model.plan(batches[0])
         stack = _cal.stacks(base).get(scan)
         acc = None
@@ -359,7 +368,6 @@ class _Capture:
                 acc = self._zeros(plan, leaves)
             acc = plan.step(leaves, True, target)(acc, arrays, jax.tree_util.tree_leaves(b),
                                                   jnp.int32(0 if layer is None else layer))
-        self.passes += 1
         return acc
 
     @staticmethod
@@ -374,10 +382,156 @@ class _Capture:
         return out
 
 
+class _Cached:
+    """SparseGPT's captures from cached activations (all batches of one shape).
+
+    The top level of the model is cut (:class:`jaxprune.graph.sites.Pieces`):
+    the activations live at the cut are kept per batch, and a capture runs
+    only the equations from the cut to its point, then moves the cut up to
+    where its kernels are first read (a cut is kept only while no kernel
+    still to be pruned is read before it). A layer ``scan`` at the top level
+    is run layer by layer from its cached input: each point of a layer on
+    that layer's input, then the layer once more (pruned) for the next
+    layer's input. Each equation thus runs about twice in all, as in the
+    reference implementation; the values are those of the general path
+    (one full pass per point), up to float rounding.
+
+    With ``run=False`` nothing is computed: only ``macs`` is counted.
+    """
+
+    def __init__(self, model, batches: list, schedule: list, run: bool = True):
+        plan = model.plan(batches[0])
+        self.plan, self.pieces, self.run = plan, plan.pieces, run
+        self.originals = batches
+        self.cached = all(model.plan(b) is plan for b in batches)
+        self.batches = [jax.tree_util.tree_leaves(b) for b in batches]
+        starts = [self.pieces.start(leaves) for leaves, _, _ in schedule]
+        self.allowed = [min(starts[i:]) for i in range(len(starts))] + [len(self.pieces.eqns)]
+        self.c, self.cache = 0, [{} for _ in batches]
+        self.block = None
+        self.macs = 0
+        self.general = _Capture(model)
+
+    def __call__(self, i: int, leaves: tuple, scan: Any, layer: int | None, arrays: list):
+        if not self.cached:
+            return self._general(leaves, scan, layer, arrays)
+        if self.block is not None and (scan != self.block["scan"] or layer < self.block["at"]):
+            self._finish(i, arrays)
+        if scan is not None and self.block is None:
+            self._enter(i, scan, arrays)
+        if scan is None:
+            return self._point(i, leaves, arrays)
+        if self.block is None:
+            return self._general(leaves, scan, layer, arrays)
+        while self.block["at"] < layer:
+            self._propagate(arrays)
+        return self._layer(leaves, arrays)
+
+    def _general(self, leaves: tuple, scan: Any, layer: int | None, arrays: list) -> dict:
+        """One pass from the model's inputs (the cut is left alone: it
+        stays valid, see :meth:`_valid`)."""
+        chosen = [t for t in self.plan.sites if t.leaf in set(leaves)]
+        self.macs += self.pieces.macs(0, len(self.pieces.eqns), chosen, [])
+        return self.general(leaves, scan, layer, self.originals, arrays, self.run)
+
+    def _valid(self, i: int) -> None:
+        """Drops the cache if a kernel still to be pruned is read before the cut."""
+        if self.c > self.allowed[i]:
+            self.c, self.cache = 0, [{} for _ in self.cache]
+
+    def _advance(self, e: int, leaves: tuple, arrays: list, new_c: int) -> dict:
+        """Runs equations ``c`` to ``e`` (taps of ``leaves``), moving the cut to ``new_c``."""
+        pieces = self.pieces
+        keep = tuple(v for v in pieces.live(new_c) if pieces.defined[v] >= self.c)
+        chosen = [t for t in self.plan.sites if t.leaf in set(leaves)]
+        self.macs += pieces.macs(self.c, e, chosen, list(keep))
+        acc = None
+        if self.run:
+            step = self.plan.piece_step(leaves, self.c, e, keep)
+            live, later = pieces.live(self.c), pieces.live(new_c)
+            new_cache = []
+            for b, cache in zip(self.batches, self.cache):
+                taps, kept = step(arrays, b, [cache[v] for v in live])
+                acc = taps if acc is None else _sites.add_taps(acc, taps)
+                merged = {**cache, **dict(zip(keep, kept))}
+                new_cache.append({v: merged[v] for v in later})
+            self.cache = new_cache
+        self.c = new_c
+        return acc
+
+    def _point(self, i: int, leaves: tuple, arrays: list) -> dict:
+        chosen = [t for t in self.plan.sites if t.leaf in set(leaves)]
+        e = self.pieces.stop(chosen)
+        taps = self._advance(e, leaves, arrays, max(self.c, min(self.allowed[i], e)))
+        self._valid(i + 1)
+        return taps
+
+    def _enter(self, i: int, scan: Any, arrays: list) -> None:
+        idx = self.pieces.index.get(scan[0]) if len(scan) == 1 else None
+        info = None if idx is None else self.pieces.layer_scan(idx)
+        if info is None or not self.c <= idx <= self.allowed[i]:
+            return
+        self._advance(idx, (), arrays, idx)
+        self.block = {"scan": scan, "idx": idx, "info": info, "at": 0, "carry": None,
+                      "ys": [[] for _ in self.batches]}
+
+    def _layer_run(self, leaves: tuple, arrays: list) -> list:
+        blk = self.block
+        chosen = [t for t in self.plan.sites if t.leaf in set(leaves)]
+        self.macs += self.pieces.layer_macs(blk["idx"], chosen)
+        if not self.run:
+            return []
+        step = self.plan.layer_step(leaves, blk["idx"], blk["carry"] is None)
+        live = self.pieces.live(blk["idx"])
+        out = []
+        for k, (b, cache) in enumerate(zip(self.batches, self.cache)):
+            carry = None if blk["carry"] is None else blk["carry"][k]
+            out.append(step(arrays, b, [cache[v] for v in live], carry, jnp.int32(blk["at"])))
+        return out
+
+    def _layer(self, leaves: tuple, arrays: list) -> dict:
+        acc = None
+        for _, taps in self._layer_run(leaves, arrays):
+            acc = taps if acc is None else _sites.add_taps(acc, taps)
+        return acc
+
+    def _propagate(self, arrays: list) -> None:
+        blk = self.block
+        nk = blk["info"].num_carry
+        outs = self._layer_run((), arrays)
+        if self.run:
+            blk["carry"] = [o[:nk] for o, _ in outs]
+            for ys, (o, _) in zip(blk["ys"], outs):
+                ys.append(o[nk:])
+        blk["at"] += 1
+
+    def _finish(self, i: int, arrays: list) -> None:
+        """The scan's outputs from its last layer; the cut moves past it if allowed."""
+        blk, self.block = self.block, None
+        info = blk["info"]
+        while blk["at"] < info.length:
+            self.block = blk
+            self._propagate(arrays)
+            self.block = None
+        after = blk["idx"] + 1
+        if after > self.allowed[i]:
+            self._valid(i)
+            return
+        if self.run:
+            new = []
+            for k, cache in enumerate(self.cache):
+                stacked = [jnp.stack(y) for y in zip(*blk["ys"][k])]
+                vals = {**cache, **dict(zip(info.outvars, list(blk["carry"][k]) + stacked))}
+                new.append({v: vals[v] for v in self.pieces.live(after)})
+            self.cache = new
+        self.c = after
+
+
 def sparsegpt(apply_fn: Callable, params: PyTree, batches: Iterable, sparsity: Any = None, *,
               n: int | None = None, m: int | None = None, blocksize: int = 128,
               damp: float = 0.01, where: Any = None, allocation: Any = None,
-              ) -> tuple[PyTree, PyTree]:
+              cached: bool = True,
+              quantize: Callable | None = None) -> tuple[PyTree, PyTree]:
     """SparseGPT: prune every kernel and reconstruct its outputs from its inputs.
 
     For each kernel ``W`` (as ``(outputs, inputs)``), with ``X`` its inputs
@@ -393,17 +547,24 @@ def sparsegpt(apply_fn: Callable, params: PyTree, batches: Iterable, sparsity: A
       reference's ``<=`` threshold may prune extra weights on ties), or, with
       ``n`` and ``m``, the ``n`` largest of every ``m`` consecutive columns
       of each row, chosen when the group is reached;
+    * with ``quantize``, each column's kept weights are also rounded,
+      ``q = quantize(W)(where(keep, w, 0))`` (joint pruning and
+      quantization, the reference's ``--wbits``);
     * column by column, the pruned weights' error ``(w - q) / U_jj`` is
       spread over the later columns of the block (``w -= err * U_j,:``),
       and over the later blocks at the end of each block (lazy updates).
 
     Kernels are processed in the order the model reads them; each one's
-    ``X`` is captured by a forward pass through the already pruned kernels
-    before it. Kernels reading the same input (q, k and v; gate and up)
-    share that pass. So there is one forward pass over the calibration set
-    per distinct input point (per layer, inside a layer ``scan``); for an
-    unrolled model each pass stops (by dead-code elimination) where its
-    input is read. The per-kernel step is jitted once per kernel shape.
+    ``X`` is captured through the already pruned kernels before it.
+    Kernels reading the same input (q, k and v; gate and up) share a
+    capture. When all batches have one shape, the activations at a cut of
+    the model's top level are cached per batch, so a capture runs only from
+    the cut to its point, and a top-level layer ``scan`` runs layer by
+    layer from its cached input: about two passes in all, as the reference
+    implementation (:func:`capture_passes` counts them). Otherwise each
+    capture is one forward pass from the inputs (stopped, by dead-code
+    elimination, where its input is read). Both give the same values up to
+    float rounding. The per-kernel step is jitted once per kernel shape.
 
     Args:
       apply_fn: ``(params, batch) -> outputs`` (see :func:`jaxprune.calibrate`).
@@ -418,6 +579,14 @@ def sparsegpt(apply_fn: Callable, params: PyTree, batches: Iterable, sparsity: A
       where: the kernels to prune (``None``: the graph's kernels).
       allocation: ``"uniform"`` or a callable ``(params, sparsity) ->
         per-leaf tree`` (e.g. :func:`jaxprune.allocation.owl`).
+      cached: capture from cached activations where the model allows it;
+        ``False``: one pass from the inputs per point (the general path,
+        for comparison).
+      quantize: ``None``, or ``W -> (column -> column)`` called once per
+        kernel on its ``(outputs, inputs)`` matrix, returning the fake
+        quantizer of its columns (zero must map to zero), e.g.
+        :func:`jaxprune.quant.column_quantizer`; hashable (it is a static
+        argument of the jitted step).
 
     Returns:
       ``(params, masks)``: the pruned, updated parameters (pruned weights
@@ -427,7 +596,7 @@ def sparsegpt(apply_fn: Callable, params: PyTree, batches: Iterable, sparsity: A
     Raises:
       ValueError: for bad ``sparsity``/``n``/``m``/``blocksize``, kernels
         the graph cannot see, or a Cholesky failure (raise ``damp``).
-      TypeError: for non-floating kernels or inputs.
+      TypeError: for non-floating kernels or inputs, or a ``quantize`` that is not callable.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -449,6 +618,9 @@ def sparsegpt(apply_fn: Callable, params: PyTree, batches: Iterable, sparsity: A
         raise ValueError(f"sparsegpt: blocksize must be a positive int, got {blocksize!r}.")
     if nm and blocksize % nm[1]:
         raise ValueError(f"sparsegpt: blocksize={blocksize} must be a multiple of m={nm[1]}.")
+    if quantize is not None and not callable(quantize):
+        raise TypeError(f"sparsegpt: quantize must be None or a callable W -> (column -> column) "
+                        f"such as jp.quant.column_quantizer('int8'), got {quantize!r}.")
     batches = list(batches)
     if not batches:
         raise ValueError("sparsegpt: batches is empty; pass at least one calibration batch.")
@@ -460,15 +632,17 @@ def sparsegpt(apply_fn: Callable, params: PyTree, batches: Iterable, sparsity: A
     _check_nm(plan, nm)
     arrays = model.arrays_of(params)
     masks = {j: np.ones(plan.shapes[j], bool) for j in plan.leaves()}
-    capture = _Capture(model)
-    for leaves, scan, layer in _schedule(plan):
-        taps = capture(leaves, scan, layer, batches, arrays)
+    schedule = _schedule(plan)
+    capture = _Cached(model, batches, schedule)
+    capture.cached = capture.cached and cached
+    for i, (leaves, scan, layer) in enumerate(schedule):
+        taps = capture(i, leaves, scan, layer, arrays)
         for j in leaves:
             s = budgets.get(paths[j])
             if s is not None and layer is not None and np.ndim(s):
                 s = np.asarray(s)[layer]
             arrays[j], mk = _prune_kernel(plan, j, arrays[j], layer, taps[j], s, nm,
-                                          blocksize, damp)
+                                          blocksize, damp, quantize)
             if layer is None:
                 masks[j] = mk
             else:
@@ -501,6 +675,47 @@ def input_points(apply_fn: Callable, params: PyTree, batch: Any, *,
             for leaves, _, layer in _schedule(plan)]
 
 
+def capture_passes(apply_fn: Callable, params: PyTree, batches: Iterable, *,
+                   where: Any = None, cached: bool = True) -> float:
+    """The cost of :func:`sparsegpt`'s captures, in full forward passes.
+
+    ``passes = (MACs the captures run) / (MACs of one forward pass)``, both
+    per batch, counting the ``dot_general`` and convolution equations each
+    capture needs after dead-code elimination (the statistics themselves
+    are not counted). Nothing runs: the captures are planned as
+    :func:`sparsegpt` plans them.
+
+    Args:
+      apply_fn, params, batches, where: as for :func:`sparsegpt`.
+      cached: ``False``: the cost of the general path instead (one pass from
+        the model's inputs per input point).
+
+    Returns:
+      the number of full-forward equivalents (a float).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import jaxprune as jp
+      >>> p = {f"w{i}": jnp.ones((4, 4)) for i in range(4)}
+      >>> f = lambda p, x: x @ p["w0"] @ p["w1"] @ p["w2"] @ p["w3"]
+      >>> xs = [jnp.ones((2, 4))]
+      >>> jp.oneshot.capture_passes(f, p, xs), jp.oneshot.capture_passes(f, p, xs, cached=False)
+      (0.75, 1.5)
+    """
+    batches = list(batches)
+    if not batches:
+        raise ValueError("capture_passes: batches is empty; pass at least one batch.")
+    model = _cal.model(apply_fn, params, batches[0], where)
+    plan = model.plan(batches[0])
+    schedule = _schedule(plan)
+    capture = _Cached(model, batches, schedule, run=False)
+    capture.cached = capture.cached and cached
+    arrays = model.arrays_of(params)
+    for i, (leaves, scan, layer) in enumerate(schedule):
+        capture(i, leaves, scan, layer, arrays)
+    return capture.macs / max(_sites.macs(plan.closed.jaxpr), 1)
+
+
 def _mask_tree(model: _cal.Model, arrays: list) -> PyTree:
     full = [jnp.ones((), jnp.bool_)] * len(model.leaves)
     for i, x in zip(model.array_idx, arrays):
@@ -519,7 +734,8 @@ def _check_nm(plan, nm) -> None:
                 f"into groups of m={nm[1]}. Use an m that divides it or exclude it with where=.")
 
 
-def _prune_kernel(plan, j: int, leaf, layer, tap: dict, s, nm, blocksize: int, damp: float):
+def _prune_kernel(plan, j: int, leaf, layer, tap: dict, s, nm, blocksize: int, damp: float,
+                  quantize=None):
     site = plan.leaf_site(j)
     w = leaf if layer is None else leaf[layer]
     count = int(tap["count"])
@@ -528,7 +744,8 @@ def _prune_kernel(plan, j: int, leaf, layer, tap: dict, s, nm, blocksize: int, d
     mat, back = _as_matrix(jnp.asarray(w), site.in_axes)
     h = 2.0 * tap["gram"] / count
     keep = _block_keeps(mat.shape[0], mat.shape[1], blocksize, 0.0 if nm else s)
-    new, mk, ok = _obs(mat, h, jnp.asarray(keep), jnp.float32(damp), blocksize=blocksize, nm=nm)
+    new, mk, ok = _obs(mat, h, jnp.asarray(keep), jnp.float32(damp), blocksize=blocksize, nm=nm,
+                       quantize=quantize)
     if not bool(ok):
         raise ValueError(
             f"sparsegpt: the Cholesky factorisation failed for kernel {plan.paths[j]!r} "

@@ -50,6 +50,7 @@ from jaxprune import _budget, _deprecation
 from jaxprune import select as _select
 from jaxprune import tree as _tree
 from jaxprune.graph import ModelGraph, choose_groups
+from jaxprune.graph import sites as _sites
 from jaxprune.tree import PyTree
 
 # jp.tree.select is jp.tree.flags on the vocabulary branch.
@@ -336,17 +337,9 @@ def _row_bytes(metric_fn: Callable, params: PyTree) -> int:
 
 
 def _jaxpr_bytes(jaxpr: Any) -> int:
-    total = 0
-    for eqn in jaxpr.eqns:
-        for v in eqn.outvars:
-            if hasattr(v.aval, "shape"):
-                total += int(np.prod(v.aval.shape)) * v.aval.dtype.itemsize
-        for p in eqn.params.values():
-            for sub in p if isinstance(p, (tuple, list)) else (p,):
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns"):
-                    total += _jaxpr_bytes(inner)
-    return total
+    return sum(int(np.prod(v.aval.shape)) * v.aval.dtype.itemsize
+               for _, eqn in _sites.equations(jaxpr) for v in eqn.outvars
+               if hasattr(v.aval, "shape"))
 
 
 def batch_size_for(metric_fn: Callable, params: PyTree, rows: int,

@@ -228,3 +228,103 @@ def test_errors():
     with pytest.raises(ValueError, match="batch axis of `dot_general`"):
         jp.calibrate(lambda p, x: jax.vmap(lambda w, x: x @ w)(p["s"], x),
                      {"s": jnp.ones((2, 3, 3))}, [jnp.ones((2, 4, 3))])
+
+
+# --------------------------------------------------------------------------
+# One reader: calibration, SparseGPT's captures and the activation taps all
+# go through jp.graph.sites; checked on a model with a layer scan, remat,
+# custom_vjp and cond against activations computed without the reader.
+
+
+@jax.custom_vjp
+def _cv(x, w):
+    return x @ w
+
+
+_cv.defvjp(lambda x, w: (x @ w, (x, w)), lambda r, g: (g @ r[1].T, r[0].T @ g))
+
+
+def mixed(p, x, record=None):
+    """Layer scan with remat inside, a custom_vjp kernel, a cond. With
+    ``record`` (a dict), runs unrolled and records every kernel's input."""
+    def rec(name, v):
+        if record is not None:
+            record.setdefault(name, []).append(np.asarray(v, np.float64))
+        return v
+
+    h = jnp.tanh(rec("inp", x) @ p["inp"])
+
+    def body(h, lp):
+        a = jax.checkpoint(lambda h: jax.nn.gelu(h @ lp["up"]))(h)
+        return h + a @ lp["down"], (h, a)
+
+    if record is None:
+        h, _ = lax.scan(body, h, p["stack"])
+    else:
+        for i in range(p["stack"]["up"].shape[0]):
+            lp = jax.tree.map(lambda a: a[i], p["stack"])
+            h, (hin, a) = body(h, lp)
+            rec(f"up{i}", hin), rec(f"down{i}", a)
+    h = _cv(rec("cv", h), p["cv"])
+    rec("br", h)  # the cond reads h or -h: the same statistics
+    h = lax.cond(h.sum() > 0, lambda h: h @ p["br"], lambda h: -h @ p["br"], h)
+    return rec("head", h) @ p["head"]
+
+
+def mixed_params(d=8, f=16, layers=3):
+    return {"inp": normal(30, (6, d), 0.4), "stack": {"up": normal(31, (layers, d, f), 0.35),
+                                                      "down": normal(32, (layers, f, d), 0.25)},
+            "cv": normal(33, (d, d), 0.35), "br": normal(34, (d, d), 0.35),
+            "head": normal(35, (d, 4), 0.35)}
+
+
+@pytest.fixture(scope="module")
+def mixed_case():
+    p = mixed_params()
+    xs = [normal(40 + i, (32, 6)) for i in range(2)]
+    return p, xs
+
+
+def test_scan_remat_custom_vjp_cond_stats_equal_the_unrolled_activations(mixed_case):
+    p, xs = mixed_case
+    st = jp.calibrate(mixed, p, xs, gram=True)
+    seen: dict = {}
+    for x in xs:
+        mixed(p, x, seen)
+    rows = {k: np.concatenate(v) for k, v in seen.items()}
+    for path, name in (("inp", "inp"), ("cv", "cv"), ("br", "br"), ("head", "head")):
+        np.testing.assert_allclose(st[path].sumsq, sumsq(rows[name]), rtol=1e-4)
+        np.testing.assert_allclose(st[path].gram, rows[name].T @ rows[name], rtol=1e-4,
+                                   atol=1e-4)
+    for kind in ("up", "down"):
+        s = st[f"stack/{kind}"]
+        assert s.layers == 3 and s.stack == 0 and s.count.tolist() == [64] * 3
+        for i in range(3):
+            r = rows[f"{kind}{i}"]
+            np.testing.assert_allclose(s.sumsq[i], sumsq(r), rtol=1e-4)
+            np.testing.assert_allclose(s.gram[i], r.T @ r, rtol=1e-4, atol=1e-4)
+
+
+def test_activation_taps_through_remat_and_custom_vjp():
+    """unit_stats reads kernels inside remat and custom_vjp calls (the
+    reader follows calls) and matches a direct computation."""
+    p = {"a": {"w": normal(50, (6, 8)), "b": normal(51, (8,), 0.3)},
+         "c": {"w": normal(52, (8, 8))}, "d": {"w": normal(53, (8, 3))}}
+    x = normal(54, (16, 6))
+
+    def f(p, x):
+        h = jax.checkpoint(lambda x: jax.nn.relu(x @ p["a"]["w"] + p["a"]["b"]))(x)
+        return jax.nn.relu(_cv(h, p["c"]["w"])) @ p["d"]["w"]
+
+    g = jp.graph.trace(f, p, x)
+    st = jp.sensitivity.unit_stats(g, f, p, x, loss_fn=lambda o: (o ** 2).mean())
+    h = jax.nn.relu(x @ p["a"]["w"] + p["a"]["b"])
+    i = {grp.name: grp.index for grp in g.groups}["a/w:1"]
+    np.testing.assert_allclose(st["apoz"][i], np.mean(np.asarray(h) == 0, axis=0), rtol=1e-6)
+    gh = jax.grad(lambda h: (f_rest(p, h) ** 2).mean())(h)
+    np.testing.assert_allclose(st["taylor"][i], np.mean(np.abs(h * gh), axis=0), rtol=1e-4,
+                               atol=1e-7)
+
+
+def f_rest(p, h):
+    return jax.nn.relu(h @ p["c"]["w"]) @ p["d"]["w"]

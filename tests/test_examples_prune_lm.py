@@ -32,7 +32,10 @@ def test_prune_lm_quick(tmp_path):
     assert len(list((tmp_path / "ckpt").glob("lm_*.npz"))) == 1
     assert set(res["files"]["train"]) == set(module.TRAIN_FILES[:6])
     assert res["dense_ppl"] < res["unigram_ppl"]
-    assert res["passes"] == {"magnitude": 0, "wanda": 1, "sparsegpt": 8}
+    # SparseGPT's 8 captures (4 points x 2 layers) from cached activations: at most the
+    # issue's 3 full-forward equivalents
+    assert res["passes"]["magnitude"] == 0 and res["passes"]["wanda"] == 1
+    assert 0 < res["passes"]["sparsegpt"] <= 3
     for method, row in res["results"].items():
         assert list(row) == list(module.QUICK_SETTINGS)
         for setting, r in row.items():

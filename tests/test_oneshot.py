@@ -274,6 +274,8 @@ def test_errors():
         jp.oneshot.wanda(params, stats, 0.5, n=2, m=4)
     with pytest.raises(ValueError, match="pass sparsity="):
         jp.oneshot.sparsegpt(dense, params, split(x, 2))
+    with pytest.raises(ValueError, match="capture_passes: batches is empty"):
+        jp.oneshot.capture_passes(dense, params, [])
     with pytest.raises(ValueError, match="computed for shape"):
         jp.oneshot.wanda({"w": jnp.ones((4, 4))}, stats, 0.5)
     with pytest.raises(ValueError, match="which params do not have"):
@@ -286,3 +288,48 @@ def test_errors():
         jp.oneshot.wanda(params, stats, 1.5)
     with pytest.raises(ValueError, match="batches is empty"):
         jp.oneshot.sparsegpt(dense, params, [], 0.5)
+
+
+# --------------------------------------------------------------------------
+# Captures from cached activations equal the general path (one pass from the
+# inputs per point), at a fraction of its cost
+
+
+def blocks(p, x):
+    for w in p:
+        h = jnp.tanh(x)
+        a = jax.nn.softmax((h @ w["q"]) @ (h @ w["k"]).T)
+        x = x + (a @ (h @ w["v"])) @ w["o"]
+        x = x + jax.nn.gelu(jnp.tanh(x) @ w["up"]) @ w["down"]
+    return x
+
+
+def blocks_params(layers=3, d=8, f=16):
+    rng = np.random.default_rng(7)
+    shapes = dict(q=(d, d), k=(d, d), v=(d, d), o=(d, d), up=(d, f), down=(f, d))
+    return [{k: jnp.asarray(rng.standard_normal(s) / np.sqrt(s[0]), jnp.float32)
+             for k, s in shapes.items()} for _ in range(layers)]
+
+
+@pytest.mark.parametrize("case", ["unrolled blocks", "scan, remat, custom_vjp, cond"])
+def test_cached_captures_equal_the_general_path(case):
+    from test_calibration import mixed, mixed_params
+
+    if case == "unrolled blocks":
+        f, p = blocks, blocks_params()
+        xs = [jnp.asarray(np.random.default_rng(8 + i).standard_normal((24, 8)), jnp.float32)
+              for i in range(2)]
+    else:
+        f, p = mixed, mixed_params()
+        xs = [jnp.asarray(np.random.default_rng(8 + i).standard_normal((24, 6)), jnp.float32)
+              for i in range(2)]
+    cached = jp.oneshot.capture_passes(f, p, xs)
+    general = jp.oneshot.capture_passes(f, p, xs, cached=False)
+    assert cached <= 3 and cached < general
+    got, got_masks = jp.oneshot.sparsegpt(f, p, xs, 0.5, blocksize=8)
+    want, want_masks = jp.oneshot.sparsegpt(f, p, xs, 0.5, blocksize=8, cached=False)
+    for a, b in zip(jax.tree.leaves(got_masks), jax.tree.leaves(want_masks)):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert jax.tree.structure(got) == jax.tree.structure(want)

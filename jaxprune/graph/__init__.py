@@ -7,7 +7,9 @@ axes, the groups of channels that must be pruned together (a layer's output
 channels with its bias, norm parameters and the next layers' input slices;
 both branches of a residual add; a head's query, key, value and output
 slices), whether each group can be pruned and why not, and the MACs of every
-dot and convolution.
+dot and convolution. :mod:`jaxprune.graph.sites` is the graph's reader
+for the other tools: where each kernel is read and one hook to tap its
+input there (calibration, SparseGPT, activation statistics).
 
 Example:
   >>> import jax, jax.numpy as jnp
@@ -21,14 +23,13 @@ Example:
 
 from jaxprune import tree as _tree
 from jaxprune.graph import _control as _control  # registers the control-flow rules
-from jaxprune.graph import rules
+from jaxprune.graph import rules, sites
 from jaxprune.graph._groups import WEIGHT_ROLES, choose_groups, layer_counts
-from jaxprune.graph._model import Group, LeafInfo, Member, ModelGraph
-from jaxprune.graph._model import rebuild as rebuild  # shared with structured (not in __all__)
+from jaxprune.graph._model import Group, LeafInfo, Member, ModelGraph, rebuild
 from jaxprune.graph._trace import register, trace
 
 __all__ = ["WEIGHT_ROLES", "Group", "LeafInfo", "Member", "ModelGraph", "choose_groups",
-           "register", "rules", "trace"]
+           "rebuild", "register", "rules", "sites", "trace"]
 
 # layers=graph in every function of jp.tree's users (stacked layers).
 _tree.register_layer_source(ModelGraph, layer_counts)

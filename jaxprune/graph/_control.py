@@ -8,24 +8,12 @@ from __future__ import annotations
 from jaxprune.graph._desc import codes
 from jaxprune.graph._rules import _p, rule
 from jaxprune.graph._walk import V, Walker, has_copies
+from jaxprune.graph.sites import CALLS, sub_jaxpr
 
 try:  # not exported by jax.extend
     from jax._src.shard_map import shard_map_p
 except ImportError:  # pragma: no cover - older/newer layouts
     shard_map_p = None
-
-CALLS = [_p(n) for n in ("jit_p", "pjit_p", "closed_call_p", "call_p", "core_call_p",
-                         "remat_p", "checkpoint_p", "custom_jvp_call_p", "custom_vjp_call_p",
-                         "custom_vjp_call_jaxpr_p")]
-
-
-def sub_jaxpr(eqn):
-    """The jaxpr a call-like primitive runs on its operands."""
-    for key in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
-        if key in eqn.params:
-            return eqn.params[key]
-    raise KeyError(f"no sub-jaxpr in {eqn.primitive.name} (params {sorted(eqn.params)})")
-
 
 @rule(*CALLS)
 def _call(w: Walker, eqn, args):

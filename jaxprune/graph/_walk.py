@@ -17,6 +17,7 @@ import numpy as np
 from jax.extend import core as jcore
 
 from jaxprune.graph._desc import BCAST, BlockDim, Context, codes, fsize
+from jaxprune.graph.sites import interpret
 
 ACT, PARAM, CONST = "act", "param", "const"
 
@@ -91,32 +92,17 @@ class Walker(Context):
 
     # ---- walking
     def walk(self, jaxpr: jcore.Jaxpr, consts: list, ins: list) -> list:
-        env: dict = {}
-        for v, d in zip(jaxpr.constvars, consts):
-            env[v] = d
-        for v, d in zip(jaxpr.invars, ins):
-            env[v] = d
-        for eqn in jaxpr.eqns:
-            args = [self.read(env, v) for v in eqn.invars]
+        def step(eqn, args):
             rule = self.rules.get(eqn.primitive)
-            if rule is None:
-                outs = self.unknown(eqn, args)
-            else:
-                outs = rule(self, eqn, args)
-            for v, d in zip(eqn.outvars, outs):
-                env[v] = d
-        return [self.read(env, v) for v in jaxpr.outvars]
+            return self.unknown(eqn, args) if rule is None else rule(self, eqn, args)
+
+        return interpret(jaxpr, consts, ins, step, lambda val: self.constant(np.shape(val)))
 
     def walk_closed(self, closed: Any, ins: list) -> list:
         if isinstance(closed, jcore.ClosedJaxpr):
             consts = [self.constant(np.shape(c)) for c in closed.consts]
             return self.walk(closed.jaxpr, consts, ins)
         return self.walk(closed, [], ins)
-
-    def read(self, env: dict, v: Any) -> V:
-        if isinstance(v, jcore.Literal):
-            return self.constant(np.shape(v.val))
-        return env[v]
 
     def unknown(self, eqn: Any, args: list) -> list:
         """No rule: pin every id of the inputs; outputs are opaque."""
