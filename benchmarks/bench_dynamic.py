@@ -62,7 +62,7 @@ UPDATE_EVERY = 100
 
 def variants(params):
     adam = optax.adam(1e-3)
-    masks = jp.allocation.random_masks(jax.random.key(1), params, SPARSITY, "erk")
+    masks = jp.allocation.random_masks(jax.random.key(1), params, SPARSITY, allocation="erk")
     return {
         "dense": adam,
         "keep_masks": optax.chain(adam, jp.keep_masks(jax.tree.map(jnp.copy, masks))),
@@ -159,7 +159,7 @@ def main(argv=None) -> dict:
         assert count_updates(runners[name].carry[1]) == 1 + args.block * args.reps
 
     # The connection update alone (drop by |w|, grow by |g|), jitted.
-    masks = jp.allocation.random_masks(jax.random.key(1), params, SPARSITY, "erk")
+    masks = jp.allocation.random_masks(jax.random.key(1), params, SPARSITY, allocation="erk")
     grads = jax.grad(loss_fn)(params, x, y)
     upd = jax.jit(lambda p, m, g: drop_and_grow(p, m, jax.tree.map(jnp.abs, g), 0.3))
     jax.block_until_ready(upd(params, masks, grads))

@@ -68,7 +68,7 @@ def main(argv=None) -> dict:
         for seed in range(cfg.seeds):
             t0 = time.perf_counter()
             r = jp.search(metric, params, cfg.sparsity, granularity="leaf", cost="params",
-                          agent=agent, iterations=cfg.iterations, population=cfg.population,
+                          higher_is_better=True, agent=agent, iterations=cfg.iterations, population=cfg.population,
                           seed=seed)
             rows.append({"best": r.metric, "curve": r.curve.tolist(), "mean": r.mean.tolist(),
                          "seconds": time.perf_counter() - t0})

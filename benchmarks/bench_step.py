@@ -81,7 +81,7 @@ import optax
 from jax import lax
 
 import jaxprune as jp
-from jaxprune import transform_base as jpt
+from jaxprune import _transform_base as jpt
 
 SIZES = (784, 2048, 2048, 10)
 BATCH = 256
@@ -249,7 +249,8 @@ class Runner:
 def time_mask_update(params, allocation, reps):
     """The mask update of jp.prune alone (scores + selection), jitted: a list of
     (wall, CPU) ms."""
-    fn = jax.jit(lambda p: jp.allocation.masks(jp.scores.magnitude(p), SPARSITY, allocation,
+    fn = jax.jit(lambda p: jp.allocation.masks(jp.scores.magnitude(p), SPARSITY,
+                                               allocation=allocation,
                                                params=p))
     jax.block_until_ready(fn(params))
     ts = []

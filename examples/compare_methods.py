@@ -151,7 +151,7 @@ def make_run(method: str, cfg: dict, data):
         if method == "dense":
             tx = adam
         elif method == "random":
-            masks = jp.allocation.random_masks(k_mask, params, s, alloc, where=WHERE)
+            masks = jp.allocation.random_masks(k_mask, params, s, allocation=alloc, where=WHERE)
             tx = optax.chain(adam, jp.keep_masks(masks))
         elif method == "snip":
             idx = jax.random.randint(k_mask, (cfg["snip_batches"], bs), 0, xtr.shape[0])

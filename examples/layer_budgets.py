@@ -209,24 +209,25 @@ def one_shot(method, ctx, budget):
     g, v, s, cost = ctx["graph"], ctx["dense"], BUDGETS[budget], budget
     t0, extra = time.perf_counter(), 0.0
     if method == "uniform":
-        rates = jp.allocation.uniform_budget(g, s, cost)
+        rates = jp.allocation.uniform_budget(g, s, cost=cost)
     elif method == "global":
-        rates = jp.allocation.global_budget(g, jp.structured.scores(g, v), s, cost)
+        rates = jp.allocation.global_budget(g, jp.structured.scores(g, v), s, cost=cost)
     elif method == "sensitivity":
         if "curves" not in ctx:  # one scan serves both budgets; each row is charged it
             ctx["curves"] = jp.sensitivity.scan(ctx["val_loss"], v, granularity="group", graph=g)
             t0 = time.perf_counter()
-        rates = jp.allocation.from_sensitivity(ctx["curves"], s, cost)
+        rates = jp.allocation.from_sensitivity(ctx["curves"], s, cost=cost)
         extra = ctx["curves"].seconds
     elif method == "search":
         cfg = ctx["cfg"]
-        res = jp.search(ctx["val_acc"], v, s, graph=g, cost=cost, agent=cfg.agent,
+        res = jp.search(ctx["val_acc"], v, s, graph=g, granularity="group", cost=cost,
+                        higher_is_better=True, agent=cfg.agent,
                         iterations=cfg.iterations, population=cfg.population,
                         seed=ctx["seed"])
         rates = res.budget
     else:  # slimming
         v = ctx["slim"]
-        rates = jp.allocation.global_budget(g, jp.structured.scores(g, v, "bn_scale"), s, cost,
+        rates = jp.allocation.global_budget(g, jp.structured.scores(g, v, "bn_scale"), s, cost=cost,
                                             normalize=False)
     seconds = time.perf_counter() - t0 + extra
     scores = jp.structured.scores(g, v, "bn_scale" if method == "slimming" else "l2")
@@ -251,9 +252,9 @@ def gradual(ctx, budget, how):
         scores = jp.structured.scores(g, v)
         if how == "sensitivity":
             curves = jp.sensitivity.scan(ctx["val_loss"], v, granularity="group", graph=g)
-            rates = jp.allocation.from_sensitivity(curves, s_now, budget)
+            rates = jp.allocation.from_sensitivity(curves, s_now, cost=budget)
         else:
-            rates = jp.allocation.global_budget(g, scores, s_now, budget)
+            rates = jp.allocation.global_budget(g, scores, s_now, cost=budget)
         seconds += time.perf_counter() - t0
         masks = jp.structured.masks(g, scores, rates)
         v = jp.apply_masks(v, masks)
@@ -325,7 +326,7 @@ def compare_agents(ctx) -> dict:
     cfg, out = ctx["cfg"], {}
     for agent in ("es", "ddpg"):
         res = jp.search(ctx["val_acc"], ctx["dense"], BUDGETS["flops"], graph=ctx["graph"],
-                        cost="flops", agent=agent, iterations=cfg.iterations,
+                        granularity="group", cost="flops", higher_is_better=True, agent=agent, iterations=cfg.iterations,
                         population=cfg.population, seed=ctx["seed"])
         out[agent] = {"best": res.metric, "curve": res.curve.tolist(),
                       "mean": res.mean.tolist(), "seconds": res.seconds,

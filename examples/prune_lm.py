@@ -316,7 +316,7 @@ def magnitude_masks(params, sparsity, n, m):
     or n of every m inputs."""
     scores = jp.scores.magnitude(params)
     if n:
-        return jp.masks.n_of_m(scores, n, m, axis=-2, where=WHERE)
+        return jp.masks.n_of_m(scores, n=n, m=m, axis=-2, where=WHERE)
     return jp.masks.topk(scores, sparsity, where=WHERE, axis=(-2, -1))
 
 

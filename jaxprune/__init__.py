@@ -15,10 +15,12 @@ import sys as _sys
 import types as _types
 
 from jaxprune import (
+    _deprecation,
+    _transform_base,
+    agents,
     allocation,
     at_init,
     calibration,
-    deprecation,
     distill,
     dynamic,
     export,
@@ -33,19 +35,13 @@ from jaxprune import (
     select,
     sensitivity,
     structured,
-    transform_base,
     transforms,
     tree,
 )
+from jaxprune.agents import SearchResult, search
 from jaxprune.at_init import snip
 from jaxprune.calibration import calibrate
-from jaxprune.dynamic import (
-    DynamicState,
-    STEState,
-    rigl,
-    set_training,
-    ste_training,
-)
+from jaxprune.dynamic import DynamicState, rigl, set_training
 from jaxprune.lottery import LotteryState, lottery_ticket
 from jaxprune.masks import (
     apply_masks,
@@ -55,8 +51,14 @@ from jaxprune.masks import (
     summary,
     unpack,
 )
-from jaxprune.search import SearchResult, search
-from jaxprune.transforms import PruneState, get_masks, keep_masks, prune
+from jaxprune.transforms import (
+    PruneState,
+    STEState,
+    get_masks,
+    keep_masks,
+    prune,
+    ste_training,
+)
 
 __version__ = "0.1.0"
 
@@ -67,13 +69,13 @@ __all__ = [
     "STEState",
     "SearchResult",
     "__version__",
+    "agents",
     "allocation",
     "apply_masks",
     "apply_masks_ste",
     "at_init",
     "calibrate",
     "calibration",
-    "deprecation",
     "distill",
     "dynamic",
     "export",
@@ -101,31 +103,41 @@ __all__ = [
     "structured",
     "summary",
     "transforms",
-    "transform_base",
     "tree",
     "unpack",
 ]
 
-# Deprecated names (not in __all__; they warn and name the new one). The old
-# module jaxprune.snip is now jaxprune.at_init; `jp.snip` is the function, so
-# the old module lives only in sys.modules, where
-# `from jaxprune.snip import snip_scores` finds it.
+# Deprecated names (not in __all__; they warn and name the new one).
 sparsity = masks.sparsity
 ste = dynamic.ste
 straight_through = dynamic.straight_through
 
 
 class _DeprecatedModule(_types.ModuleType):
-    def __init__(self, name: str, target: _types.ModuleType, new: str):
-        super().__init__(name, f"Deprecated: use {new}.")
-        self._target, self._new = target, new
+    """An old module path: every attribute warns and names the new module."""
+
+    def __init__(self, name: str, target: _types.ModuleType, new: str, note: str = ""):
+        super().__init__(name, f"Deprecated: use {new}{note}.")
+        self._target, self._new, self._note = target, new, note
 
     def __getattr__(self, attr: str):
-        if attr.startswith("__"):
+        if attr.startswith("_"):  # dunders and probes (doctest, mock) never warn
             raise AttributeError(attr)
-        deprecation.warn(f"{self.__name__}.{attr}", f"{self._new}.{attr}")
+        _deprecation.warn(f"{self.__name__}.{attr}", f"{self._new}.{attr}{self._note}")
         return getattr(self._target, attr)
 
 
-_sys.modules.setdefault(
-    "jaxprune.snip", _DeprecatedModule("jaxprune.snip", at_init, "jaxprune.at_init"))
+def _old_module(old: str, target: _types.ModuleType, note: str = "") -> _types.ModuleType:
+    """Registers ``jaxprune.<old>`` (importable, warning on use)."""
+    module = _DeprecatedModule(f"jaxprune.{old}", target, target.__name__, note)
+    _sys.modules[module.__name__] = module
+    return module
+
+
+# Old module paths: jaxprune.snip (now at_init; `jp.snip` is the function),
+# jaxprune.search (now agents; `jp.search` is the function), and the
+# internals that were public (transform_base, deprecation).
+_old_module("snip", at_init)
+_old_module("search", agents)
+transform_base = _old_module("transform_base", _transform_base, " (internal, no public API)")
+deprecation = _old_module("deprecation", _deprecation, " (internal, no public API)")

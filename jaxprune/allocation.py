@@ -42,10 +42,10 @@ Example:
   >>> import jax.numpy as jnp
   >>> import jaxprune as jp
   >>> params = {"a": jnp.ones((100, 100)), "c": jnp.ones((10, 100))}
-  >>> s = jp.allocation.sparsities(params, 0.9, "erk")
+  >>> s = jp.allocation.sparsities(params, 0.9, allocation="erk")
   >>> round(float(s["a"]), 3), round(float(s["c"]), 3)
   (0.929, 0.61)
-  >>> m = jp.allocation.masks(jp.scores.magnitude(params), 0.9, "erk")
+  >>> m = jp.allocation.masks(jp.scores.magnitude(params), 0.9, allocation="erk")
   >>> int(m["c"].sum()) == round(1000 * (1 - float(s["c"])))
   True
 
@@ -65,27 +65,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprune import _budget
-from jaxprune import deprecation as _deprecation
+from jaxprune import _budget, _deprecation
 from jaxprune import masks as _masks
 from jaxprune import scores as _scores
 from jaxprune import select as _select
 from jaxprune import tree as _tree
-
-PyTree = Any
+from jaxprune.tree import PyTree
 
 __all__ = [
     "NAMES",
     "REGISTRY",
     "Allocation",
     "check",
-    "compute_masks",
     "erk",
     "from_sensitivity",
     "global_budget",
     "masks",
     "owl",
-    "per_leaf",
     "random_masks",
     "register",
     "sparsities",
@@ -258,7 +254,8 @@ def _check_regex(allocation: Mapping, params: PyTree, where: Any) -> None:
             )
 
 
-def erk(params: PyTree, sparsity: Any, where: Any = None, power: float = 1.0, *,
+@_deprecation.keyword_only("where", "power")
+def erk(params: PyTree, sparsity: Any, *, where: Any = None, power: float = 1.0,
         layers: Any = None, layer_axis: int = 0) -> PyTree:
     """Erdos-Renyi-Kernel per-leaf sparsities for an overall ``sparsity``.
 
@@ -366,7 +363,7 @@ register(Allocation(
 register(Allocation(
     "erk",
     sparsities=lambda params, s, where, layers, axis: jax.tree_util.tree_leaves(
-        erk(params, s, where, layers=layers, layer_axis=axis))))
+        erk(params, s, where=where, layers=layers, layer_axis=axis))))
 
 
 def _per_leaf(params: PyTree, sparsity: Any, allocation: Any, where: Any, step: Any,
@@ -415,7 +412,8 @@ def _regex_value(allocation: dict, path: str, sparsity: Any, step: Any) -> Any:
     return sparsity
 
 
-def sparsities(params: PyTree, sparsity: Any, allocation: Any = "uniform", *,
+@_deprecation.keyword_only("allocation")
+def sparsities(params: PyTree, sparsity: Any, *, allocation: Any = "uniform",
                where: Any = None, step: Any = None, layers: Any = None,
                layer_axis: int = 0) -> PyTree:
     """Per-leaf sparsities of an allocation, for an overall ``sparsity``.
@@ -439,16 +437,17 @@ def sparsities(params: PyTree, sparsity: Any, allocation: Any = "uniform", *,
     Example:
       >>> import jax.numpy as jnp
       >>> p = {"a": {"kernel": jnp.ones((4, 4))}, "c": {"kernel": jnp.ones((4, 4))}}
-      >>> sparsities(p, 0.5, {"^c": 0.9})
+      >>> sparsities(p, 0.5, allocation={"^c": 0.9})
       {'a': {'kernel': 0.5}, 'c': {'kernel': 0.9}}
-      >>> sparsities(p, 0.5, {"a": None, "c": {"kernel": 0.8}})  # a per-leaf tree
+      >>> sparsities(p, 0.5, allocation={"a": None, "c": {"kernel": 0.8}})  # a per-leaf tree
       {'a': {'kernel': 0.5}, 'c': {'kernel': 0.8}}
     """
     values = _per_leaf(params, sparsity, allocation, where, step, layers, layer_axis)
     return _tree.unflatten(jax.tree_util.tree_structure(params), values)
 
 
-def masks(scores: PyTree, sparsity: Any, allocation: Any = "uniform", *, where: Any = None,
+@_deprecation.keyword_only("allocation")
+def masks(scores: PyTree, sparsity: Any, *, allocation: Any = "uniform", where: Any = None,
           params: PyTree | None = None, step: Any = None, layers: Any = None,
           layer_axis: int = 0) -> PyTree:
     """Masks for ``scores`` at an overall ``sparsity`` under an allocation.
@@ -476,10 +475,10 @@ def masks(scores: PyTree, sparsity: Any, allocation: Any = "uniform", *, where: 
     Example:
       >>> import jax.numpy as jnp
       >>> s = {"a": jnp.array([[1.0, 2.0], [3.0, 4.0]]), "c": jnp.array([[5.0, 6.0], [7.0, 8.0]])}
-      >>> m = masks(s, 0.5, "global")
+      >>> m = masks(s, 0.5, allocation="global")
       >>> int(m["a"].sum()), int(m["c"].sum())
       (0, 4)
-      >>> m = masks(s, 0.5, "uniform", layers="a")  # a stack of 2 layers
+      >>> m = masks(s, 0.5, allocation="uniform", layers="a")  # a stack of 2 layers
       >>> m["a"].tolist()
       [[False, True], [False, True]]
     """
@@ -500,8 +499,10 @@ def masks(scores: PyTree, sparsity: Any, allocation: Any = "uniform", *, where: 
                        layer_axis=layer_axis)
 
 
-def random_masks(key: jax.Array, params: PyTree, sparsity: Any, allocation: Any = "uniform", *,
-                 where: Any = None, layers: Any = None, layer_axis: int = 0) -> PyTree:
+@_deprecation.keyword_only("allocation")
+def random_masks(key: jax.Array, params: PyTree, sparsity: Any, *,
+                 allocation: Any = "uniform", where: Any = None, layers: Any = None,
+                 layer_axis: int = 0) -> PyTree:
     """Random masks at the per-leaf sparsities of an allocation.
 
     Each selected leaf keeps exactly the count its allocation gives it
@@ -527,7 +528,7 @@ def random_masks(key: jax.Array, params: PyTree, sparsity: Any, allocation: Any 
       >>> int(m["w"].sum())
       10
     """
-    return masks(_scores.random(params, key=key), sparsity, allocation, where=where,
+    return masks(_scores.random(params, key=key), sparsity, allocation=allocation, where=where,
                  params=params, layers=layers, layer_axis=layer_axis)
 
 
@@ -545,14 +546,15 @@ def compute_masks(scores: PyTree, sparsity: Any, allocation: Any = "uniform", wh
                   params: PyTree | None = None, count: Any = None) -> PyTree:
     """Deprecated: use :func:`masks` (same arguments, ``count`` is ``step``)."""
     _deprecation.warn("jaxprune.allocation.compute_masks", "jaxprune.allocation.masks")
-    return masks(scores, sparsity, allocation, where=where, params=params, step=count)
+    return masks(scores, sparsity, allocation=allocation, where=where, params=params, step=count)
 
 
 # --------------------------------------------------------------------------
 # OWL: outlier-weighted layerwise sparsity
 
 
-def owl(stats: dict, m: float = 5.0, lam: float = 0.08, blocks: Any = None):
+@_deprecation.keyword_only("m", "lam", "blocks")
+def owl(stats: dict, *, m: float = 5.0, lam: float = 0.08, blocks: Any = None):
     """OWL budgets: layers with more activation outliers keep more weights.
 
     The outlier ratio ``D_b`` of a block is the fraction of its Wanda scores
@@ -698,7 +700,8 @@ def _owl_sparsities(ratio: jax.Array, size: np.ndarray, s: jax.Array, lam: float
 # Layer-aware budgets (sensitivity curves, cost budgets)
 
 
-def from_sensitivity(curves: Any, sparsity: Any = None, cost: str = "params") -> Any:
+@_deprecation.keyword_only("cost")
+def from_sensitivity(curves: Any, sparsity: Any = None, *, cost: str = "params") -> Any:
     """Per-layer sparsities that meet a budget with the least predicted damage.
 
     Each layer's damage curve (metric loss against sparsity, from
@@ -830,7 +833,9 @@ def _rates(names: Sequence[str], sizes: np.ndarray, kept: np.ndarray) -> dict:
     return {n: float(int(s) - int(k)) / int(s) for n, s, k in zip(names, sizes, kept)}
 
 
-def uniform_budget(graph: Any, sparsity: float, cost: str = "params", groups: Any = None) -> dict:
+@_deprecation.keyword_only("cost", "groups")
+def uniform_budget(graph: Any, sparsity: float, *, cost: str = "params",
+                   groups: Any = None) -> dict:
     """One structured rate for every group, the smallest meeting a cost budget.
 
     The keep fraction ``q`` is the largest for which counts
@@ -854,7 +859,7 @@ def uniform_budget(graph: Any, sparsity: float, cost: str = "params", groups: An
       >>> p = {"a": jnp.ones((4, 8)), "b": jnp.ones((8, 8)), "c": jnp.ones((8, 2))}
       >>> g = jp.graph.trace(lambda p, x: jnp.tanh(jnp.tanh(x @ p["a"]) @ p["b"]) @ p["c"],
       ...                    p, jnp.ones((1, 4)))
-      >>> jp.allocation.uniform_budget(g, 0.75, "flops")
+      >>> jp.allocation.uniform_budget(g, 0.75, cost="flops")
       {'a:1': 0.625, 'b:1': 0.625}
     """
     chosen, model = _graph_model(graph, groups, cost)
@@ -865,7 +870,8 @@ def uniform_budget(graph: Any, sparsity: float, cost: str = "params", groups: An
     return _rates([g.name for g in chosen], sizes, _budget.uniform_counts(model, sizes, ones, target))
 
 
-def global_budget(graph: Any, scores: Sequence, sparsity: float, cost: str = "params",
+@_deprecation.keyword_only("cost", "groups", "normalize")
+def global_budget(graph: Any, scores: Sequence, sparsity: float, *, cost: str = "params",
                   groups: Any = None, normalize: bool = True) -> dict:
     """Structured rates from one threshold on unit scores, under a cost budget.
 
@@ -916,13 +922,7 @@ def global_budget(graph: Any, scores: Sequence, sparsity: float, cost: str = "pa
 
 def _graph_model(graph: Any, groups: Any, cost: str) -> tuple:
     _budget.check_kind(cost)
-    if groups is None:
-        chosen = list(graph.prunable)
-    elif callable(groups):
-        chosen = [g for g in graph.groups if g.prunable and groups(g)]
-    else:
-        names = {g.name: g for g in graph.groups}
-        chosen = [names[k] if isinstance(k, str) else graph.groups[k] for k in groups]
-    if not chosen:
-        raise ValueError("no prunable group selected; print(graph) lists the groups.")
+    from jaxprune.graph import choose_groups
+
+    chosen = choose_groups(graph, groups, what="allocation budget")
     return chosen, _budget.graph_model(graph, chosen, cost)

@@ -23,11 +23,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxprune import _deprecation
 from jaxprune import allocation as _alloc
 from jaxprune import masks as _masks
 from jaxprune import scores as _scores
-
-PyTree = Any
+from jaxprune.tree import PyTree
 
 __all__ = ["snip", "snip_scores"]
 
@@ -97,14 +97,15 @@ def snip_scores(loss_fn: Callable[[PyTree, Any], jax.Array], params: PyTree, bat
     return jax.tree.map(lambda a: a / n, acc)
 
 
+@_deprecation.keyword_only("allocation", "where")
 def snip(
     loss_fn: Callable[[PyTree, Any], jax.Array],
     params: PyTree,
     batch: Any,
     sparsity: float,
+    *,
     allocation: Any = "global",
     where: Any = None,
-    *,
     layers: Any = None,
     layer_axis: int = 0,
 ) -> PyTree:
@@ -157,5 +158,5 @@ def snip(
     _alloc.check(allocation, params, where, layers=layers, layer_axis=layer_axis, what="snip")
     _masks.selection(params, where, "params")
     scores = snip_scores(loss_fn, params, batch)
-    return _alloc.masks(scores, sparsity, allocation, where=where, params=params,
+    return _alloc.masks(scores, sparsity, allocation=allocation, where=where, params=params,
                         layers=layers, layer_axis=layer_axis)

@@ -71,8 +71,7 @@ from jax import lax
 
 from jaxprune import tree as _tree
 from jaxprune.graph import sites as _sites
-
-PyTree = Any
+from jaxprune.tree import PyTree
 
 __all__ = ["InputStats", "calibrate"]
 

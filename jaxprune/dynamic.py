@@ -25,10 +25,11 @@ exactly zero after every step (the updates are ``where(mask, u, -p)``, as in
 :func:`jaxprune.prune`). Mask updates run under :func:`jax.lax.cond`, so
 other steps cost what a masked step costs.
 
-:func:`ste_training` instead keeps dense weights and recomputes a mask from
-them; the model applies it in its forward pass with
-:func:`jaxprune.apply_masks_ste`, so gradients reach pruned weights and they
-can come back.
+:func:`jaxprune.ste_training` (in :mod:`jaxprune.transforms`, beside the
+engine it shares with :func:`jaxprune.prune`) instead keeps dense weights
+and recomputes a mask from them; the model applies it in its forward pass
+with :func:`jaxprune.apply_masks_ste`, so gradients reach pruned weights
+and they can come back.
 
 Example:
   >>> import jax, jax.numpy as jnp, optax
@@ -66,29 +67,24 @@ import numpy as np
 import optax
 from jax import lax
 
+from jaxprune import _deprecation
+from jaxprune import _transform_base as _base
 from jaxprune import allocation as _alloc
-from jaxprune import deprecation as _deprecation
 from jaxprune import masks as _masks
-from jaxprune import scores as _scores
 from jaxprune import select as _select
-from jaxprune import transform_base as _base
 from jaxprune import tree as _tree
-from jaxprune.transforms import PruneState, scheduled_masks
+from jaxprune.transforms import STEState as STEState  # old path (not in __all__)
+from jaxprune.transforms import ste_training as ste_training  # old path
+from jaxprune.tree import PyTree
 
-PyTree = Any
 Schedule = Callable[[Any], Any]
 
 __all__ = [
     "DynamicState",
-    "STEState",
     "drop_and_grow",
     "random_keys",
-    "random_masks",
     "rigl",
     "set_training",
-    "ste",
-    "ste_training",
-    "straight_through",
     "zero_state_outside",
 ]
 
@@ -102,7 +98,7 @@ def random_masks(key: jax.Array, params: PyTree, sparsity: Any, allocation: Any 
     """Deprecated: use :func:`jaxprune.allocation.random_masks` (whose
     ``allocation`` defaults to ``"uniform"``; this alias keeps ``"erk"``)."""
     _deprecation.warn("jaxprune.dynamic.random_masks", "jaxprune.allocation.random_masks")
-    return _alloc.random_masks(key, params, sparsity, allocation, where=where)
+    return _alloc.random_masks(key, params, sparsity, allocation=allocation, where=where)
 
 
 def drop_and_grow(
@@ -419,7 +415,7 @@ def _dynamic(inner: optax.GradientTransformation, ex: _Exchange, *, sparsity: An
         key, sub = jax.random.split(jax.random.key(seed))
         return DynamicState(
             count=jnp.zeros((), jnp.int32),
-            masks=_alloc.random_masks(sub, params, sparsity, allocation, where=where,
+            masks=_alloc.random_masks(sub, params, sparsity, allocation=allocation, where=where,
                                       layers=layers, layer_axis=layer_axis),
             key=jax.random.key_data(key),
             inner_state=inner.init(params),
@@ -611,83 +607,8 @@ def rigl(
 straight_through = _deprecation.alias(
     _masks.apply_masks_ste, "jaxprune.straight_through", "jaxprune.apply_masks_ste")
 
-# The state of :func:`ste_training` is that of :func:`jaxprune.prune` (count,
-# masks, score_state, key, inner_state): both run the same mask schedule.
-STEState = PruneState
-
-
-def ste_training(
-    inner: optax.GradientTransformation,
-    *,
-    sparsity: float | Schedule,
-    update_every: int = 1,
-    score: str | Callable[..., PyTree] | _scores.Scorer = "magnitude",
-    allocation: Any = "uniform",
-    where: Any = None,
-    seed: int = 0,
-    layers: Any = None,
-    layer_axis: int = 0,
-) -> optax.GradientTransformationExtraArgs:
-    """Straight-through sparse training: dense weights, mask recomputed from them.
-
-    The weights stay dense and get the inner optimizer's updates unchanged
-    (nothing is zeroed). On every step with ``count % update_every == 0``
-    (step 0 included) the mask is recomputed from ``score`` on the dense
-    weights at the (scheduled) sparsity and stored in the state. **The model
-    must apply it**: inside the loss, run the network on
-    ``jp.apply_masks_ste(params, jp.get_masks(opt_state))``; the forward
-    pass then uses the masked weights while the gradient reaches every
-    weight, so pruned weights can grow back. For deployment, use
-    ``jp.apply_masks(params, jp.get_masks(opt_state))``. The state's masks
-    are all ``True`` until the first ``update`` (so the very first forward
-    pass is dense). Prefer a sparsity schedule at high sparsity: in
-    ``examples/compare_methods.py`` STE at 90% from step 0 collapsed on one
-    seed of three, while the cubic schedule trained best of all methods.
-
-    Args:
-      inner: the optimizer to wrap.
-      sparsity: fraction of zeros in [0, 1] or an optax schedule of the step.
-      update_every: mask-recomputation period (1, the default: every step, as
-        in SR-STE-style training, since the mask follows the dense weights).
-      score: ``"magnitude"`` or any score accepted by :func:`jaxprune.prune`.
-      allocation: ``"uniform"`` (default), ``"global"``, ``"erk"``, a dict or a
-        callable.
-      where: which leaves to prune (default: :func:`jaxprune.tree.is_kernel`).
-      seed: seed of the PRNG key used by random scores.
-      layers: which pruned leaves are stacks of layers: every layer gets its
-        own budget, as in :func:`jaxprune.prune`.
-      layer_axis: the layer axis of the stacked leaves (default 0).
-
-    Returns:
-      An ``optax.GradientTransformationExtraArgs`` with a :class:`STEState`.
-
-    Example:
-      >>> import jax, jax.numpy as jnp, optax
-      >>> import jaxprune as jp
-      >>> params = {"w": jax.random.normal(jax.random.key(0), (8, 8))}
-      >>> tx = jp.ste_training(optax.adam(1e-2), sparsity=0.75)
-      >>> state = tx.init(params)
-      >>> def loss(p, masks):
-      ...     return jnp.sum((jp.apply_masks_ste(p, masks)["w"] - 1.0) ** 2)
-      >>> for _ in range(3):
-      ...     g = jax.grad(loss)(params, jp.get_masks(state))
-      ...     u, state = tx.update(g, state, params)
-      ...     params = optax.apply_updates(params, u)
-      >>> jp.sparsity_of(jp.get_masks(state)), jp.sparsity_of(params)
-      (0.75, 0.0)
-
-    References:
-      Bengio et al. 2013 (straight-through estimator); Zhou et al., "Learning
-      N:M fine-grained structured sparse neural networks from scratch", ICLR
-      2021; Lin et al., "Dynamic model pruning with feedback", ICLR 2020.
-    """
-    return scheduled_masks(
-        inner, sparsity=sparsity, score=score, allocation=allocation,
-        update_every=update_every, where=where, nested=False, seed=seed,
-        apply=False, name="ste_training", layers=layers, layer_axis=layer_axis,
-    )
-
-
+# ste_training and its state live with their engine, in transforms.py; these
+# names stay here for old imports (jaxprune.dynamic.ste_training).
 def ste(inner: optax.GradientTransformation, sparsity: float | Schedule, update_every: int = 1,
         score: Any = "magnitude", allocation: Any = "uniform", where: Any = None,
         seed: int = 0) -> optax.GradientTransformationExtraArgs:

@@ -63,14 +63,13 @@ import numpy as np
 import optax
 from jax import lax
 
+from jaxprune import _deprecation
+from jaxprune import _transform_base as _base
 from jaxprune import allocation as _alloc
-from jaxprune import deprecation as _deprecation
 from jaxprune import masks as _masks
 from jaxprune import scores as _scores
-from jaxprune import transform_base as _base
 from jaxprune import tree as _tree
-
-PyTree = Any
+from jaxprune.tree import PyTree
 
 __all__ = [
     "REWOUND",
@@ -80,7 +79,6 @@ __all__ = [
     "current_sparsity",
     "imp_sparsity",
     "lottery_ticket",
-    "random_mask",
     "random_reinit",
     "rewind",
     "rewind_extra",
@@ -296,7 +294,8 @@ def _new_masks(plan: _Plan, state: LotteryState, params: PyTree, grads: PyTree,
         masks = _masks.topk(scores, where=chosen, keep=keep, layers=stack,
                             layer_axis=plan.layer_axis)
     else:
-        masks = _alloc.masks(scores, keep, plan.allocation, where=plan.where, params=params,
+        masks = _alloc.masks(scores, keep, allocation=plan.allocation, where=plan.where,
+                             params=params,
                              step=state.count, layers=stack, layer_axis=plan.layer_axis)
     masks = jax.tree.map(lambda new, old: new & old, masks, state.masks)
     return masks, key_data

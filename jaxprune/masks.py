@@ -34,13 +34,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxprune import deprecation as _deprecation
+from jaxprune import _deprecation
 from jaxprune import select as _select
 from jaxprune import tree as _tree
 from jaxprune._along import leaf_topk as _leaf_topk
 from jaxprune._along import select_along as _slices
-
-PyTree = Any
+from jaxprune.tree import PyTree
 
 __all__ = [
     "REDUCTIONS",
@@ -54,7 +53,6 @@ __all__ = [
     "n_of_m",
     "pack",
     "random_like",
-    "sparsity",
     "sparsity_of",
     "summary",
     "topk",
@@ -178,7 +176,8 @@ def _one_of(sparsity: Any, keep: Any, fn: str) -> None:
 # Top-k masks
 
 
-def topk(scores: PyTree, sparsity: Any = None, where: Any = None, *, keep: Any = None,
+@_deprecation.keyword_only("where")
+def topk(scores: PyTree, sparsity: Any = None, *, where: Any = None, keep: Any = None,
          axis: Any = None, layers: Any = None, layer_axis: int = 0) -> PyTree:
     """Per-leaf top-k masks: each selected leaf keeps its largest scores.
 
@@ -293,7 +292,8 @@ def _layer_topk(path: str, scores: Any, layer_axis: int, keep: Any, sparsity: An
     return _slices(scores, others, k)
 
 
-def global_topk(scores: PyTree, sparsity: Any = None, where: Any = None, *,
+@_deprecation.keyword_only("where")
+def global_topk(scores: PyTree, sparsity: Any = None, *, where: Any = None,
                 keep: Any = None) -> PyTree:
     """Global top-k masks: one threshold over all selected leaves.
 
@@ -488,7 +488,9 @@ def nm_leaf(s: jax.Array, n: int, m: int, axis: int, path: str) -> jax.Array:
     return jnp.moveaxis(keep, -1, ax)
 
 
-def n_of_m(scores: PyTree, n: int = 2, m: int = 4, axis: int = -2, where: Any = None) -> PyTree:
+@_deprecation.keyword_only("n", "m", "axis", "where")
+def n_of_m(scores: PyTree, *, n: int = 2, m: int = 4, axis: int = -2,
+           where: Any = None) -> PyTree:
     """N:M structured sparsity: in every group of ``m`` consecutive entries along
     ``axis``, keep the ``n`` with the largest scores.
 
@@ -512,7 +514,7 @@ def n_of_m(scores: PyTree, n: int = 2, m: int = 4, axis: int = -2, where: Any = 
     Example:
       >>> import jax.numpy as jnp
       >>> s = {"w": jnp.array([[4.0, 0.0], [1.0, 1.0], [3.0, 3.0], [2.0, 2.0]])}
-      >>> n_of_m(s, 2, 4)["w"][:, 0].tolist()
+      >>> n_of_m(s, n=2, m=4)["w"][:, 0].tolist()
       [True, False, True, False]
 
     References:
@@ -577,9 +579,11 @@ def _block_tiles(x: jax.Array, b0: int, b1: int, reduce: str, p: str) -> jax.Arr
     return _reduce(t, (-3, -1), reduce)
 
 
+@_deprecation.keyword_only("block_shape", "reduce", "where")
 def block(
     scores: PyTree,
     sparsity: Any,
+    *,
     block_shape: int | tuple[int, int] = 4,
     reduce: str = "mean",
     where: Any = None,
@@ -607,7 +611,7 @@ def block(
     Example:
       >>> import jax.numpy as jnp
       >>> s = {"w": jnp.array([[1.0, 1.0, 9.0, 9.0], [1.0, 1.0, 9.0, 9.0]])}
-      >>> block(s, 0.5, (2, 2))["w"].astype(int).tolist()
+      >>> block(s, 0.5, block_shape=(2, 2))["w"].astype(int).tolist()
       [[0, 0, 1, 1], [0, 0, 1, 1]]
 
     References:
@@ -642,13 +646,14 @@ def _unit_scores(x: jax.Array, axis: int, reduce: str, p: str) -> jax.Array:
     return _reduce(x, tuple(a for a in range(x.ndim) if a != ax), reduce)
 
 
+@_deprecation.keyword_only("axis", "reduce", "where")
 def channels(
     scores: PyTree,
     sparsity: Any,
+    *,
     axis: int = -1,
     reduce: str = "l1",
     where: Any = None,
-    *,
     norm: str | None = None,
 ) -> PyTree:
     """Structured masks that keep or remove whole units along ``axis``.
@@ -800,7 +805,8 @@ def _zero_count(x: jax.Array, axis: Any = None) -> jax.Array:
     return jnp.sum(zero, axis=axis, dtype=jnp.int32)
 
 
-def sparsity_of(tree: PyTree, where: Any = None) -> Any:
+@_deprecation.keyword_only("where")
+def sparsity_of(tree: PyTree, *, where: Any = None) -> Any:
     """Fraction of zeros (or ``False``) among the selected entries.
 
     Works on parameters (counts exact zeros) and on masks (counts ``False``).
@@ -887,7 +893,8 @@ def _leaf_rows(path: str, leaf: Any, axis: int | None) -> list[dict]:
     return [_row(f"{path}[{i}]", rest, per, int(z)) for i, z in enumerate(zeros)]
 
 
-def summary(tree: PyTree, where: Any = None, *, layers: Any = None,
+@_deprecation.keyword_only("where")
+def summary(tree: PyTree, *, where: Any = None, layers: Any = None,
             layer_axis: int = 0) -> Summary:
     """Per-leaf table of kept entries and sparsity (of params or masks).
 

@@ -57,8 +57,7 @@ from jaxprune import scores as _scores
 from jaxprune import tree as _tree
 from jaxprune._along import keep_counts, select_along
 from jaxprune.graph import sites as _sites
-
-PyTree = Any
+from jaxprune.tree import PyTree
 
 __all__ = ["capture_passes", "input_points", "sparsegpt", "wanda"]
 

@@ -53,8 +53,7 @@ import numpy as np
 
 from jaxprune import masks as _masks
 from jaxprune import tree as _tree
-
-PyTree = Any
+from jaxprune.tree import PyTree
 
 __all__ = ["column_quantizer", "dequantize", "fake_quant", "ptq", "qat", "quantize"]
 

@@ -58,9 +58,8 @@ import numpy as np
 import optax
 
 from jaxprune import tree as _tree
-from jaxprune.graph import ModelGraph
-
-PyTree = Any
+from jaxprune.graph import WEIGHT_ROLES, ModelGraph, choose_groups
+from jaxprune.tree import PyTree
 
 # jp.tree.select is jp.tree.flags on the vocabulary branch.
 _flags = getattr(_tree, "flags", None) or _tree.select
@@ -183,21 +182,13 @@ def _map_selected(fn: Callable, sel: list, tree: PyTree, *rest: PyTree) -> PyTre
 
 
 def _groups(graph: ModelGraph, groups: Any, what: str) -> list:
-    from jaxprune.sensitivity import _chosen
-
-    try:
-        return _chosen(graph, groups)
-    except ValueError as e:
-        raise ValueError(f"regularizers.{what}: {e}") from None
-
-
-_WEIGHTS = ("kernel", "embedding", "bias", "norm")
+    return choose_groups(graph, groups, what=f"regularizers.{what}")
 
 
 def _members(graph: ModelGraph, g: Any, leaves: list) -> list:
     """The weight members of ``g`` present in ``leaves``."""
     return [m for m in g.members
-            if graph.leaves[m.leaf].role in _WEIGHTS and leaves[m.leaf] is not None]
+            if graph.leaves[m.leaf].role in WEIGHT_ROLES and leaves[m.leaf] is not None]
 
 
 def _unit_sq(graph: ModelGraph, g: Any, leaves: list) -> jax.Array:
@@ -247,10 +238,10 @@ def _graph_leaves(graph: ModelGraph, tree: PyTree, what: str) -> tuple:
     the tree has no such leaf), and how to put them back."""
     paths, leaves, treedef = _tree.flatten(tree)
     gpaths = [info.path for info in graph.leaves]
-    from jaxprune.structured import _common_prefix
+    from jaxprune.structured import common_prefix
 
     try:
-        prefix = _common_prefix(paths, gpaths)
+        prefix = common_prefix(paths, gpaths)
     except ValueError:
         raise ValueError(f"regularizers.{what}: the parameters do not match the traced "
                          f"variables by path (parameters {paths[:4]}..., traced "

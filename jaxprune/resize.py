@@ -59,9 +59,8 @@ import jax
 import numpy as np
 
 from jaxprune import structured as _structured
+from jaxprune.tree import PyTree
 from jaxprune.tree import path_str as _path_str
-
-PyTree = Any
 
 __all__ = ["compact_nnx", "equinox", "linen", "linen_sizes", "nnx"]
 

@@ -34,11 +34,10 @@ from typing import Any, NamedTuple, Protocol
 import jax
 import jax.numpy as jnp
 
-from jaxprune import deprecation as _deprecation
+from jaxprune import _deprecation
 from jaxprune import select as _select
 from jaxprune import tree as _tree
-
-PyTree = Any
+from jaxprune.tree import PyTree
 
 __all__ = [
     "ScoreFn",

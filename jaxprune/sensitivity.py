@@ -36,7 +36,6 @@ References:
 
 from __future__ import annotations
 
-import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -47,13 +46,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprune import _budget
+from jaxprune import _budget, _deprecation
 from jaxprune import select as _select
 from jaxprune import tree as _tree
-from jaxprune.graph import ModelGraph
+from jaxprune.graph import ModelGraph, choose_groups
 from jaxprune.graph import sites as _sites
-
-PyTree = Any
+from jaxprune.tree import PyTree
 
 # jp.tree.select is jp.tree.flags on the vocabulary branch.
 _flags = getattr(_tree, "flags", None) or _tree.select
@@ -177,7 +175,8 @@ def _rates_by_name(curves: Curves, budget: Any) -> dict:
                      "the scanned parameters' structure.")
 
 
-def plot(curves: Curves, ax: Any = None, path: str | None = None) -> Any:
+@_deprecation.keyword_only("ax", "path")
+def plot(curves: Curves, *, ax: Any = None, path: str | None = None) -> Any:
     """Plots metric against sparsity, one line per layer.
 
     Args:
@@ -273,31 +272,10 @@ def _stack(rows: list) -> Any:
     return jnp.stack(rows) if isinstance(rows[0], jax.core.Tracer) else np.stack(rows)
 
 
-def _chosen(graph: ModelGraph, where: Any) -> list:
-    names = {g.name: g for g in graph.groups}
-    if where is None:
-        out = list(graph.prunable)
-    elif isinstance(where, str):
-        out = [g for g in graph.prunable if re.search(where, g.name)]
-    elif callable(where):
-        out = [g for g in graph.groups if g.prunable and where(g)]
-    else:
-        out = []
-        for k in where:
-            if k not in names and not (isinstance(k, int) and 0 <= k < len(graph.groups)):
-                raise ValueError(f"sensitivity: no group {k!r}; groups are {list(names)[:12]}.")
-            out.append(names[k] if isinstance(k, str) else graph.groups[k])
-    bad = [g.name for g in out if not g.prunable]
-    if bad or not out:
-        raise ValueError(f"sensitivity: no prunable group selected (not prunable: {bad}); "
-                         "print(graph) lists the groups and why some are fixed.")
-    return out
-
-
 def _group_layers(graph: ModelGraph, params: PyTree, where: Any, scores: Any) -> _Layers:
     from jaxprune import structured
 
-    groups = _chosen(graph, where)
+    groups = choose_groups(graph, where, what="sensitivity")
     sc = structured.scores(graph, params, "l2") if scores is None else scores
     ranks = tuple(_stack([_rank(row) for row in _rows_of(sc[g.index], g)]) for g in groups)
     return _Layers("group", tuple(g.name for g in groups),
@@ -314,11 +292,11 @@ def _masked(layers: _Layers, ranks: tuple, params: PyTree, kept: jax.Array) -> P
             keep = (ranks[li] < kept[li]).reshape(np.shape(x))
             leaves[i] = jnp.where(keep, x, jnp.zeros((), jnp.result_type(x)))
         return jax.tree_util.tree_unflatten(layers.treedef, leaves)
-    from jaxprune.structured import _leaf_masks
+    from jaxprune.structured import leaf_masks
 
     units = {i: ranks[li] < kept[li] if layers.graph.groups[i].layers
              else ranks[li][0] < kept[li] for li, i in enumerate(layers.index)}
-    masks = _arrays_of(layers.graph, _leaf_masks(layers.graph, units))
+    masks = _arrays_of(layers.graph, leaf_masks(layers.graph, units))
     _, leaves, treedef = _tree.flatten(params)
     static = dict(layers.graph.static)
     arrays = iter(masks)
@@ -429,9 +407,10 @@ def check_levels(levels: Any) -> np.ndarray:
     return arr
 
 
-def scan(metric_fn: Callable[[PyTree], Any], params: PyTree,
-         levels: Sequence[float] = LEVELS, where: Any = None, granularity: str = "leaf",
-         graph: ModelGraph | None = None, *, scores: Any = None,
+@_deprecation.keyword_only("levels", "where", "granularity", "graph")
+def scan(metric_fn: Callable[[PyTree], Any], params: PyTree, *,
+         levels: Sequence[float] = LEVELS, where: Any = None, groups: Any = None,
+         granularity: str = "leaf", graph: ModelGraph | None = None, scores: Any = None,
          higher_is_better: bool = False, batch_size: int | None = None,
          max_bytes: int = 1 << 30) -> Curves:
     """Sensitivity curves: the metric with one layer at a time pruned to each level.
@@ -450,9 +429,10 @@ def scan(metric_fn: Callable[[PyTree], Any], params: PyTree,
       params: the parameters (for ``"group"``, the variables the graph traced).
       levels: sparsities to test, strictly increasing in ``[0, 1]``.
       where: leaf granularity: which leaves (as everywhere; default
-        :func:`jaxprune.tree.is_kernel`); group granularity: which groups (a
-        regex on group names, a sequence of names or indices, or a callable
-        ``group -> bool``; default every prunable one).
+        :func:`jaxprune.tree.is_kernel`).
+      groups: group granularity: which groups (as everywhere, see
+        :func:`jaxprune.graph.choose_groups`; default every prunable one
+        but head dims).
       granularity: ``"leaf"`` (unstructured) or ``"group"`` (units).
       graph: the model graph (required for ``"group"``; for ``"leaf"`` it
         adds the ``"flops"`` cost model).
@@ -487,7 +467,8 @@ def scan(metric_fn: Callable[[PyTree], Any], params: PyTree,
     """
     t0 = time.perf_counter()
     lv = check_levels(levels)
-    layers = _layers(params, where, granularity, graph, scores)
+    layers = layers_of(params, granularity=granularity, graph=graph, scores=scores,
+                       where=where, groups=groups, what="sensitivity.scan")
     check_metric(metric_fn, params)
     kept = np.array([[_select.keep_count(int(n), float(s)) for s in lv] for n in layers.sizes],
                     np.int64)
@@ -498,19 +479,37 @@ def scan(metric_fn: Callable[[PyTree], Any], params: PyTree,
     vals = np.asarray(evaluator(metric_fn, layers, int(b))(params, jnp.asarray(rows, jnp.int32)))
     return Curves(granularity, layers.names, lv, vals[1:].reshape(kept.shape).astype(np.float64),
                   float(vals[0]), layers.sizes, kept, bool(higher_is_better),
-                  _models(layers, params, graph), layers.index, layers.treedef,
+                  cost_models(layers, params, graph), layers.index, layers.treedef,
                   time.perf_counter() - t0, len(rows))
 
 
-def _layers(params, where, granularity, graph, scores) -> _Layers:
+def layers_of(params: PyTree, *, granularity: str, graph: ModelGraph | None, scores: Any,
+              where: Any, groups: Any, what: str) -> _Layers:
+    """The layers that ``scan`` and ``jp.search`` budget: leaves chosen by
+    ``where=`` or graph groups chosen by ``groups=``, with their ranks."""
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}.")
     if granularity == "group":
         if graph is None:
             raise ValueError("granularity='group' needs graph=jp.graph.trace(apply_fn, "
                              "params, x): the groups are the graph's channel groups.")
-        return _group_layers(graph, params, where, scores)
+        return _group_layers(graph, params, group_selection(where, groups, what), scores)
+    if groups is not None:
+        raise ValueError(f"{what}: groups= chooses graph groups (granularity='group'); with "
+                         "granularity='leaf' choose leaves with where=.")
     return _leaf_layers(params, where, scores)
+
+
+def group_selection(where: Any, groups: Any, what: str) -> Any:
+    """``groups=``, or a ``where=`` that selected groups before 0.2 (warns)."""
+    if where is None:
+        return groups
+    if groups is not None:
+        raise ValueError(f"{what}: where= selects leaves and groups= selects groups; pass "
+                         "only groups= for group curves.")
+    _deprecation.warn(f"jp.{what}(where=...) choosing groups", f"jp.{what}(groups=...)",
+                      stacklevel=4)
+    return where
 
 
 def _rows(sizes: np.ndarray, kept: np.ndarray) -> np.ndarray:
@@ -522,7 +521,8 @@ def _rows(sizes: np.ndarray, kept: np.ndarray) -> np.ndarray:
     return rows
 
 
-def _models(layers: _Layers, params: PyTree, graph: ModelGraph | None) -> dict:
+def cost_models(layers: _Layers, params: PyTree, graph: ModelGraph | None) -> dict:
+    """Cost models (``"params"``, ``"flops"`` where known) of ``layers``."""
     if layers.granularity == "group":
         groups = [graph.groups[i] for i in layers.index]
         return {k: _budget.graph_model(graph, groups, k) for k in _budget.COSTS}
@@ -544,8 +544,10 @@ def _models(layers: _Layers, params: PyTree, graph: ModelGraph | None) -> dict:
 # Curves from scores (contribution and activation budgets)
 
 
-def from_scores(scores: Any, params: PyTree | None = None, levels: Sequence[float] = LEVELS,
-                where: Any = None, graph: ModelGraph | None = None) -> Curves:
+@_deprecation.keyword_only("levels", "where", "graph")
+def from_scores(scores: Any, params: PyTree | None = None, *, levels: Sequence[float] = LEVELS,
+                where: Any = None, groups: Any = None,
+                graph: ModelGraph | None = None) -> Curves:
     """Predicted-damage curves from importance scores (larger = more important).
 
     The damage of removing a fraction ``s`` of a layer is the sum of its
@@ -562,7 +564,8 @@ def from_scores(scores: Any, params: PyTree | None = None, levels: Sequence[floa
         ``jp.scores.saliency(params, grads)``).
       params: the parameters (leaf curves only).
       levels: sparsities at which the curves are tabulated.
-      where: which leaves or groups (as in :func:`scan`).
+      where: which leaves (leaf curves; as in :func:`scan`).
+      groups: which groups (group curves; as in :func:`scan`).
       graph: the model graph (required for group curves).
 
     Returns:
@@ -578,15 +581,16 @@ def from_scores(scores: Any, params: PyTree | None = None, levels: Sequence[floa
     lv = check_levels(levels)
     group = isinstance(scores, (tuple, list)) and graph is not None
     if group:
-        groups = _chosen(graph, where)
+        chosen = choose_groups(graph, group_selection(where, groups, "sensitivity.from_scores"),
+                               what="sensitivity.from_scores")
         vecs = []
-        for g in groups:
+        for g in chosen:
             if scores[g.index] is None:
                 raise ValueError(f"from_scores: group {g.name!r} has no scores.")
             vecs.append(np.asarray(scores[g.index], np.float64).reshape(g.layers or 1, g.size))
-        layers = _Layers("group", tuple(g.name for g in groups),
-                         np.array([g.size for g in groups], np.int64),
-                         tuple(g.index for g in groups), (), graph.treedef, graph)
+        layers = _Layers("group", tuple(g.name for g in chosen),
+                         np.array([g.size for g in chosen], np.int64),
+                         tuple(g.index for g in chosen), (), graph.treedef, graph)
     else:
         if params is None:
             raise ValueError("from_scores: leaf curves need params= (for their structure); "
@@ -600,7 +604,7 @@ def from_scores(scores: Any, params: PyTree | None = None, levels: Sequence[floa
     values = np.array([[np.sort(v, axis=1)[:, :n - k].sum() for k in row]
                        for v, n, row in zip(vecs, layers.sizes, kept)])
     return Curves(layers.granularity, layers.names, lv, values, 0.0, layers.sizes, kept, False,
-                  _models(layers, params, graph), layers.index, layers.treedef)
+                  cost_models(layers, params, graph), layers.index, layers.treedef)
 
 
 def unit_stats(graph: ModelGraph, apply_fn: Callable, variables: PyTree, *args: Any,
@@ -656,8 +660,9 @@ def unit_stats(graph: ModelGraph, apply_fn: Callable, variables: PyTree, *args: 
 # Adaptive budgets
 
 
-def adaptive(metric_fn: Callable[[PyTree], Any], levels: Sequence[float] = LEVELS,
-             where: Any = None, *, higher_is_better: bool = False,
+@_deprecation.keyword_only("levels", "where")
+def adaptive(metric_fn: Callable[[PyTree], Any], *, levels: Sequence[float] = LEVELS,
+             where: Any = None, higher_is_better: bool = False,
              batch_size: int | None = None) -> Callable:
     """An allocation for :func:`jaxprune.prune` that re-measures and re-solves.
 

@@ -51,25 +51,73 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxprune import _transform_base as _tb
 from jaxprune import allocation as _alloc
-from jaxprune import transform_base as _tb
 from jaxprune import tree as _tree
-from jaxprune.graph import Group, ModelGraph, rebuild
-
-PyTree = Any
+from jaxprune.graph import WEIGHT_ROLES, Group, ModelGraph, choose_groups, rebuild
+from jaxprune.tree import PyTree
 
 __all__ = [
     "SCORES",
     "StructuredState",
+    "UnitScore",
     "compact",
     "kept_units",
     "masks",
     "prune",
+    "register_score",
+    "score_names",
     "scores",
 ]
 
-SCORES = ("l1", "l2", "taylor", "bn_scale", "random")
-_WEIGHT_ROLES = ("kernel", "embedding", "bias", "norm")
+class UnitScore(NamedTuple):
+    """A named structured score: ``finish(sum over members of reduce(pointwise(w
+    [* g])))`` per unit. ``pointwise`` maps a member's (float32) weights, or
+    ``w * g`` when ``needs == "grads"``, to per-entry values; they are summed
+    per unit over every member whose role is in ``roles`` (and, with
+    ``norm_scales``, that is a normalisation scale); ``finish`` maps the
+    sums to the unit scores. ``needs``: ``"grads"``, ``"key"`` or ``""``.
+    ``random`` scores ignore the weights (``pointwise=None``)."""
+
+    pointwise: Callable | None
+    finish: Callable = lambda total: total
+    needs: str = ""
+    norm_scales: bool = False
+
+
+# The registry of structured scores, as jp.scores' is of unstructured ones.
+_UNIT_SCORES: dict[str, UnitScore] = {
+    "l1": UnitScore(jnp.abs),
+    "l2": UnitScore(jnp.square, jnp.sqrt),
+    "taylor": UnitScore(lambda wg: wg, jnp.square, needs="grads"),
+    "bn_scale": UnitScore(jnp.abs, norm_scales=True),
+    "random": UnitScore(None, needs="key"),
+}
+SCORES = tuple(_UNIT_SCORES)  # the built-in names (score_names() lists registered ones too)
+
+
+def register_score(name: str, score: UnitScore) -> None:
+    """Registers a structured score under ``name`` (``score=name`` in
+    :func:`scores`, :func:`prune`, ``regularizers.threshold``).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import jaxprune as jp
+      >>> jp.structured.register_score("sq", jp.structured.UnitScore(jnp.square))
+      >>> p = {"a": {"w": jnp.array([[1.0, 2.0]])}, "c": {"w": jnp.ones((2, 1))}}
+      >>> g = jp.graph.trace(lambda p, x: x @ p["a"]["w"] @ p["c"]["w"], p, jnp.ones((1, 1)))
+      >>> jp.structured.scores(g, p, "sq")[g.prunable[0].index].tolist()
+      [2.0, 5.0]
+    """
+    if not isinstance(score, UnitScore):
+        raise TypeError(f"structured.register_score: {name!r} needs a UnitScore, got "
+                        f"{type(score).__name__}.")
+    _UNIT_SCORES[name] = score
+
+
+def score_names() -> list[str]:
+    """Names accepted by ``score=`` in :func:`scores` (built-in and registered)."""
+    return sorted(_UNIT_SCORES)
 
 
 # --------------------------------------------------------------------------
@@ -95,7 +143,8 @@ def scores(graph: ModelGraph, variables: PyTree, score: str | Callable = "l2", *
     Args:
       graph: from :func:`jaxprune.graph.trace` on these variables.
       variables: the variables (traced values are fine: this runs under jit).
-      score: one of :data:`SCORES` or a callable.
+      score: a registered name (:func:`score_names`: the built-in
+        :data:`SCORES` and those of :func:`register_score`) or a callable.
       grads: gradients with the structure of ``variables`` (for ``"taylor"``).
       key: a PRNG key (for ``"random"``).
 
@@ -106,14 +155,15 @@ def scores(graph: ModelGraph, variables: PyTree, score: str | Callable = "l2", *
     """
     leaves = _arrays(graph, variables, "variables")
     gleaves = _arrays(graph, grads, "grads") if grads is not None else None
-    if score == "taylor" and gleaves is None:
-        raise ValueError("structured.scores: score='taylor' needs grads= (gradients of the "
+    if not callable(score) and score not in _UNIT_SCORES:
+        raise ValueError(f"structured.scores: unknown score {score!r}; use one of "
+                         f"{score_names()} or a callable (group, variables, grads) -> scores.")
+    needs = "" if callable(score) else _UNIT_SCORES[score].needs
+    if needs == "grads" and gleaves is None:
+        raise ValueError(f"structured.scores: score={score!r} needs grads= (gradients of the "
                          "loss with the structure of the variables).")
-    if score == "random" and key is None:
-        raise ValueError("structured.scores: score='random' needs key= (a PRNG key).")
-    if not callable(score) and score not in SCORES:
-        raise ValueError(f"structured.scores: unknown score {score!r}; use one of {SCORES} "
-                         "or a callable (group, variables, grads) -> scores.")
+    if needs == "key" and key is None:
+        raise ValueError(f"structured.scores: score={score!r} needs key= (a PRNG key).")
     if callable(score):
         return tuple(jnp.asarray(score(g, variables, grads), jnp.float32) if g.prunable
                      else None for g in graph.groups)
@@ -133,36 +183,27 @@ def _cached(graph: ModelGraph, key: tuple, make: Callable) -> Callable:
 
 
 def _group_score(graph, g: Group, leaves, gleaves, score: str, key) -> jax.Array:
+    spec = _UNIT_SCORES[score]
     shape = (g.layers, g.size) if g.layers else (g.size,)
-    if score == "random":
+    if spec.pointwise is None:
         return jax.random.uniform(jax.random.fold_in(key, g.index), shape, jnp.float32)
-    members = [m for m in g.members if graph.leaves[m.leaf].role in _WEIGHT_ROLES]
-    if score == "bn_scale":
+    members = [m for m in g.members if graph.leaves[m.leaf].role in WEIGHT_ROLES]
+    if spec.norm_scales:
         members = [m for m in members if graph.leaves[m.leaf].kind == "scale"]
         if not members:
             raise ValueError(
-                f"structured.scores: score='bn_scale' but group {g.name!r} has no "
+                f"structured.scores: score={score!r} but group {g.name!r} has no "
                 "normalisation scale (its members: "
                 f"{[m.path for m in g.members][:6]}). Use score='l2', or score only groups "
                 "with a BatchNorm/LayerNorm scale.")
     total = jnp.zeros(shape, jnp.float32)
     for m in members:
         x = leaves[m.leaf].astype(jnp.float32)
-        if score == "taylor":
+        if spec.needs == "grads":
             x = x * gleaves[m.leaf].astype(jnp.float32)
-        per_pos = _reduce_others(_pointwise(x, score), graph.leaves[m.leaf].layers, m.axis)
+        per_pos = _reduce_others(spec.pointwise(x), graph.leaves[m.leaf].layers, m.axis)
         total = total + _to_units(per_pos, m, g)
-    if score == "l2":
-        return jnp.sqrt(total)
-    return total * total if score == "taylor" else total
-
-
-def _pointwise(x: jax.Array, score: str) -> jax.Array:
-    if score == "l2":
-        return x * x
-    if score in ("l1", "bn_scale"):
-        return jnp.abs(x)
-    return x  # taylor: w * g, summed per unit and squared later
+    return spec.finish(total)
 
 
 def _reduce_others(x: jax.Array, layers, axis: int) -> jax.Array:
@@ -241,7 +282,7 @@ def masks(graph: ModelGraph, scores: Sequence, sparsity: Any, *, allocation: str
         _check_sparsity(s)
     idx = tuple(g.index for g in chosen)
     fn = _cached(graph, ("masks", alloc, rmap, tuple(sorted(counts.items())), idx),
-                 lambda: jax.jit(lambda sc, s: _leaf_masks(graph, dict(zip(
+                 lambda: jax.jit(lambda sc, s: leaf_masks(graph, dict(zip(
                      idx, _keep_units(alloc, chosen, sc, s, rmap, counts))))))
     return fn(tuple(None if i not in idx else scores[i] for i in range(len(scores))),
               sparsity)
@@ -260,23 +301,10 @@ def _chosen_groups(graph: ModelGraph, scores: Sequence, groups: Any) -> list[Gro
     if len(scores) != len(graph.groups):
         raise ValueError(f"structured.masks: {len(scores)} scores for {len(graph.groups)} "
                          "groups. Compute them with jp.structured.scores(graph, variables).")
-    names = {g.name: g for g in graph.groups}
+    picked = choose_groups(graph, groups, what="structured.masks", empty_ok=True)
     if groups is None:
-        picked = [g for g in graph.groups if g.prunable and scores[g.index] is not None
-                  and g.kind != "head_dims"]
-    elif callable(groups):
-        picked = [g for g in graph.groups if groups(g)]
-    else:
-        picked = []
-        for k in groups:
-            if k not in names and not (isinstance(k, int) and 0 <= k < len(graph.groups)):
-                raise ValueError(f"structured.masks: no group {k!r}; groups are "
-                                 f"{list(names)[:12]}.")
-            picked.append(names[k] if isinstance(k, str) else graph.groups[k])
+        picked = [g for g in picked if scores[g.index] is not None]
     for g in picked:
-        if not g.prunable:
-            raise ValueError(f"structured.masks: group {g.name!r} cannot be pruned: "
-                             f"{'; '.join(g.reasons)}.")
         if scores[g.index] is None:
             raise ValueError(f"structured.masks: group {g.name!r} has no scores.")
     return picked
@@ -383,7 +411,7 @@ def _structured_names() -> list:
     return [n for n, a in _alloc.REGISTRY.items() if a.units is not None]
 
 
-def _leaf_masks(graph: ModelGraph, keep: dict) -> PyTree:
+def leaf_masks(graph: ModelGraph, keep: dict) -> PyTree:
     """Bool masks of every leaf from the kept units of each group."""
     out: list = [jnp.ones((), jnp.bool_) for _ in graph.leaves]
     for g in graph.groups:
@@ -599,7 +627,7 @@ def _mask_leaves(graph: ModelGraph, masks: PyTree) -> list:
         return _arrays(graph, masks, "masks")
     gpaths = [info.path for info in graph.leaves]
     try:
-        prefix = _common_prefix(paths, gpaths)
+        prefix = common_prefix(paths, gpaths)
     except ValueError:
         raise ValueError(
             f"structured: the masks match neither the traced variables ({len(gpaths)} leaves) "
@@ -720,8 +748,10 @@ def prune(inner: optax.GradientTransformation, *, graph: ModelGraph, sparsity: A
     """
     _check_prune_sparsity(sparsity, allocation)
     _check_group_keys(graph, sparsity, "structured.prune")
-    if not callable(score) and score not in SCORES:
-        raise ValueError(f"structured.prune: unknown score {score!r}; use one of {SCORES}.")
+    if not callable(score) and score not in _UNIT_SCORES:
+        raise ValueError(f"structured.prune: unknown score {score!r}; use one of "
+                         f"{score_names()}.")
+    with_grads = not callable(score) and _UNIT_SCORES[score].needs == "grads"
     _tb.check_positive_int(update_every, "structured.prune", "update_every")
     inner = optax.with_extra_args_support(inner)
     chosen = _chosen_groups(graph, tuple(() if g.prunable else None for g in graph.groups),
@@ -741,14 +771,14 @@ def prune(inner: optax.GradientTransformation, *, graph: ModelGraph, sparsity: A
     def recompute(state, params, grads, link):
         key_data, key = _tb.split_key(state.key)
         full = link.to_graph(params)
-        g_full = link.to_graph(grads) if score == "taylor" else None
+        g_full = link.to_graph(grads) if with_grads else None
         sc = list(scores(graph, full, score, grads=g_full, key=key))
         for g, kept in zip(chosen, state.units):
             sc[g.index] = jnp.where(kept, sc[g.index], -jnp.inf)  # removed units stay removed
         s_now = ({k: _tb.schedule_value(v, state.count) for k, v in sparsity.items()}
                  if isinstance(sparsity, Mapping) else _tb.schedule_value(sparsity, state.count))
         keep = _keep_units(alloc, chosen, sc, s_now, rmap)
-        masks_ = _leaf_masks(graph, dict(zip([g.index for g in chosen], keep)))
+        masks_ = leaf_masks(graph, dict(zip([g.index for g in chosen], keep)))
         return tuple(keep), link.from_graph(masks_), key_data
 
     def update_fn(updates, state, params=None, **extra_args):
@@ -816,7 +846,7 @@ class _Link(NamedTuple):
 def _link(graph: ModelGraph, params: PyTree) -> _Link:
     paths, leaves, treedef = _tree.flatten(params)
     gpaths = [info.path for info in graph.leaves]
-    prefix = _common_prefix(paths, gpaths)
+    prefix = common_prefix(paths, gpaths)
     index = []
     for p, x in zip(paths, leaves):
         j = gpaths.index(prefix + p)
@@ -829,7 +859,9 @@ def _link(graph: ModelGraph, params: PyTree) -> _Link:
     return _Link(tuple(index), tuple(info.shape for info in graph.leaves), treedef, where)
 
 
-def _common_prefix(paths: list, gpaths: list) -> str:
+def common_prefix(paths: list, gpaths: list) -> str:
+    """The path prefix that maps a subtree's leaf ``paths`` (Linen ``params``)
+    onto the graph's ``gpaths`` (the ``variables`` it traced)."""
     gset = set(gpaths)
     if not paths:
         raise ValueError("structured.prune: the parameters have no leaves.")

@@ -71,13 +71,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprune import deprecation as _deprecation
+from jaxprune import _deprecation
 
-PyTree = Any
+PyTree = Any  # the one alias: any pytree (jaxprune.tree.PyTree everywhere)
 Where = Union[None, str, Callable[..., Any], PyTree]
 
 __all__ = [
     "NON_KERNEL_NAMES",
+    "PyTree",
     "Where",
     "flags",
     "flatten",
@@ -87,7 +88,6 @@ __all__ = [
     "is_key",
     "path_str",
     "paths",
-    "select",
     "selected",
     "unflatten",
 ]
@@ -465,19 +465,16 @@ def broadcast_values(value: Any, tree: PyTree, what: str) -> list[Any]:
     return jax.tree_util.tree_leaves(full)
 
 
-def _graph_layers(graph: Any, names: Sequence[str]) -> list[Any]:
-    """The graph's layer count of every path (``None`` if not stacked); a
-    path may also name a subtree's leaf (Linen ``params`` of traced
-    ``variables``: ``layers/kernel`` is the graph's ``params/layers/kernel``)."""
-    by_path = {info.path: info.layers for info in graph.leaves}
-    out = []
-    for p in names:
-        if p in by_path:
-            out.append(by_path[p])
-            continue
-        hits = [c for q, c in by_path.items() if q.endswith("/" + p)]
-        out.append(hits[0] if len(hits) == 1 else None)
-    return out
+# Types whose instances layers= accepts besides where=-style selections, with
+# the function giving each path's layer count (None: not a stack). The graph
+# registers ModelGraph (jaxprune/graph/__init__.py): tree never imports it.
+_LAYER_SOURCES: dict[type, Callable[[Any, Sequence[str]], list[Any]]] = {}
+
+
+def register_layer_source(cls: type, counts: Callable[[Any, Sequence[str]], list[Any]]) -> None:
+    """Lets ``layers=`` take instances of ``cls``: ``counts(obj, paths)`` gives
+    the layer count of every path (``None`` for leaves that are not stacks)."""
+    _LAYER_SOURCES[cls] = counts
 
 
 def stacked_axes(tree: PyTree, layers: Any, layer_axis: Any = 0, sel: Sequence[bool] | None = None,
@@ -516,9 +513,10 @@ def stacked_axes(tree: PyTree, layers: Any, layer_axis: Any = 0, sel: Sequence[b
     sel = [True] * len(leaves) if sel is None else list(sel)
     counts: list[Any] = [None] * len(leaves)
     given = f"layers={layers!r}"
-    if hasattr(layers, "stacked") and hasattr(layers, "leaves"):  # a ModelGraph
+    source = next((f for cls, f in _LAYER_SOURCES.items() if isinstance(layers, cls)), None)
+    if source is not None:  # a model graph
         given = "layers=graph (its leaves read inside a scan)"
-        counts = _graph_layers(layers, names)
+        counts = source(layers, names)
         marked = [c is not None for c in counts]
     else:
         marked = flags(tree, layers, what=f"{what}: layers")

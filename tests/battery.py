@@ -11,7 +11,14 @@ To add a transform, append an :class:`Entry` to ``FACTORIES`` in
   or ``"global"`` (the kernels together do), or ``"none"`` to skip the count
   check (e.g. ERK);
 * ``injectable``: numeric kwargs that ``optax.inject_hyperparams`` may inject;
-* ``zero_pruned``: False for transforms that keep dense weights (STE).
+* ``zero_pruned``: False for transforms that keep dense weights (STE);
+* ``needs_params``: the factory also takes ``params=`` (the tree it will
+  train: ``keep_masks`` computes its masks from it, ``structured.prune``
+  traces its graph on it, see :func:`mlp_graph`).
+
+Transforms that are not wrappers (``keep_masks``, the regularizers) enter
+as the chains the docs prescribe: ``chain(inner, keep_masks(m))``, and a
+regularizer inside the pruning wrapper (``prune(chain(inner, l1(...)))``).
 
 Each check runs under ``jax.jit``: chained after ``clip_by_global_norm`` and
 around adam; inside ``optax.MultiSteps``; under ``optax.inject_hyperparams``;
@@ -22,6 +29,7 @@ sparsity reached; pruned weights exactly zero after every step.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -29,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from harness import run_steps
+from harness import assert_same_layout, run_steps
 
 import jaxprune as jp
 from jaxprune.select import keep_count
@@ -44,6 +52,28 @@ class Entry(NamedTuple):
     steps: int = 12
     injectable: tuple[str, ...] = ()
     zero_pruned: bool = True
+    needs_params: bool = False
+
+
+def make(entry: Entry, inner: optax.GradientTransformation, params: Any):
+    """The entry's transform around ``inner``, for training ``params``."""
+    extra = {"params": params} if entry.needs_params else {}
+    return entry.factory(inner, **extra, **entry.kwargs)
+
+
+def mlp_apply(params: Any, x: jax.Array) -> jax.Array:
+    """The two-layer MLP of every battery tree (dict, tuple, NNX): kernels
+    and biases in pytree order."""
+    leaves = jax.tree_util.tree_leaves(params)
+    (k1, k2), (b1, b2) = ([x for x in leaves if x.ndim == n] for n in (2, 1))
+    return jax.nn.relu(x @ k1 + b1) @ k2 + b2
+
+
+def mlp_graph(params: Any):
+    """The model graph of :func:`mlp_apply` on ``params``: one prunable group,
+    the 16 hidden units."""
+    x = jnp.ones((2, 8), jax.tree_util.tree_leaves(params)[0].dtype)
+    return jp.graph.trace(mlp_apply, params, x)
 
 
 def dict_params(dtype=jnp.float32) -> Any:
@@ -117,22 +147,13 @@ def assert_pruned_zero(entry: Entry, history) -> None:
                 assert bad == 0, f"{entry.name}: step {i}: {bad} pruned weights are nonzero"
 
 
-def same_structure(a: Any, b: Any) -> None:
-    sa = jax.tree_util.tree_structure(a)
-    sb = jax.tree_util.tree_structure(b)
-    assert sa == sb, f"state structure changed:\n{sa}\n!=\n{sb}"
-    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
-        x, y = jnp.asarray(x), jnp.asarray(y)
-        assert x.shape == y.shape and x.dtype == y.dtype, (x.shape, x.dtype, y.shape, y.dtype)
-
-
 def check_chain_adam(entry: Entry) -> None:
-    tx = optax.chain(optax.clip_by_global_norm(10.0), entry.factory(optax.adam(1e-2), **entry.kwargs))
     p0 = dict_params()
+    tx = optax.chain(optax.clip_by_global_norm(10.0), make(entry, optax.adam(1e-2), p0))
     params, state, hist = run(tx, p0, entry.steps)
     assert_pruned_zero(entry, hist)
     assert_exact(entry, params if entry.zero_pruned else None, jp.get_masks(state))
-    same_structure(tx.init(p0), state)
+    assert_same_layout(tx.init(p0), state)
     assert_trained(entry, p0, params, jp.get_masks(state))
 
 
@@ -146,20 +167,21 @@ def assert_trained(entry: Entry, p0: Any, params: Any, masks: Any) -> None:
 
 def check_multisteps(entry: Entry) -> None:
     k = 2
-    tx = optax.MultiSteps(entry.factory(optax.adam(1e-2), **entry.kwargs), every_k_schedule=k)
     p0 = dict_params()
+    tx = optax.MultiSteps(make(entry, optax.adam(1e-2), p0), every_k_schedule=k)
     params, state, hist = run(tx, p0, entry.steps * k)
     # Pruned weights are zero after every *real* update (every k-th step).
     assert_pruned_zero(entry, hist[k - 1 :: k])
     assert_exact(entry, params if entry.zero_pruned else None, jp.get_masks(state))
-    same_structure(tx.init(p0), state)
+    assert_same_layout(tx.init(p0), state)
 
 
 def check_inject(entry: Entry) -> None:
     kwargs = dict(entry.kwargs)
     static = tuple(k for k in kwargs if k not in entry.injectable)
-    tx = optax.inject_hyperparams(entry.factory, static_args=static)(optax.adam(1e-2), **kwargs)
     p0 = dict_params()
+    factory = functools.partial(entry.factory, params=p0) if entry.needs_params else entry.factory
+    tx = optax.inject_hyperparams(factory, static_args=static)(optax.adam(1e-2), **kwargs)
     params, state, hist = run(tx, p0, entry.steps)
     assert_pruned_zero(entry, hist)
     assert_exact(entry, params if entry.zero_pruned else None, jp.get_masks(state))
@@ -168,8 +190,8 @@ def check_inject(entry: Entry) -> None:
 
 
 def check_bf16(entry: Entry) -> None:
-    tx = entry.factory(optax.adam(1e-2), **entry.kwargs)
     p0 = dict_params(jnp.bfloat16)
+    tx = make(entry, optax.adam(1e-2), p0)
     params, state, hist = run(tx, p0, entry.steps)
     for x in jax.tree_util.tree_leaves(params):
         assert x.dtype == jnp.bfloat16, f"{entry.name}: params became {x.dtype}"
@@ -181,9 +203,9 @@ def check_bf16(entry: Entry) -> None:
 
 
 def check_pytrees(entry: Entry) -> None:
-    for make in (tuple_params, nnx_params):
-        tx = entry.factory(optax.adam(1e-2), **entry.kwargs)
-        p0 = make()
+    for tree_of in (tuple_params, nnx_params):
+        p0 = tree_of()
+        tx = make(entry, optax.adam(1e-2), p0)
         params, state, hist = run(tx, p0, entry.steps)
         assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(p0)
         assert_pruned_zero(entry, hist)
@@ -191,8 +213,8 @@ def check_pytrees(entry: Entry) -> None:
 
 
 def check_no_params_error(entry: Entry) -> None:
-    tx = entry.factory(optax.adam(1e-2), **entry.kwargs)
     p0 = dict_params()
+    tx = make(entry, optax.adam(1e-2), p0)
     state = tx.init(p0)
     try:
         tx.update(p0, state)

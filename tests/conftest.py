@@ -1,6 +1,7 @@
 """Test configuration: the tests directory on ``sys.path`` (helpers such as
 ``battery``, ``oracle``, ``models`` and ``harness`` are imported by name),
-hypothesis profiles, and the shared fixtures.
+and hypothesis profiles. Shared helpers are imported by name, not
+passed as fixtures (``from harness import run_steps``).
 
 Hypothesis profiles (pick one with ``HYPOTHESIS_PROFILE``): ``ci``, the
 default (no deadline, at most 50 examples per test unless the test asks for
@@ -11,12 +12,9 @@ is ``timeout`` in ``[tool.pytest.ini_options]`` of pyproject.toml.
 import os
 import sys
 
-import pytest
 from hypothesis import HealthCheck, settings
 
 sys.path.insert(0, os.path.dirname(__file__))
-
-import harness  # noqa: E402
 
 _SUPPRESS = [HealthCheck.too_slow, HealthCheck.data_too_large]
 settings.register_profile("ci", deadline=None, max_examples=50, suppress_health_check=_SUPPRESS,
@@ -25,24 +23,6 @@ settings.register_profile("thorough", deadline=None, max_examples=1000,
                           suppress_health_check=_SUPPRESS)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
-
-@pytest.fixture(scope="session")
-def run_steps():
-    """``run_steps(tx, params, steps, loss_fn, step=None) -> [Step, ...]``
-    (see tests/harness.py)."""
-    return harness.run_steps
-
-
-@pytest.fixture(scope="session")
-def make_step():
-    """``make_step(tx, loss_fn)``: the jitted step of :func:`run_steps`."""
-    return harness.make_step
-
-
-@pytest.fixture(scope="session")
-def load_example():
-    """``load_example(name)``: ``examples/<name>.py`` as a module."""
-    return harness.load_example
 
 # A worker script that test_multiprocess.py starts with arguments, not a test
 # module (--doctest-modules would import it).

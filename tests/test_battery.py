@@ -6,9 +6,35 @@ docstring of tests/battery.py for the fields).
 
 import optax
 import pytest
-from battery import CHECKS, Entry
+from battery import CHECKS, Entry, mlp_graph
 
 import jaxprune as jp
+
+
+def keep_fixed(inner, *, params, sparsity):
+    """``keep_masks`` last in a chain, with magnitude masks of ``params``."""
+    masks = jp.masks.topk(jp.scores.magnitude(params), sparsity)
+    return optax.chain(inner, jp.keep_masks(masks))
+
+
+def structured_prune(inner, *, params, sparsity, update_every, score="l2"):
+    return jp.structured.prune(inner, graph=mlp_graph(params), sparsity=sparsity,
+                               update_every=update_every, score=score)
+
+
+def l1_in_prune(inner, *, sparsity, strength):
+    """The subgradient L1 regularizer inside the pruning wrapper."""
+    return jp.prune(optax.chain(jp.regularizers.l1(strength), inner), sparsity=sparsity,
+                    update_every=1)
+
+
+def group_lasso_in_structured(inner, *, params, sparsity, strength):
+    """Proximal group lasso last in the inner chain of ``structured.prune``."""
+    g = mlp_graph(params)
+    reg = jp.regularizers.group_lasso(g, strength, learning_rate=1e-2)
+    return jp.structured.prune(optax.chain(inner, reg), graph=g, sparsity=sparsity,
+                               update_every=2)
+
 
 FACTORIES = [
     Entry(
@@ -86,6 +112,23 @@ FACTORIES = [
         injectable=("sparsity",),
         zero_pruned=False,
     ),
+    Entry("keep_masks", keep_fixed, dict(sparsity=0.75), 0.75, "per_leaf", needs_params=True),
+    Entry(
+        "structured_prune",
+        structured_prune,
+        dict(sparsity=optax.linear_schedule(0.0, 0.5, 6), update_every=2),
+        0.5,
+        "per_leaf",  # half of the 16 hidden units: half of each kernel
+        needs_params=True,
+    ),
+    Entry("structured_prune_taylor", structured_prune,
+          dict(sparsity=0.25, update_every=1, score="taylor"), 0.25, "per_leaf",
+          injectable=("sparsity",), needs_params=True),
+    Entry("l1_in_prune", l1_in_prune, dict(sparsity=0.5, strength=1e-3), 0.5, "per_leaf",
+          injectable=("sparsity", "strength")),
+    Entry("group_lasso_in_structured_prune", group_lasso_in_structured,
+          dict(sparsity=0.5, strength=1e-3), 0.5, "per_leaf", injectable=("strength",),
+          needs_params=True),
 ]
 
 

@@ -33,9 +33,9 @@ def raises(exc, *fragments):
 @pytest.mark.parametrize("bad", [1.5, -0.1, float("nan"), np.float32(2.0), float("inf")])
 @pytest.mark.parametrize("fn", [jp.masks.topk, jp.masks.global_topk, jp.masks.block, jp.masks.channels])
 def test_sparsity_out_of_range_or_nan(fn, bad):
-    args = (jp.scores.magnitude(params()), bad) + ((2,) if fn is jp.masks.block else ())
+    kw = {"block_shape": 2} if fn is jp.masks.block else {}
     with raises(ValueError, "sparsity", "[0, 1]", repr(bad)):
-        fn(*args)
+        fn(jp.scores.magnitude(params()), bad, **kw)
 
 
 def test_sparsity_out_of_range_under_jit_raises_at_trace_time():
@@ -109,19 +109,19 @@ def test_integer_leaf_selected_by_n_of_m():
 def test_n_of_m_axis_not_divisible_by_m():
     tree = {"b": {"kernel": jnp.ones((6, 4)), "bias": jnp.ones(4)}}
     with raises(ValueError, "b/kernel", "(6, 4)", "m=4", "6"):
-        jp.masks.n_of_m(tree, 2, 4)
+        jp.masks.n_of_m(tree, n=2, m=4)
 
 
 @pytest.mark.parametrize("n, m, frag", [(5, 4, "n=5"), (-1, 4, "n=-1"), (2, 0, "m=0"),
                                          (1.5, 4, "n=1.5"), (2, 4.0, "m=4.0"), (2, -4, "m=-4")])
 def test_n_of_m_invalid_n_or_m(n, m, frag):
     with raises(ValueError, frag):
-        jp.masks.n_of_m(params(), n, m)
+        jp.masks.n_of_m(params(), n=n, m=m)
 
 
 def test_n_of_m_axis_out_of_range():
     with raises(ValueError, "axis=2", "encoder/kernel"):
-        jp.masks.n_of_m(params(), 1, 2, axis=2)
+        jp.masks.n_of_m(params(), n=1, m=2, axis=2)
 
 
 # --------------------------------------------------------------------------
@@ -130,19 +130,19 @@ def test_n_of_m_axis_out_of_range():
 
 def test_block_larger_than_leaf():
     with raises(ValueError, "block_shape", "(8, 8)", "head/kernel", "(6, 3)"):
-        jp.masks.block(params(), 0.5, (8, 8), where="head/kernel")
+        jp.masks.block(params(), 0.5, block_shape=(8, 8), where="head/kernel")
 
 
 def test_block_does_not_divide():
     with raises(ValueError, "encoder/kernel", "(8, 6)", "(3, 3)"):
-        jp.masks.block(params(), 0.5, (3, 3))
+        jp.masks.block(params(), 0.5, block_shape=(3, 3))
 
 
 def test_block_bad_reduce_and_shape():
     with raises(ValueError, "reduce", "'median'"):
-        jp.masks.block(params(), 0.5, 2, reduce="median")
+        jp.masks.block(params(), 0.5, block_shape=2, reduce="median")
     with raises(ValueError, "block_shape", "(0, 2)"):
-        jp.masks.block(params(), 0.5, (0, 2))
+        jp.masks.block(params(), 0.5, block_shape=(0, 2))
 
 
 # --------------------------------------------------------------------------
@@ -298,9 +298,9 @@ def test_snip_wrong_signature():
 def test_allocation_errors_are_clear():
     p = params()
     with raises(TypeError, "allocation must be one of", "int"):
-        jp.allocation.sparsities(p, 0.5, 3)
+        jp.allocation.sparsities(p, 0.5, allocation=3)
     with raises(ValueError, "'global' has no per-leaf sparsities", "jp.allocation.masks"):
-        jp.allocation.sparsities(p, 0.5, "global")
+        jp.allocation.sparsities(p, 0.5, allocation="global")
 
 
 def test_keep_counts_errors():

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
+from harness import load_example
 
 from jaxprune.select import keep_count
 
 
-def test_compare_methods_tiny(tmp_path, load_example):
+def test_compare_methods_tiny(tmp_path):
     out = tmp_path / "study.json"
     png = tmp_path / "study.png"
     res = load_example("compare_methods").main([

@@ -6,9 +6,10 @@ from __future__ import annotations
 import json
 
 import numpy as np
+from harness import load_example
 
 
-def test_lottery_mnist1d_quick(tmp_path, load_example):
+def test_lottery_mnist1d_quick(tmp_path):
     out = tmp_path / "lottery.json"
     png = tmp_path / "lottery.png"
     returned = load_example("lottery_mnist1d").main(

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from harness import run_steps
+from harness import assert_trees_equal, make_step, run_steps
 
 import jaxprune as jp
 from jaxprune import lottery
@@ -56,8 +56,7 @@ def test_rewind_restores_theta0(global_run):
         masks = jp.get_masks(state)
         exact = lottery.rewound_params(state)
         want = lottery.rewind(p0, masks)
-        for a, b in zip(jax.tree.leaves(exact), jax.tree.leaves(want)):
-            assert np.array_equal(np.asarray(a), np.asarray(b))  # bit-exact
+        assert_trees_equal(exact, want)  # bit-exact
         for a, b, prev in zip(
             jax.tree.leaves(params), jax.tree.leaves(want), jax.tree.leaves(hist[r * S - 1][0])
         ):
@@ -67,8 +66,7 @@ def test_rewind_restores_theta0(global_run):
         # Pruned weights exactly zero; the snapshot is theta_0 itself.
         for x, m in zip(kernels(params), kernels(masks)):
             assert not np.any(np.asarray(x)[~np.asarray(m)])
-        for a, b in zip(jax.tree.leaves(state.snapshot), jax.tree.leaves(p0)):
-            assert np.array_equal(np.asarray(a), np.asarray(b))
+        assert_trees_equal(state.snapshot, p0)
 
 
 def test_exact_sparsity_and_nested_global(global_run):
@@ -140,8 +138,7 @@ def test_inner_state_reset_and_schedule_restart():
     counts = [int(c) for _, c in optax.tree_utils.tree_get_all_with_path(before, "count")]
     assert counts == [2, 2]
     after = hist[3][1].inner_state  # right after the round end
-    for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(fresh)):
-        assert np.array_equal(np.asarray(a), np.asarray(b))
+    assert_trees_equal(after, fresh)
     # ... and the next step uses count 0 again.
     after2 = hist[4][1].inner_state
     counts = [int(c) for _, c in optax.tree_utils.tree_get_all_with_path(after2, "count")]
@@ -159,12 +156,10 @@ def test_late_rewinding_snapshot_at_step_k():
     theta_k = hist[k][0]  # the params passed to update call number k
     assert not np.array_equal(np.asarray(theta_k["l1"]["kernel"]), np.asarray(hist[0][0]["l1"]["kernel"]))
     for i in (k + 1, 5, 10, 11):
-        for a, b in zip(jax.tree.leaves(hist[i][1].snapshot), jax.tree.leaves(theta_k)):
-            assert np.array_equal(np.asarray(a), np.asarray(b))
+        assert_trees_equal(hist[i][1].snapshot, theta_k)
     state = hist[5][1]
     want = lottery.rewind(theta_k, jp.get_masks(state))
-    for a, b in zip(jax.tree.leaves(lottery.rewound_params(state)), jax.tree.leaves(want)):
-        assert np.array_equal(np.asarray(a), np.asarray(b))
+    assert_trees_equal(lottery.rewound_params(state), want)
     np.testing.assert_allclose(hist[5][0]["l1"]["bias"], theta_k["l1"]["bias"], rtol=1e-6, atol=1e-7)
 
 
@@ -184,13 +179,11 @@ def test_scan_matches_loop(global_run):
 
     (p, s), rounds = train(p0, tx.init(p0))
     assert rounds.tolist() == [min((i + 1) // S, R) for i in range(len(hist) - 1)]
-    for a, b in zip(jax.tree.leaves(jp.get_masks(s)), jax.tree.leaves(jp.get_masks(hist[-1][1]))):
-        assert np.array_equal(np.asarray(a), np.asarray(b))
-    for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(hist[-1][0])):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert_trees_equal(jp.get_masks(s), jp.get_masks(hist[-1][1]))
+    assert_trees_equal(p, hist[-1][0], rtol=1e-5, atol=1e-6)
 
 
-def test_orbax_resume_bit_identical(global_run, tmp_path, make_step):
+def test_orbax_resume_bit_identical(global_run, tmp_path):
     ocp = pytest.importorskip("orbax.checkpoint")
     tx, hist = global_run
     step4 = make_step(tx, loss)
@@ -211,8 +204,7 @@ def test_orbax_resume_bit_identical(global_run, tmp_path, make_step):
     for _ in range(total - cut):
         params, state = step(params, state)
     ref_p, ref_s = hist[-1]
-    for a, b in zip(jax.tree.leaves((params, state)), jax.tree.leaves((ref_p, ref_s))):
-        assert np.array_equal(np.asarray(a), np.asarray(b))
+    assert_trees_equal((params, state), (ref_p, ref_s))
 
 
 def test_found_inside_wrappers():
@@ -326,8 +318,7 @@ def test_random_mask_is_a_deprecated_alias_of_random_like():
     with pytest.warns(DeprecationWarning, match="jaxprune.masks.random_like"):
         old = lottery.random_mask(jax.random.key(4), masks)
     new = jp.masks.random_like(jax.random.key(4), masks)
-    for a, b in zip(jax.tree.leaves(old), jax.tree.leaves(new)):
-        assert np.array_equal(np.asarray(a), np.asarray(b))
+    assert_trees_equal(old, new)
 
 
 def test_random_like_positions_are_uniform():

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import oracle
 import pytest
+from harness import assert_trees_equal
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -321,7 +322,7 @@ def test_where_variants_select_the_right_leaves():
         assert {p for p, s in zip(jp.tree.paths(tree), jp.tree.flags(tree, where)) if s} == want, where
         # n_of_m (cheap to compile) and topk (the full engine) honour it the same way.
         for masks, check in (
-            (jax.jit(lambda t, w=where: jp.masks.n_of_m(t, 1, 2, axis=-1, where=w))(tree),
+            (jax.jit(lambda t, w=where: jp.masks.n_of_m(t, n=1, m=2, axis=-1, where=w))(tree),
              lambda x: oracle.n_of_m(x, 1, 2, -1)),
             (jax.jit(lambda t, w=where: jp.masks.topk(t, 0.5, where=w))(tree)
              if where == "kernel$" else None,
@@ -518,9 +519,7 @@ def test_lazy_score_leaves_give_the_same_masks(call):
               "bias": jnp.ones(8)}
     want = jax.jit(lambda p: call(jp.scores.magnitude(p)))(params)
     got = jax.jit(lambda p: call(_lazy_magnitude(p)))(params)
-    assert jax.tree.structure(got) == jax.tree.structure(want)
-    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+    assert_trees_equal(got, want)
     assert np.ndim(got["bias"]) == 0  # where= decided on the lazy leaves' shapes
 
 

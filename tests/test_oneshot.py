@@ -235,7 +235,7 @@ def test_owl_budgets():
     sizes = {k: 192 for k in ("up", "down")}
     total = sum(float(by_kernel["blocks"][i][k]) * sizes[k] for i in range(2) for k in sizes)
     assert abs(total / (4 * 192) - 0.6) < 1e-6
-    masks = jp.allocation.masks(jp.scores.magnitude(params), 0.7, alloc)
+    masks = jp.allocation.masks(jp.scores.magnitude(params), 0.7, allocation=alloc)
     assert abs(jp.sparsity_of(masks) - 0.7) < 1e-3
     w = jp.oneshot.wanda(params, stats, 0.7, allocation=alloc)
     assert np.asarray(w["blocks"][0]["up"]).sum() > np.asarray(w["blocks"][1]["up"]).sum()

@@ -216,9 +216,9 @@ def test_structured_budgets_within_one_unit(cost):
     unit = model.unit_costs(curves.sizes).max()
     scores = jp.structured.scores(g, v)
     budgets = {
-        "sensitivity": lambda s: jp.allocation.from_sensitivity(curves, s, cost),
-        "uniform": lambda s: jp.allocation.uniform_budget(g, s, cost),
-        "global": lambda s: jp.allocation.global_budget(g, scores, s, cost),
+        "sensitivity": lambda s: jp.allocation.from_sensitivity(curves, s, cost=cost),
+        "uniform": lambda s: jp.allocation.uniform_budget(g, s, cost=cost),
+        "global": lambda s: jp.allocation.global_budget(g, scores, s, cost=cost),
     }
     for name, make in budgets.items():
         for s in (0.3, 0.5, 0.7):
@@ -277,8 +277,8 @@ def test_structured_solver_beats_uniform_when_one_group_is_fragile():
     curves = jp.sensitivity.scan(metric, p, levels=(0.25, 0.5, 0.75), granularity="group",
                                  graph=g)
     scores = jp.structured.scores(g, p)
-    aware = jp.allocation.from_sensitivity(curves, 0.4, "params")
-    uni = jp.allocation.uniform_budget(g, 0.4, "params")
+    aware = jp.allocation.from_sensitivity(curves, 0.4, cost="params")
+    uni = jp.allocation.uniform_budget(g, 0.4, cost="params")
     m_aware = float(metric(jp.apply_masks(p, jp.structured.masks(g, scores, aware))))
     m_uni = float(metric(jp.apply_masks(p, jp.structured.masks(g, scores, uni))))
     assert m_aware < m_uni
@@ -329,9 +329,9 @@ def test_contribution_curves_give_budgets():
     for key in ("activity", "taylor"):
         curves = jp.sensitivity.from_scores(st[key], levels=(0.25, 0.5, 0.75, 0.9), graph=g)
         assert np.all(np.diff(curves.damage(), axis=1) >= -1e-6)
-        rates = jp.allocation.from_sensitivity(curves, 0.5, "flops")
+        rates = jp.allocation.from_sensitivity(curves, 0.5, cost="flops")
         assert curves.cost(rates, "flops") <= 0.5 + 1e-9
-    one = jp.sensitivity.from_scores(st["taylor"], levels=(0.5,), graph=g, where="conv1")
+    one = jp.sensitivity.from_scores(st["taylor"], levels=(0.5,), graph=g, groups="conv1")
     assert one.names == ("params/conv1:2",)
     # Unstructured: saliency scores make leaf curves.
     p = mlp_params()
@@ -375,7 +375,7 @@ def test_impossible_budgets():
     with raises(ValueError, "budget cannot be met", "last scanned level"):
         jp.allocation.from_sensitivity(gc, 0.97)
     with raises(ValueError, "budget cannot be met", "one unit per group"):
-        jp.allocation.uniform_budget(g, 0.999, "flops")
+        jp.allocation.uniform_budget(g, 0.999, cost="flops")
     with raises(ValueError, "group curves need a sparsity"):
         jp.allocation.from_sensitivity(gc)
 
@@ -392,7 +392,7 @@ def test_group_budgets_plug_into_structured_prune():
     sparsity and gives, on the same variables, structured.masks' masks; an
     unknown group name is an error that lists the names."""
     v, g, curves = cnn_scan()
-    rates = jp.allocation.from_sensitivity(curves, 0.5, "flops")
+    rates = jp.allocation.from_sensitivity(curves, 0.5, cost="flops")
     scores = jp.structured.scores(g, v)
     want = jp.structured.masks(g, scores, rates)
     tx = jp.structured.prune(optax.sgd(0.0), graph=g, sparsity=rates, update_every=1)
@@ -406,3 +406,22 @@ def test_group_budgets_plug_into_structured_prune():
         jp.structured.prune(optax.sgd(0.0), graph=g, sparsity={"no such group": 0.5})
     with pytest.raises(ValueError, match="takes one sparsity"):
         jp.structured.prune(optax.sgd(0.0), graph=g, sparsity=rates, allocation="global")
+
+
+def test_where_chooses_leaves_and_groups_chooses_groups():
+    """where= selects leaves, groups= selects groups; the old where= for groups
+    warns, and a groups= on leaf curves is an error."""
+    p = mlp_params()
+    g = jp.graph.trace(mlp, p, XM)
+    name = g.prunable[0].name
+    new = jp.sensitivity.scan(mlp_metric, p, levels=(0.5,), granularity="group", graph=g,
+                              groups=[name])
+    with pytest.warns(DeprecationWarning, match=r"scan\(groups=...\)"):
+        old = jp.sensitivity.scan(mlp_metric, p, levels=(0.5,), granularity="group", graph=g,
+                                  where=[name])
+    assert new.names == old.names == (name,)
+    np.testing.assert_array_equal(new.values, old.values)
+    with pytest.raises(ValueError, match="groups= chooses graph groups"):
+        jp.sensitivity.scan(mlp_metric, p, levels=(0.5,), groups=[name])
+    with pytest.warns(DeprecationWarning, match=r"levels=, where="):
+        jp.sensitivity.scan(mlp_metric, p, (0.5,), None)

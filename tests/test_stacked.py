@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from harness import assert_trees_equal
 from jax import lax
 
 import jaxprune as jp
@@ -45,13 +46,9 @@ def restack(tree, axis=0):
         if jnp.ndim(lay[0][k]) else lay[0][k] for k in lay[0]}}
 
 
-def assert_same(a, b):
-    jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
-
-
 def masks(scores, sparsity, allocation="uniform", **kw):
     """jp.allocation.masks under jit (one compilation instead of op-by-op)."""
-    return jax.jit(lambda s: jp.allocation.masks(s, sparsity, allocation, **kw))(scores)
+    return jax.jit(lambda s: jp.allocation.masks(s, sparsity, allocation=allocation, **kw))(scores)
 
 
 def layer_counts(mask, axis=0):
@@ -69,7 +66,7 @@ def test_masks_per_layer_equal_unstacked(allocation):
     s = jp.scores.magnitude(p)
     got = masks(s, 0.8, allocation, layers="layers/")
     want = masks(unstack(s), 0.8, allocation)
-    assert_same(unstack(got), want)
+    assert_trees_equal(unstack(got), want)
     if allocation == "uniform":  # without layers= one budget: the small layers lose more
         assert layer_counts(got["layers"]["w1"]) == [round(D * H * 0.2)] * L
         one = masks(s, 0.8, "uniform")
@@ -82,25 +79,26 @@ def test_global_is_one_threshold_over_the_stack():
     got = masks(s, 0.8, "global", layers="layers/")
     want = masks(unstack(s), 0.8, "global")
     assert jp.summary(got).total == jp.summary(want).total
-    assert_same(unstack(got), want)  # continuous scores: no ties, the same weights
+    assert_trees_equal(unstack(got), want)  # continuous scores: no ties, the same weights
 
 
 def test_erk_treats_each_layer_as_a_layer_and_layer_axis_1():
     p = stacked_params(axis=1)  # MaxText's param_scan_axis=1: (D, L, H)
     assert p["layers"]["w1"].shape == (D, L, H)
-    sp = jp.allocation.sparsities(p, 0.8, "erk", layers="layers/", layer_axis=1)
-    flat = jp.allocation.sparsities(unstack(p, 1), 0.8, "erk")
+    sp = jp.allocation.sparsities(p, 0.8, allocation="erk", layers="layers/", layer_axis=1)
+    flat = jp.allocation.sparsities(unstack(p, 1), 0.8, allocation="erk")
     assert float(sp["layers"]["w1"]) == pytest.approx(float(flat["layers"][0]["w1"]), abs=1e-6)
     got = masks(jp.scores.magnitude(p), 0.8, "erk", layers="layers/", layer_axis=1)
     want = masks(jp.scores.magnitude(unstack(p, 1)), 0.8, "erk")
-    assert_same(unstack(got, 1), want)
+    assert_trees_equal(unstack(got, 1), want)
 
 
 def test_topk_keep_per_layer_and_random_masks():
     p = stacked_params()
     m = jax.jit(lambda s: jp.masks.topk(s, keep={"head": 5, "layers": 10}, layers="layers/"))(p)
     assert layer_counts(m["layers"]["w2"]) == [10] * L and int(m["head"]["kernel"].sum()) == 5
-    r = jax.jit(lambda p: jp.allocation.random_masks(jax.random.key(1), p, 0.75, "uniform",
+    r = jax.jit(lambda p: jp.allocation.random_masks(jax.random.key(1), p, 0.75,
+                                                 allocation="uniform",
                                                      layers="layers/"))(p)
     assert layer_counts(r["layers"]["w1"]) == [round(D * H / 4)] * L
 
@@ -137,8 +135,8 @@ def test_prune_stacked_equals_unstacked():
     ps, hs = run(make(layers="layers/"), p, 6)
     pu, hu = run(make(), unstack(p), 6)
     for a, b in zip(hs, hu):
-        assert_same(unstack(a), b)
-    assert_same(unstack(ps), pu)
+        assert_trees_equal(unstack(a), b)
+    assert_trees_equal(unstack(ps), pu)
     assert layer_counts(hs[-1]["layers"]["w1"]) == [round(D * H * 0.2)] * L
 
 
@@ -157,7 +155,7 @@ def test_prune_with_the_graph_as_layers():
     assert jp.tree.selected(p, g.stacked) == ["layers/b", "layers/w1", "layers/w2"]
     a = masks(p, 0.7, where=g.kernels, layers=g)
     b = masks(p, 0.7, where=g.kernels, layers="layers/")
-    assert_same(a, b)
+    assert_trees_equal(a, b)
     rows = [r["path"] for r in jp.summary(a, where=g.kernels, layers=g).rows]
     assert rows == ["head/kernel"] + [f"layers/{k}[{i}]" for k in ("w1", "w2") for i in range(L)]
 
@@ -186,7 +184,7 @@ def test_lottery_ticket_stacked(allocation):
     for a, b in zip(hs, hu):
         assert jp.summary(a).total == jp.summary(b).total
         if allocation == "uniform":
-            assert_same(unstack(a), b)
+            assert_trees_equal(unstack(a), b)
     if allocation == "uniform":
         assert layer_counts(hs[-1]["layers"]["w2"]) == [round(D * H / 4)] * L
 
@@ -219,7 +217,7 @@ def test_ste_training_stacked_equals_unstacked():
     p = stacked_params()
     _, hs = run(jp.ste_training(optax.sgd(1e-2), sparsity=0.6, layers="layers/"), p, 2)
     _, hu = run(jp.ste_training(optax.sgd(1e-2), sparsity=0.6), unstack(p), 2)
-    assert_same(unstack(hs[-1]), hu[-1])
+    assert_trees_equal(unstack(hs[-1]), hu[-1])
 
 
 def test_random_like_keeps_per_layer_counts():
@@ -233,7 +231,7 @@ def test_snip_uniform_per_layer():
     p = stacked_params()
     x = jax.random.normal(jax.random.key(3), (16, D))
     loss = lambda p, x: jnp.mean(apply_fn(p, x) ** 2)  # noqa: E731
-    m = jax.jit(lambda p: jp.snip(loss, p, x, 0.5, "uniform", layers="layers/"))(p)
+    m = jax.jit(lambda p: jp.snip(loss, p, x, 0.5, allocation="uniform", layers="layers/"))(p)
     assert layer_counts(m["layers"]["w1"]) == [D * H // 2] * L
 
 

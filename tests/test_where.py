@@ -95,7 +95,7 @@ def test_equinox_pure_functions_pass_non_array_leaves():
     assert jp.tree.selected(model, "^layers/6/") == [
         "layers/6/layers/0/weight", "layers/6/layers/0/bias", "layers/6/layers/1/weight",
         "layers/6/layers/1/bias"]
-    assert "layers/2" not in {r["path"] for r in jp.summary(model, lambda p, leaf: True).rows}
+    assert "layers/2" not in {r["path"] for r in jp.summary(model, where=lambda p, leaf: True).rows}
 
 
 @pytest.mark.parametrize("factory", [

@@ -21,10 +21,15 @@ Example:
   ('a/w:1', 8, 48)
 """
 
+from jaxprune import tree as _tree
 from jaxprune.graph import _control as _control  # registers the control-flow rules
 from jaxprune.graph import rules, sites
+from jaxprune.graph._groups import WEIGHT_ROLES, choose_groups, layer_counts
 from jaxprune.graph._model import Group, LeafInfo, Member, ModelGraph, rebuild
 from jaxprune.graph._trace import register, trace
 
-__all__ = ["Group", "LeafInfo", "Member", "ModelGraph", "rebuild", "register", "rules", "sites",
-           "trace"]
+__all__ = ["WEIGHT_ROLES", "Group", "LeafInfo", "Member", "ModelGraph", "choose_groups",
+           "rebuild", "register", "rules", "sites", "trace"]
+
+# layers=graph in every function of jp.tree's users (stacked layers).
+_tree.register_layer_source(ModelGraph, layer_counts)

@@ -38,8 +38,7 @@ import optax
 from jaxprune import masks as _masks
 from jaxprune import select as _select
 from jaxprune import tree as _tree
-
-PyTree = Any
+from jaxprune.tree import PyTree
 
 __all__ = [
     "apply_mask_to_updates",

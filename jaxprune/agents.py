@@ -51,8 +51,7 @@ import optax
 
 from jaxprune import _budget
 from jaxprune import sensitivity as _sens
-
-PyTree = Any
+from jaxprune.tree import PyTree
 
 __all__ = ["AGENTS", "SearchResult", "search"]
 
@@ -320,10 +319,10 @@ def _es(env: _Env, population: int, sigma: float = 0.5, lr: float = 0.1) -> tupl
 
 
 def search(metric_fn: Callable[[PyTree], Any], params: PyTree, sparsity: float, *,
-           graph: Any = None, granularity: str = "group", cost: str = "flops",
+           graph: Any = None, granularity: str = "leaf", cost: str = "params",
            agent: str = "es", iterations: int = 30, population: int = 16,
-           max_sparsity: float = 0.8, higher_is_better: bool = True, where: Any = None,
-           scores: Any = None, seed: int = 0, batch_size: int | None = None,
+           max_sparsity: float = 0.8, higher_is_better: bool = False, where: Any = None,
+           groups: Any = None, scores: Any = None, seed: int = 0, batch_size: int | None = None,
            options: dict | None = None) -> SearchResult:
     """Searches per-layer sparsities that maximise a metric under a cost budget.
 
@@ -338,16 +337,19 @@ def search(metric_fn: Callable[[PyTree], Any], params: PyTree, sparsity: float, 
       params: the parameters (for ``"group"``, the variables the graph traced).
       sparsity: the fraction of the dense cost to remove.
       graph: the model graph (required for ``"group"`` and for ``cost="flops"``).
-      granularity: ``"group"`` (structured) or ``"leaf"`` (unstructured).
-      cost: ``"params"`` or ``"flops"``.
+      granularity: ``"leaf"`` (unstructured, the default everywhere) or
+        ``"group"`` (structured, AMC's setting).
+      cost: ``"params"`` (the default everywhere) or ``"flops"`` (AMC's).
       agent: ``"es"`` (default; see the module docstring for why) or
         ``"ddpg"`` (AMC's agent).
       iterations: agent updates.
       population: candidates per iteration.
       max_sparsity: no layer is pruned beyond this.
-      higher_is_better: ``True`` for accuracy-like metrics, ``False`` for
-        losses.
-      where: which leaves or groups (as in :func:`jaxprune.sensitivity.scan`).
+      higher_is_better: ``True`` for accuracy-like metrics; ``False`` (the
+        default everywhere) for losses.
+      where: which leaves (leaf granularity; as in
+        :func:`jaxprune.sensitivity.scan`).
+      groups: which groups (group granularity; as in ``scan``).
       scores: what ranks the weights or units (as in ``scan``).
       seed: PRNG seed.
       batch_size: candidates vmapped at once (default: as many as fit in
@@ -368,9 +370,8 @@ def search(metric_fn: Callable[[PyTree], Any], params: PyTree, sparsity: float, 
       >>> k1, k2 = jax.random.split(jax.random.key(0))
       >>> params = {"a": jax.random.normal(k1, (4, 16)), "c": jax.random.normal(k2, (16, 3))}
       >>> x = jnp.ones((8, 4))
-      >>> metric = lambda p: -jnp.mean((jnp.tanh(x @ p["a"]) @ p["c"]) ** 2)
-      >>> res = jp.search(metric, params, 0.5, granularity="leaf", cost="params",
-      ...                 iterations=3, population=8)
+      >>> loss = lambda p: jnp.mean((jnp.tanh(x @ p["a"]) @ p["c"] - 1.0) ** 2)
+      >>> res = jp.search(loss, params, 0.5, iterations=3, population=8)
       >>> len(res.curve), sorted(res.budget), int(res.kept.sum())
       (3, ['a', 'c'], 56)
 
@@ -383,7 +384,8 @@ def search(metric_fn: Callable[[PyTree], Any], params: PyTree, sparsity: float, 
         raise ValueError(f"search: agent must be one of {AGENTS}, got {agent!r}.")
     if not 0.0 < float(max_sparsity) < 1.0:
         raise ValueError(f"search: max_sparsity must be in (0, 1), got {max_sparsity!r}.")
-    layers = _sens._layers(params, where, granularity, graph, scores)
+    layers = _sens.layers_of(params, granularity=granularity, graph=graph, scores=scores,
+                             where=where, groups=groups, what="search")
     _sens.check_metric(metric_fn, params)
     env = _environment(layers, params, graph, sparsity, cost, max_sparsity)
     make = _ddpg if agent == "ddpg" else _es
@@ -409,7 +411,7 @@ def _environment(layers, params, graph, sparsity, cost, max_sparsity) -> _Env:
         model = _budget.graph_model(graph, [graph.groups[i] for i in layers.index], cost)
         kmin = np.ones(len(layers.sizes))
     else:
-        models = _sens._models(layers, params, graph)
+        models = _sens.cost_models(layers, params, graph)
         if cost not in models:
             raise ValueError("search: cost='flops' with leaf granularity needs graph= (the "
                              "MACs of each kernel).")
