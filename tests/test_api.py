@@ -36,6 +36,10 @@ CHANGES: dict[str, str | None] = {
         "higher_is_better=False, where=None, groups=None, scores=None, seed=0, "
         "batch_size=None, options=None)"
     ),
+    'jaxprune.allocation.Allocation': 'namedtuple(name, sparsities, masks, units)',
+    'jaxprune.allocation.REGISTRY': 'dict',
+    'jaxprune.allocation.register': 'callable(allocation)',
+    'jaxprune.tree.is_key': 'callable(x)',
     'jaxprune.allocation.compute_masks': None,
     'jaxprune.allocation.erk': (
         'callable(params, sparsity, *, where=None, power=1.0, layers=None, layer_axis=0)'
