@@ -207,8 +207,8 @@ def lazy_prune(inner, sparsity: float, update_every: int, allocation: str):
     the selection as ``select.LazyScores`` (``where(m, |w|, -inf)`` computed
     inside every pass, never stored), and the keep counts of all leaves come
     from one vectorised ``keep_count`` call. Same state, cond and masking."""
-    from jaxprune import select as sel
-    from jaxprune import transforms as jpt
+    from jaxprune.core import select as sel
+    from jaxprune.train import transforms as jpt
 
     def init_fn(params):
         return (jnp.zeros((), jnp.int32), jpt.initial_masks(params, None), inner.init(params))
@@ -314,7 +314,7 @@ def _lazy_global(params, sparsity: float):
     """A global magnitude selection over every leaf with the scores passed
     as ``select.LazyScores`` (what ``global_topk`` would do if it accepted
     them): no |w| array is stored, |w| is computed inside every pass."""
-    from jaxprune import select as sel
+    from jaxprune.core import select as sel
 
     leaves = jax.tree.leaves(params)
     n = sum(int(np.prod(x.shape)) for x in leaves)

@@ -54,7 +54,7 @@ from bench_step import (  # noqa: E402
 from bench_step import Runner as StepRunner  # noqa: E402
 
 import jaxprune as jp
-from jaxprune.dynamic import drop_and_grow
+from jaxprune.train.dynamic import drop_and_grow
 
 SPARSITY = 0.9
 UPDATE_EVERY = 100

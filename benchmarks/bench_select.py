@@ -63,7 +63,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxprune
-import jaxprune.select as jp_select
+import jaxprune.core.select as jp_select
 
 N_LAYERS = 4
 _SUFFIX = {"K": 2**10, "M": 2**20, "G": 2**30}

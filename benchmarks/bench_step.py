@@ -81,7 +81,7 @@ import optax
 from jax import lax
 
 import jaxprune as jp
-from jaxprune import _transform_base as jpt
+from jaxprune.train import base as jpt
 
 SIZES = (784, 2048, 2048, 10)
 BATCH = 256

@@ -60,7 +60,7 @@ import optax
 from jax import lax
 
 import jaxprune as jp
-from jaxprune import lottery
+from jaxprune.train import lottery
 
 VARIANTS = ("ticket", "random_mask", "random_reinit")
 

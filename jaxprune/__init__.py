@@ -14,36 +14,12 @@ Example:
 import sys as _sys
 import types as _types
 
-from jaxprune import (
-    _deprecation,
-    _transform_base,
-    agents,
-    allocation,
-    at_init,
-    calibration,
-    distill,
-    dynamic,
-    export,
-    graph,
-    lottery,
-    masks,
-    oneshot,
-    quant,
-    regularizers,
-    resize,
-    scores,
-    select,
-    sensitivity,
-    structured,
-    transforms,
-    tree,
-)
-from jaxprune.agents import SearchResult, search
-from jaxprune.at_init import snip
-from jaxprune.calibration import calibrate
-from jaxprune.dynamic import DynamicState, rigl, set_training
-from jaxprune.lottery import LotteryState, lottery_ticket
-from jaxprune.masks import (
+from jaxprune import _deprecation, export, graph, oneshot, structured
+from jaxprune.budgets import agents, sensitivity
+from jaxprune.budgets.agents import SearchResult, search
+from jaxprune.compress import distill, quant
+from jaxprune.core import allocation, masks, scores, select, tree
+from jaxprune.core.masks import (
     apply_masks,
     apply_masks_ste,
     pack,
@@ -51,7 +27,15 @@ from jaxprune.masks import (
     summary,
     unpack,
 )
-from jaxprune.transforms import (
+from jaxprune.oneshot import calibration
+from jaxprune.oneshot.calibration import calibrate
+from jaxprune.structured import resize
+from jaxprune.train import at_init, dynamic, lottery, regularizers, transforms
+from jaxprune.train import base as _transform_base
+from jaxprune.train.at_init import snip
+from jaxprune.train.dynamic import DynamicState, rigl, set_training
+from jaxprune.train.lottery import LotteryState, lottery_ticket
+from jaxprune.train.transforms import (
     PruneState,
     STEState,
     get_masks,
@@ -127,9 +111,11 @@ class _DeprecatedModule(_types.ModuleType):
         return getattr(self._target, attr)
 
 
-def _old_module(old: str, target: _types.ModuleType, note: str = "") -> _types.ModuleType:
-    """Registers ``jaxprune.<old>`` (importable, warning on use)."""
-    module = _DeprecatedModule(f"jaxprune.{old}", target, target.__name__, note)
+def _old_module(old: str, target: _types.ModuleType, new: str,
+                note: str = "") -> _types.ModuleType:
+    """Registers ``jaxprune.<old>`` (importable, warning on use, naming
+    ``jaxprune.<new>``)."""
+    module = _DeprecatedModule(f"jaxprune.{old}", target, f"jaxprune.{new}", note)
     _sys.modules[module.__name__] = module
     return module
 
@@ -137,7 +123,23 @@ def _old_module(old: str, target: _types.ModuleType, note: str = "") -> _types.M
 # Old module paths: jaxprune.snip (now at_init; `jp.snip` is the function),
 # jaxprune.search (now agents; `jp.search` is the function), and the
 # internals that were public (transform_base, deprecation).
-_old_module("snip", at_init)
-_old_module("search", agents)
-transform_base = _old_module("transform_base", _transform_base, " (internal, no public API)")
-deprecation = _old_module("deprecation", _deprecation, " (internal, no public API)")
+_old_module("snip", at_init, "at_init")
+_old_module("search", agents, "agents")
+transform_base = _old_module("transform_base", _transform_base, "train.base",
+                             " (internal, no public API)")
+deprecation = _old_module("deprecation", _deprecation, "_deprecation",
+                          " (internal, no public API)")
+
+
+# The folders (core, train, structured, oneshot, budgets, compress, export,
+# graph) are the layout; the public module paths stay flat: jaxprune.masks,
+# jaxprune.transforms, ... are the modules above, also for `import` and
+# `from ... import`.
+for _name, _module in {
+        "tree": tree, "select": select, "masks": masks, "scores": scores,
+        "allocation": allocation, "transforms": transforms, "dynamic": dynamic,
+        "lottery": lottery, "at_init": at_init, "regularizers": regularizers,
+        "resize": resize, "calibration": calibration, "sensitivity": sensitivity,
+        "agents": agents, "quant": quant, "distill": distill}.items():
+    _sys.modules.setdefault(f"jaxprune.{_name}", _module)
+del _name, _module

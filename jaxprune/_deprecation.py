@@ -53,6 +53,19 @@ def alias(fn: Callable[..., Any], old: str, new: str) -> Callable[..., Any]:
     return wrapper
 
 
+def public_module(name: str) -> str:
+    """The public path of a module: ``jaxprune.core.masks`` -> ``jaxprune.masks``
+    (the folders are the layout; public module paths are flat)."""
+    parts = name.split(".")
+    if len(parts) == 3 and parts[0] == "jaxprune" and parts[1] in _FOLDERS:
+        return "jaxprune." + (parts[1] if parts[2] in _FACES else parts[2])
+    return name
+
+
+_FOLDERS = ("core", "train", "structured", "oneshot", "budgets", "compress")
+_FACES = ("units", "pruners")  # the code behind jaxprune.structured / jaxprune.oneshot
+
+
 def keyword_only(*old: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator: options made keyword-only still work by position, warning.
 
@@ -81,7 +94,7 @@ def keyword_only(*old: str) -> Callable[[Callable[..., Any]], Callable[..., Any]
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
         params = inspect.signature(fn).parameters.values()
         n = sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
-        name = f"{fn.__module__}.{fn.__qualname__}".replace("jaxprune.", "jp.", 1)
+        name = f"{public_module(fn.__module__)}.{fn.__qualname__}".replace("jaxprune.", "jp.", 1)
 
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):

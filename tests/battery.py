@@ -40,7 +40,7 @@ import optax
 from harness import assert_same_layout, run_steps
 
 import jaxprune as jp
-from jaxprune.select import keep_count
+from jaxprune.core.select import keep_count
 
 
 class Entry(NamedTuple):

@@ -11,7 +11,7 @@ import pytest
 from jax import lax
 
 import jaxprune as jp
-from jaxprune import calibration
+from jaxprune.oneshot import calibration
 
 
 def normal(seed, shape, scale=1.0):

@@ -8,8 +8,8 @@ import pytest
 from harness import run_steps
 
 import jaxprune as jp
-from jaxprune.dynamic import drop_and_grow, zero_state_outside
-from jaxprune.select import keep_count
+from jaxprune.core.select import keep_count
+from jaxprune.train.dynamic import drop_and_grow, zero_state_outside
 
 
 def _params():

@@ -7,7 +7,7 @@ import json
 import pytest
 from harness import load_example
 
-from jaxprune.select import keep_count
+from jaxprune.core.select import keep_count
 
 
 def test_compare_methods_tiny(tmp_path):

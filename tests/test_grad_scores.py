@@ -7,7 +7,7 @@ import optax
 import pytest
 
 import jaxprune as jp
-from jaxprune.at_init import snip_scores
+from jaxprune.train.at_init import snip_scores
 
 W0 = np.array([[1.0, -2.0, 0.5], [3.0, 0.25, -1.0]], np.float32)
 B0 = np.array([0.5, -0.5, 1.0], np.float32)

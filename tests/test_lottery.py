@@ -11,7 +11,7 @@ import pytest
 from harness import assert_trees_equal, make_step, run_steps
 
 import jaxprune as jp
-from jaxprune import lottery
+from jaxprune.train import lottery
 
 S, R, RATE = 4, 3, 0.2
 

@@ -79,7 +79,7 @@ def test_snip_module_moved_to_at_init():
 
 @pytest.mark.parametrize("old, new, name", [
     ("jaxprune.search", "jaxprune.agents", "SearchResult"),
-    ("jaxprune.transform_base", "jaxprune._transform_base", "check_positive_int"),
+    ("jaxprune.transform_base", "jaxprune.train.base", "check_positive_int"),
     ("jaxprune.deprecation", "jaxprune._deprecation", "alias"),
 ])
 def test_old_module_paths_warn_and_name_the_new_module(old, new, name):

@@ -72,7 +72,7 @@ def test_structured_search_meets_the_flops_budget_within_one_unit():
     g = jp.graph.trace(mlp, p, XM)
     res = jp.search(mlp_metric, p, 0.5, graph=g, granularity="group", cost="flops",
                     iterations=2, population=4)
-    from jaxprune import _budget
+    from jaxprune.budgets import cost as _budget
 
     model = _budget.graph_model(g, list(g.prunable), "flops")
     unit = model.unit_costs(np.array([grp.size for grp in g.prunable])).max()

@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import jaxprune as jp
-from jaxprune import select as sel
+from jaxprune.core import select as sel
 
 F32, BF16, F16 = np.float32, jnp.bfloat16, np.float16
 

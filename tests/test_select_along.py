@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from jaxprune import select as sel
+from jaxprune.core import select as sel
 
 SETTINGS = dict(
     deadline=None,

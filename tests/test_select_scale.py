@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import oracle
 
-from jaxprune import select as sel
+from jaxprune.core import select as sel
 
 D = 512
 N_LEAVES = 4

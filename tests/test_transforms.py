@@ -9,7 +9,7 @@ from battery import dict_params, loss
 from harness import run_steps
 
 import jaxprune as jp
-from jaxprune import _transform_base
+from jaxprune.train import base as _transform_base
 
 
 def f32_keep(n, s):

@@ -15,7 +15,7 @@ import optax
 import pytest
 
 import jaxprune as jp
-from jaxprune.select import keep_count
+from jaxprune.core.select import keep_count
 
 
 @pytest.fixture(scope="module", params=sorted(models.MODELS))

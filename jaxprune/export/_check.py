@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from jaxprune import tree as tree_lib
+from jaxprune.core import tree as tree_lib
 
 
 def check_model(fn_name: str, apply_fn: Any, example_args: tuple) -> None:

@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from jaxprune import graph as graph_lib
-from jaxprune import tree as tree_lib
+from jaxprune.core import tree as tree_lib
 from jaxprune.export import _check, _litert, _stablehlo
 
 FORMATS = ("orbax", "stablehlo", "litert", "litert-float16", "litert-dynamic", "litert-int8",

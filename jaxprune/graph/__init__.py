@@ -21,7 +21,7 @@ Example:
   ('a/w:1', 8, 48)
 """
 
-from jaxprune import tree as _tree
+from jaxprune.core import tree as _tree
 from jaxprune.graph import _control as _control  # registers the control-flow rules
 from jaxprune.graph import rules, sites
 from jaxprune.graph._groups import WEIGHT_ROLES, choose_groups, layer_counts

@@ -12,7 +12,7 @@ import numpy as np
 from jax.extend import core as jcore
 from jax.extend.core import primitives as P
 
-from jaxprune import tree as _tree
+from jaxprune.core import tree as _tree
 from jaxprune.graph import _control, _rules
 from jaxprune.graph._desc import BCAST, codes
 from jaxprune.graph._model import Group, LeafInfo, Member, ModelGraph

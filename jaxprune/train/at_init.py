@@ -24,10 +24,10 @@ import jax
 import jax.numpy as jnp
 
 from jaxprune import _deprecation
-from jaxprune import allocation as _alloc
-from jaxprune import masks as _masks
-from jaxprune import scores as _scores
-from jaxprune.tree import PyTree
+from jaxprune.core import allocation as _alloc
+from jaxprune.core import masks as _masks
+from jaxprune.core import scores as _scores
+from jaxprune.core.tree import PyTree
 
 __all__ = ["snip", "snip_scores"]
 

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprune import select as _select
+from jaxprune.core import select as _select
 
 __all__ = ["group_shape", "keep_counts", "normalize_axes", "select_along"]
 

@@ -58,9 +58,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxprune import structured as _structured
-from jaxprune.tree import PyTree
-from jaxprune.tree import path_str as _path_str
+from jaxprune.core.tree import PyTree
+from jaxprune.core.tree import path_str as _path_str
+from jaxprune.structured import units as _structured
 
 __all__ = ["compact_nnx", "equinox", "linen", "linen_sizes", "nnx"]
 

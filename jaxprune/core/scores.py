@@ -35,9 +35,9 @@ import jax
 import jax.numpy as jnp
 
 from jaxprune import _deprecation
-from jaxprune import select as _select
-from jaxprune import tree as _tree
-from jaxprune.tree import PyTree
+from jaxprune.core import select as _select
+from jaxprune.core import tree as _tree
+from jaxprune.core.tree import PyTree
 
 __all__ = [
     "ScoreFn",

@@ -64,12 +64,12 @@ import optax
 from jax import lax
 
 from jaxprune import _deprecation
-from jaxprune import _transform_base as _base
-from jaxprune import allocation as _alloc
-from jaxprune import masks as _masks
-from jaxprune import scores as _scores
-from jaxprune import tree as _tree
-from jaxprune.tree import PyTree
+from jaxprune.core import allocation as _alloc
+from jaxprune.core import masks as _masks
+from jaxprune.core import scores as _scores
+from jaxprune.core import tree as _tree
+from jaxprune.core.tree import PyTree
+from jaxprune.train import base as _base
 
 __all__ = [
     "REWOUND",

@@ -49,9 +49,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxprune import _budget
-from jaxprune import sensitivity as _sens
-from jaxprune.tree import PyTree
+from jaxprune.budgets import cost as _budget
+from jaxprune.budgets import sensitivity as _sens
+from jaxprune.core.tree import PyTree
 
 __all__ = ["AGENTS", "SearchResult", "search"]
 

@@ -35,10 +35,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxprune import masks as _masks
-from jaxprune import select as _select
-from jaxprune import tree as _tree
-from jaxprune.tree import PyTree
+from jaxprune.core import masks as _masks
+from jaxprune.core import select as _select
+from jaxprune.core import tree as _tree
+from jaxprune.core.tree import PyTree
 
 __all__ = [
     "apply_mask_to_updates",

@@ -35,11 +35,11 @@ import numpy as np
 from jax import lax
 
 from jaxprune import _deprecation
-from jaxprune import select as _select
-from jaxprune import tree as _tree
-from jaxprune._along import leaf_topk as _leaf_topk
-from jaxprune._along import select_along as _slices
-from jaxprune.tree import PyTree
+from jaxprune.core import select as _select
+from jaxprune.core import tree as _tree
+from jaxprune.core.along import leaf_topk as _leaf_topk
+from jaxprune.core.along import select_along as _slices
+from jaxprune.core.tree import PyTree
 
 __all__ = [
     "REDUCTIONS",

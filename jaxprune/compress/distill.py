@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxprune.tree import PyTree
+from jaxprune.core.tree import PyTree
 
 __all__ = ["features", "loss", "loss_fn"]
 

@@ -57,9 +57,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxprune import tree as _tree
+from jaxprune.core import tree as _tree
+from jaxprune.core.tree import PyTree
 from jaxprune.graph import WEIGHT_ROLES, ModelGraph, choose_groups
-from jaxprune.tree import PyTree
 
 # jp.tree.select is jp.tree.flags on the vocabulary branch.
 _flags = getattr(_tree, "flags", None) or _tree.select
@@ -238,7 +238,7 @@ def _graph_leaves(graph: ModelGraph, tree: PyTree, what: str) -> tuple:
     the tree has no such leaf), and how to put them back."""
     paths, leaves, treedef = _tree.flatten(tree)
     gpaths = [info.path for info in graph.leaves]
-    from jaxprune.structured import common_prefix
+    from jaxprune.structured.units import common_prefix
 
     try:
         prefix = common_prefix(paths, gpaths)
@@ -422,7 +422,7 @@ def threshold(graph: ModelGraph, variables: PyTree, tol: float = 0.0, *,
       >>> jp.structured.compact(g, p, jp.regularizers.threshold(g, p))["a"].shape
       (1, 2)
     """
-    from jaxprune import structured
+    from jaxprune.structured import units as structured
 
     chosen = _groups(graph, groups, "threshold")
     sc = structured.scores(graph, variables, score)

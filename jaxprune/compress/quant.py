@@ -51,9 +51,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprune import masks as _masks
-from jaxprune import tree as _tree
-from jaxprune.tree import PyTree
+from jaxprune.core import masks as _masks
+from jaxprune.core import tree as _tree
+from jaxprune.core.tree import PyTree
 
 __all__ = ["column_quantizer", "dequantize", "fake_quant", "ptq", "qat", "quantize"]
 

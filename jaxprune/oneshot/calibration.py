@@ -69,9 +69,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxprune import tree as _tree
+from jaxprune.core import tree as _tree
+from jaxprune.core.tree import PyTree
 from jaxprune.graph import sites as _sites
-from jaxprune.tree import PyTree
 
 __all__ = ["InputStats", "calibrate"]
 

@@ -51,13 +51,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxprune import calibration as _cal
-from jaxprune import masks as _masks
-from jaxprune import scores as _scores
-from jaxprune import tree as _tree
-from jaxprune._along import keep_counts, select_along
+from jaxprune.core import masks as _masks
+from jaxprune.core import scores as _scores
+from jaxprune.core import tree as _tree
+from jaxprune.core.along import keep_counts, select_along
+from jaxprune.core.tree import PyTree
 from jaxprune.graph import sites as _sites
-from jaxprune.tree import PyTree
+from jaxprune.oneshot import calibration as _cal
 
 __all__ = ["capture_passes", "input_points", "sparsegpt", "wanda"]
 

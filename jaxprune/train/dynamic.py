@@ -68,14 +68,14 @@ import optax
 from jax import lax
 
 from jaxprune import _deprecation
-from jaxprune import _transform_base as _base
-from jaxprune import allocation as _alloc
-from jaxprune import masks as _masks
-from jaxprune import select as _select
-from jaxprune import tree as _tree
-from jaxprune.transforms import STEState as STEState  # old path (not in __all__)
-from jaxprune.transforms import ste_training as ste_training  # old path
-from jaxprune.tree import PyTree
+from jaxprune.core import allocation as _alloc
+from jaxprune.core import masks as _masks
+from jaxprune.core import select as _select
+from jaxprune.core import tree as _tree
+from jaxprune.core.tree import PyTree
+from jaxprune.train import base as _base
+from jaxprune.train.transforms import STEState as STEState  # old path (not in __all__)
+from jaxprune.train.transforms import ste_training as ste_training  # old path
 
 Schedule = Callable[[Any], Any]
 

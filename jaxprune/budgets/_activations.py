@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprune import tree as _tree
+from jaxprune.core import tree as _tree
 from jaxprune.graph import rebuild
 from jaxprune.graph import sites as _sites
 

@@ -65,12 +65,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprune import _budget, _deprecation
-from jaxprune import masks as _masks
-from jaxprune import scores as _scores
-from jaxprune import select as _select
-from jaxprune import tree as _tree
-from jaxprune.tree import PyTree
+from jaxprune import _deprecation
+from jaxprune.budgets import cost as _budget
+from jaxprune.core import masks as _masks
+from jaxprune.core import scores as _scores
+from jaxprune.core import select as _select
+from jaxprune.core import tree as _tree
+from jaxprune.core.tree import PyTree
 
 __all__ = [
     "NAMES",
@@ -618,7 +619,7 @@ def owl(stats: dict, *, m: float = 5.0, lam: float = 0.08, blocks: Any = None):
                 else s_block[next(b for q, _, b in parts if q == p)] for p in stats}
 
     def allocate(params: PyTree, sparsity: Any) -> PyTree:
-        from jaxprune.scores import _check_stats
+        from jaxprune.core.scores import _check_stats
 
         _masks.check_sparsity(sparsity)
         paths, leaves, treedef = _tree.flatten(params)

@@ -46,12 +46,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprune import _budget, _deprecation
-from jaxprune import select as _select
-from jaxprune import tree as _tree
+from jaxprune import _deprecation
+from jaxprune.budgets import cost as _budget
+from jaxprune.core import select as _select
+from jaxprune.core import tree as _tree
+from jaxprune.core.tree import PyTree
 from jaxprune.graph import ModelGraph, choose_groups
 from jaxprune.graph import sites as _sites
-from jaxprune.tree import PyTree
 
 # jp.tree.select is jp.tree.flags on the vocabulary branch.
 _flags = getattr(_tree, "flags", None) or _tree.select
@@ -273,7 +274,7 @@ def _stack(rows: list) -> Any:
 
 
 def _group_layers(graph: ModelGraph, params: PyTree, where: Any, scores: Any) -> _Layers:
-    from jaxprune import structured
+    from jaxprune.structured import units as structured
 
     groups = choose_groups(graph, where, what="sensitivity")
     sc = structured.scores(graph, params, "l2") if scores is None else scores
@@ -292,7 +293,7 @@ def _masked(layers: _Layers, ranks: tuple, params: PyTree, kept: jax.Array) -> P
             keep = (ranks[li] < kept[li]).reshape(np.shape(x))
             leaves[i] = jnp.where(keep, x, jnp.zeros((), jnp.result_type(x)))
         return jax.tree_util.tree_unflatten(layers.treedef, leaves)
-    from jaxprune.structured import leaf_masks
+    from jaxprune.structured.units import leaf_masks
 
     units = {i: ranks[li] < kept[li] if layers.graph.groups[i].layers
              else ranks[li][0] < kept[li] for li, i in enumerate(layers.index)}
@@ -651,7 +652,7 @@ def unit_stats(graph: ModelGraph, apply_fn: Callable, variables: PyTree, *args: 
       towards efficient deep architectures", 2016; Molchanov et al., ICLR
       2017.
     """
-    from jaxprune import _activations
+    from jaxprune.budgets import _activations
 
     return _activations.unit_stats(graph, apply_fn, variables, args, loss_fn)
 

@@ -51,11 +51,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxprune import _transform_base as _tb
-from jaxprune import allocation as _alloc
-from jaxprune import tree as _tree
+from jaxprune.core import allocation as _alloc
+from jaxprune.core import tree as _tree
+from jaxprune.core.tree import PyTree
 from jaxprune.graph import WEIGHT_ROLES, Group, ModelGraph, choose_groups, rebuild
-from jaxprune.tree import PyTree
+from jaxprune.train import base as _tb
 
 __all__ = [
     "SCORES",
