@@ -411,6 +411,28 @@ def test_structured_prune_trains_inside_optax_and_compacts():
     np.testing.assert_allclose(cnn(small, x), cnn(p, x), rtol=1e-5, atol=1e-5)
 
 
+def test_structured_prune_with_some_groups_keeps_the_others_whole():
+    import optax
+
+    ks = jax.random.split(jax.random.key(0), 4)
+    p = {f"l{i}": {"w": jax.random.normal(ks[i], (8, 8)), "b": jnp.zeros(8)} for i in range(4)}
+
+    def f(p, x):
+        for i in range(4):
+            x = jax.nn.relu(x @ p[f"l{i}"]["w"] + p[f"l{i}"]["b"])
+        return x
+
+    g = jp.graph.trace(f, p, jnp.ones((2, 8)))
+    tx = jp.structured.prune(optax.sgd(0.1), graph=g, sparsity=0.5, groups=[0], update_every=1)
+    state = tx.init(p)
+    u, state = jax.jit(tx.update)(jax.tree.map(jnp.ones_like, p), state, p)
+    masks = jp.get_masks(state)
+    assert int(jnp.sum(~masks["l0"]["w"])) == 32 and int(jnp.sum(~masks["l1"]["w"])) == 32
+    assert bool(jnp.all(masks["l2"]["w"])) and bool(jnp.all(masks["l3"]["w"]))
+    new = optax.apply_updates(p, u)
+    assert float(jnp.sum(new["l0"]["w"][:, ~masks["l0"]["b"]] ** 2)) == 0.0
+
+
 def test_pooling_passes_channels_through():
     p = {"c1": normal(0, (3, 3, 3, 8)), "c2": normal(1, (3, 3, 8, 4))}
 

@@ -778,8 +778,11 @@ def prune(inner: optax.GradientTransformation, *, graph: ModelGraph, sparsity: A
         s_now = ({k: _tb.schedule_value(v, state.count) for k, v in sparsity.items()}
                  if isinstance(sparsity, Mapping) else _tb.schedule_value(sparsity, state.count))
         keep = _keep_units(alloc, chosen, sc, s_now, rmap)
-        masks_ = leaf_masks(graph, dict(zip([g.index for g in chosen], keep)))
-        return tuple(keep), link.from_graph(masks_), key_data
+        masks_ = link.from_graph(leaf_masks(graph, dict(zip([g.index for g in chosen], keep))))
+        # leaves no chosen group touches get a scalar True: give them the state's shapes
+        masks_ = jax.tree.map(lambda m, old: jnp.broadcast_to(m, jnp.shape(old)), masks_,
+                              state.masks)
+        return tuple(keep), masks_, key_data
 
     def update_fn(updates, state, params=None, **extra_args):
         _tb.require_params(params, "structured.prune")
