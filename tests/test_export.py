@@ -333,9 +333,11 @@ def test_argument_errors():
         jp.export.report({"m": f}, x, formats=["stablehlo"])
 
 
-def test_runner_errors_and_converter_failure():
+def test_runner_from_file_errors_and_converter_failure(tmp_path):
     f, v, x = lambda v, x: x @ v["w"], {"w": jnp.ones((3, 2))}, jnp.ones((1, 3))
-    model = jp.export.LiteRTModel(jp.export.litert(f, v, x))
+    (tmp_path / "m.tflite").write_bytes(jp.export.litert(f, v, x))
+    model = jp.export.LiteRTModel(tmp_path / "m.tflite")
+    np.testing.assert_array_equal(model(x), [[3.0, 3.0]])
     with pytest.raises(ValueError, match=r"input 0 has shape \(2, 3\), the model was exported"):
         model(jnp.ones((2, 3)))
     with pytest.raises(ValueError, match="got 2 input arrays, the model takes 1"):

@@ -14,6 +14,7 @@ converter, ``ai-edge-litert`` for the interpreter); without it they raise an
 from __future__ import annotations
 
 import importlib
+import os
 import re
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -243,7 +244,7 @@ class LiteRTModel:
     :attr:`delegated` is False.
 
     Args:
-      blob: a flatbuffer (``bytes``), e.g. from :func:`litert`, or a path.
+      blob: a flatbuffer (``bytes``), e.g. from :func:`litert`, or a file path.
       num_threads: interpreter threads (``None``: the runtime's default).
 
     Attributes:
@@ -260,9 +261,10 @@ class LiteRTModel:
       [[[1.0, 0.0], [0.0, 2.0]]]
     """
 
-    def __init__(self, blob: bytes | str, num_threads: int | None = None):
+    def __init__(self, blob: bytes | str | os.PathLike, num_threads: int | None = None):
         mod = require("ai_edge_litert.interpreter", "jp.export.LiteRTModel")
-        source = {"model_path": blob} if isinstance(blob, str) else {"model_content": bytes(blob)}
+        source = ({"model_path": os.fspath(blob)} if isinstance(blob, str | os.PathLike)
+                  else {"model_content": bytes(blob)})
         self.delegated = True
         try:
             self.interpreter = mod.Interpreter(**source, num_threads=num_threads)
