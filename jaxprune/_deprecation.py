@@ -58,12 +58,16 @@ def public_module(name: str) -> str:
     (the folders are the layout; public module paths are flat)."""
     parts = name.split(".")
     if len(parts) == 3 and parts[0] == "jaxprune" and parts[1] in _FOLDERS:
-        return "jaxprune." + (parts[1] if parts[2] in _FACES else parts[2])
+        if parts[2] in _FACES:
+            return "jaxprune." + parts[1]
+        if not parts[2].startswith("_") and parts[2] not in _INTERNAL:
+            return "jaxprune." + parts[2]
     return name
 
 
 _FOLDERS = ("core", "train", "structured", "oneshot", "budgets", "compress")
 _FACES = ("units", "pruners")  # the code behind jaxprune.structured / jaxprune.oneshot
+_INTERNAL = ("base", "along", "cost")  # package modules without a flat public path
 
 
 def keyword_only(*old: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
