@@ -147,10 +147,10 @@ def test_prune_trains_inside_nnx_optimizer(name):
         np.testing.assert_array_equal(k, jax.random.key_data(k2))  # keys are not trained
 
 
+# NNX models: test_compact_nnx_rebuilds_a_model_whose_dropout_runs
+@pytest.mark.parametrize("case", [n for n in NAMES if n not in NNX_MODELS], indirect=True)
 def test_train_mode_runs_after_compaction_in_every_library(case):
     name, apply_fn, _, x, _, _, small = case
-    if name in NNX_MODELS:
-        pytest.skip("test_compact_nnx_rebuilds_a_model_whose_dropout_runs")
     key = jax.random.key(7)
     if name.startswith("linen"):
         with jp.resize.linen():
