@@ -768,7 +768,8 @@ def prune(inner: optax.GradientTransformation, *, graph: ModelGraph, sparsity: A
                                _tb.initial_masks(params, link.where), _tb.seed_key(seed),
                                inner.init(params))
 
-    def recompute(state, params, grads, link):
+    def recompute(state, params, grads):
+        link = _link(graph, params)
         key_data, key = _tb.split_key(state.key)
         full = link.to_graph(params)
         g_full = link.to_graph(grads) if with_grads else None
@@ -782,20 +783,14 @@ def prune(inner: optax.GradientTransformation, *, graph: ModelGraph, sparsity: A
         # leaves no chosen group touches get a scalar True: give them the state's shapes
         masks_ = jax.tree.map(lambda m, old: jnp.broadcast_to(m, jnp.shape(old)), masks_,
                               state.masks)
-        return tuple(keep), masks_, key_data
+        return {"units": tuple(keep), "masks": masks_, "key": key_data}
 
     def update_fn(updates, state, params=None, **extra_args):
-        _tb.require_params(params, "structured.prune")
-        _tb.check_update_trees(updates, params, state.masks, "structured.prune")
-        link = _link(graph, params)
-        units, m, key_data = jax.lax.cond(
-            state.count % update_every == 0,
-            lambda: recompute(state, params, updates, link),
-            lambda: (state.units, state.masks, state.key))
-        u, inner_state = _tb.masked_update(inner, updates, state.inner_state, params, m,
-                                           **extra_args)
-        return u, StructuredState(optax.safe_increment(state.count), units, m, key_data,
-                                  inner_state)
+        return _tb.scheduled_update(
+            "structured.prune", inner, updates, state, params, extra_args,
+            is_update=lambda s: s.count % update_every == 0,
+            recompute=lambda s: recompute(s, params, updates),
+            fields=("units", "masks", "key"))
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

@@ -9,11 +9,13 @@ update step
 ``grads -> where(mask, g, 0) -> inner.update -> where(mask, u, -p)``
 
 (so momentum and Adam moments of pruned weights stay exactly zero, and
-``optax.apply_updates`` alone yields exactly zero pruned weights), nested
+``optax.apply_updates`` alone yields exactly zero pruned weights), the
+scheduled step around it (:func:`scheduled_update`: checks, new masks under
+``lax.cond`` on update steps, the masked step, the count), nested
 scoring (pruned weights score ``-inf``) and PRNG key handling. Import
 direction: this module sits between the pure functions (tree, select,
 masks, scores, allocation) and the transforms (transforms, dynamic,
-lottery); it imports only the former.
+lottery, structured.prune); it imports only the former.
 
 Example:
   >>> import jax.numpy as jnp, optax
@@ -28,12 +30,14 @@ Example:
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax import lax
 
 from jaxprune.core import masks as _masks
 from jaxprune.core import select as _select
@@ -55,6 +59,7 @@ __all__ = [
     "nested_scores",
     "require_params",
     "schedule_value",
+    "scheduled_update",
     "seed_key",
     "split_key",
     "validate_params",
@@ -265,6 +270,103 @@ def masked_update(inner: optax.GradientTransformation, grads: PyTree, inner_stat
     g = mask_grads(grads, masks)
     u, inner_state = inner.update(g, inner_state, params, **extra_args)
     return apply_mask_to_updates(u, params, masks), inner_state
+
+
+def scheduled_update(
+    what: str,
+    inner: optax.GradientTransformation,
+    updates: PyTree,
+    state: Any,
+    params: PyTree,
+    extra_args: Mapping[str, Any],
+    *,
+    is_update: Callable[[Any], jax.Array],
+    recompute: Callable[[Any], dict],
+    fields: tuple[str, ...] = ("masks", "key"),
+    before: Callable[[Any], Any] | None = None,
+    reset: Callable[[Any, PyTree], Any] | None = None,
+    step: Callable[[Any, PyTree], tuple[PyTree, Any]] | None = None,
+) -> tuple[PyTree, Any]:
+    """The ``update`` of every transform whose masks change on a schedule.
+
+    ``state`` is the transform's NamedTuple state, with at least ``count``,
+    ``masks`` and ``inner_state``; the new state is ``state._replace(...)``,
+    so its type and fields never change. The step is::
+
+        require_params; check_update_trees(updates, params, state.masks)
+        state = before(state)                  # fields updated every step
+        new = cond(is_update(state), recompute, the state's fields)(state)
+        state = state._replace(**new)          # only `fields` cross the cond
+        inner_state = cond(is_update, reset(inner_state, train), inner_state)
+        u, inner_state = step(state, train)    # default: masked_update(inner, updates,
+                                               #   inner_state, params, train, **extra_args)
+        return u, state._replace(count=count + 1, inner_state=inner_state)
+
+    Args:
+      what: the transform's name, for error messages.
+      inner, updates, state, params, extra_args: what ``update_fn`` received.
+      is_update: ``state -> bool`` scalar: is this an update step (e.g.
+        ``count % update_every == 0``).
+      recompute: ``state -> {field: new value}`` for every name in
+        ``fields``, run on update steps only (under :func:`jax.lax.cond`,
+        so other steps pay nothing for selection).
+      fields: the state fields ``recompute`` replaces. The name ``"train"``
+        is not a field: the masks the step trains with on this update when
+        they are not the new masks (SET/RigL leave just-grown positions
+        out); on other steps they are ``state.masks``.
+      before: ``state -> state``, run on every step before the cond (score
+        accumulators, a snapshot); ``None``: nothing.
+      reset: ``(inner_state, train masks) -> inner_state`` on update steps,
+        before the step, under its own cond whose identity branch XLA can
+        alias (SET/RigL zero the moments of exchanged positions).
+      step: ``(state, masks) -> (updates, inner_state)``, the inner step on
+        the state after the cond (and ``reset``) with the masks it trains
+        with; ``None``: :func:`masked_update` (straight-through training
+        steps the dense weights instead, lottery tickets rewind on a round
+        end).
+
+    Returns:
+      ``(updates, new state)``.
+
+    Example:
+      >>> import jax.numpy as jnp, optax
+      >>> from typing import NamedTuple
+      >>> class S(NamedTuple):
+      ...     count: jnp.ndarray
+      ...     masks: dict
+      ...     key: jnp.ndarray
+      ...     inner_state: tuple
+      >>> params = {"w": jnp.array([[1.0, -3.0], [2.0, 0.5]])}
+      >>> inner = optax.sgd(0.0)
+      >>> state = S(jnp.zeros((), jnp.int32), initial_masks(params, None), seed_key(0),
+      ...           inner.init(params))
+      >>> def recompute(s):  # keep the 2 largest magnitudes
+      ...     return {"masks": {"w": jnp.abs(params["w"]) >= 2.0}, "key": s.key}
+      >>> u, state = scheduled_update("demo", inner, params, state, params, {},
+      ...                             is_update=lambda s: s.count % 10 == 0,
+      ...                             recompute=recompute)
+      >>> optax.apply_updates(params, u)["w"].tolist(), int(state.count)
+      ([[0.0, -3.0], [2.0, 0.0]], 1)
+    """
+    require_params(params, what)
+    check_update_trees(updates, params, state.masks, what)
+    if before is not None:
+        state = before(state)
+    now = {f: state.masks if f == "train" else getattr(state, f) for f in fields}
+    pred = is_update(state)
+    new = dict(lax.cond(pred, lambda: recompute(state), lambda: now))
+    train = new.pop("train", None)
+    state = state._replace(**new)
+    train = state.masks if train is None else train
+    if reset is not None:
+        state = state._replace(inner_state=lax.cond(pred, lambda s: reset(s, train),
+                                                    lambda s: s, state.inner_state))
+    if step is None:
+        u, inner_state = masked_update(inner, updates, state.inner_state, params, train,
+                                       **extra_args)
+    else:
+        u, inner_state = step(state, train)
+    return u, state._replace(count=optax.safe_increment(state.count), inner_state=inner_state)
 
 
 def _active(fn, *args_and_mask: jax.Array) -> jax.Array:

@@ -389,17 +389,17 @@ def _is_exchange_step(count: jax.Array, update_every: Any, end_step: Any) -> jax
     return is_update if end_step is None else is_update & (count < end_step)
 
 
-def _exchange(ex: _Exchange, state: DynamicState, params: PyTree, grads: PyTree, key_data,
-              layers: Any = None, layer_axis: int = 0):
-    """One exchange: ``(new masks, masks of positions trained this step, key)``.
-    Just-grown positions are not trained on this step (their moments and
-    gradients start from zero)."""
-    key_data, sub = _base.split_key(key_data)
+def _exchange(ex: _Exchange, state: DynamicState, params: PyTree, grads: PyTree,
+              layers: Any = None, layer_axis: int = 0) -> dict:
+    """One exchange: the new ``masks`` and ``key``, and the masks of the
+    positions trained this step (``train``). Just-grown positions are not
+    trained on this step (their moments and gradients start from zero)."""
+    key_data, sub = _base.split_key(state.key)
     frac = jnp.asarray(ex.fraction_at(state.count), jnp.float32)
     new, grown = drop_and_grow(params, state.masks, ex.grow_scores(sub, params, grads), frac,
                                layers=layers, layer_axis=layer_axis)
     train = jax.tree.map(lambda n, g: n & ~g, new, grown)
-    return new, train, key_data
+    return {"masks": new, "train": train, "key": key_data}
 
 
 def _dynamic(inner: optax.GradientTransformation, ex: _Exchange, *, sparsity: Any,
@@ -422,20 +422,14 @@ def _dynamic(inner: optax.GradientTransformation, ex: _Exchange, *, sparsity: An
         )
 
     def update_fn(updates, state, params=None, **extra_args):
-        _base.require_params(params, ex.name)
-        _base.check_update_trees(updates, params, state.masks, ex.name)
-        is_update = _is_exchange_step(state.count, update_every, ex.end_step)
-        # Only the (small) masks go through the first cond; the optimizer
-        # state goes through its own cond, whose identity branch XLA can alias.
-        masks, train, key_data = lax.cond(
-            is_update, lambda k: _exchange(ex, state, params, updates, k, layers, layer_axis),
-            lambda k: (state.masks, state.masks, k), state.key)
-        inner_state = lax.cond(is_update, lambda s: zero_state_outside(inner, s, train),
-                               lambda s: s, state.inner_state)
-        u, inner_state = _base.masked_update(inner, updates, inner_state, params, train,
-                                             **extra_args)
-        return u, DynamicState(count=optax.safe_increment(state.count), masks=masks,
-                               key=key_data, inner_state=inner_state)
+        # Only the (small) masks go through the exchange's cond; the optimizer
+        # state goes through its own (reset), whose identity branch XLA can alias.
+        return _base.scheduled_update(
+            ex.name, inner, updates, state, params, extra_args,
+            is_update=lambda s: _is_exchange_step(s.count, update_every, ex.end_step),
+            recompute=lambda s: _exchange(ex, s, params, updates, layers, layer_axis),
+            fields=("masks", "train", "key"),
+            reset=lambda s, train: zero_state_outside(inner, s, train))
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -566,10 +560,8 @@ def rigl(
         ``"global"``, a dict or a callable.
       where: which leaves to prune (default: :func:`jaxprune.tree.is_kernel`).
       seed: seed of the initial random mask.
-      layers: which pruned leaves are stacks of layers (``nnx.scan``,
-        MaxText): a ``where=``-style selection or a model graph. Each layer
-        then starts at its own budget (ERK from the shape of one layer) and
-        exchanges its own connections, so every layer keeps its count.
+      layers: which pruned leaves are stacks of layers, as in
+        :func:`set_training` (every layer keeps its own count).
       layer_axis: the layer axis of the stacked leaves (default 0).
 
     Returns:

@@ -311,23 +311,33 @@ def _take_snapshot(plan: _Plan, state: LotteryState, params: PyTree):
     return snap, took
 
 
-def _round_end(plan, inner, state, params, grads, snap, score_state, like):
-    """The round-end update: new masks, survivors rewound to the snapshot
-    (emitted as ``rewound - p``), fresh inner and score states."""
-    masks, key_data = _new_masks(plan, state, params, grads, score_state)
-    rewound = rewind(snap, masks)
-    u = jax.tree.map(lambda r, p, t: (r - p).astype(t.dtype) if _tree.is_float(p)
-                     else np.zeros(t.shape, t.dtype),  # keys, counters, flags: not rewound
-                     rewound, params, like)
-    return (u, inner.init(rewound), masks, plan.scorer.init(rewound), key_data,
-            state.round + 1)
+def _round_end(plan: _Plan, state: LotteryState, params: PyTree, grads: PyTree) -> dict:
+    """What a round end changes in the state: the next round's masks, key
+    and round, and a fresh score state for the rewound weights."""
+    masks, key_data = _new_masks(plan, state, params, grads, state.score_state)
+    return {"masks": masks, "key": key_data, "round": state.round + 1,
+            "score_state": plan.scorer.init(rewind(state.snapshot, masks))}
 
 
-def _train(inner, state, params, grads, score_state, extra_args):
-    """An ordinary update: the masked inner step."""
-    u, inner_state = _base.masked_update(inner, grads, state.inner_state, params, state.masks,
-                                         **extra_args)
-    return u, inner_state, state.masks, score_state, state.key, state.round
+def _rewind_or_train(end: jax.Array, inner, grads: PyTree, state: LotteryState,
+                     params: PyTree, extra_args) -> tuple[PyTree, Any]:
+    """The step of :func:`lottery_ticket` (``state``: after the round end's
+    new masks): on a round end the survivors are rewound to the snapshot
+    (emitted as ``rewound - p``) with a fresh inner state; otherwise the
+    masked inner step."""
+    def train():
+        return _base.masked_update(inner, grads, state.inner_state, params, state.masks,
+                                   **extra_args)
+
+    def rewound():
+        new = rewind(state.snapshot, state.masks)
+        u = jax.tree.map(lambda r, p, t: (r - p).astype(t.dtype) if _tree.is_float(p)
+                         else np.zeros(t.shape, t.dtype),  # keys, counters, flags: not rewound
+                         new, params, like)
+        return u, inner.init(new)
+
+    like = jax.eval_shape(train)[0]
+    return lax.cond(end, rewound, train)
 
 
 def lottery_ticket(
@@ -458,22 +468,25 @@ def lottery_ticket(
             key=_base.seed_key(seed), inner_state=inner.init(params),
         )
 
-    def update_fn(updates, state, params=None, **extra_args):
-        _base.require_params(params, "lottery_ticket")
-        _base.check_update_trees(updates, params, state.masks, "lottery_ticket")
-        snap, took = _take_snapshot(plan, state, params)
-        score_state = plan.scorer.update(state.score_state, params, updates)
-        train = lambda: _train(inner, state, params, updates, score_state, extra_args)  # noqa: E731
-        like = jax.eval_shape(train)[0]
-        is_end = (state.count % plan.steps_per_round == plan.steps_per_round - 1) & (
+    def is_end(state):
+        return (state.count % plan.steps_per_round == plan.steps_per_round - 1) & (
             state.round < plan.rounds)
-        u, inner_state, masks, score_state, key, rnd = lax.cond(
-            is_end, lambda: _round_end(plan, inner, state, params, updates, snap, score_state,
-                                       like), train)
-        event = took.astype(jnp.int32) * SNAPSHOT + is_end.astype(jnp.int32) * REWOUND
-        return u, LotteryState(count=optax.safe_increment(state.count), round=rnd, event=event,
-                               masks=masks, snapshot=snap, score_state=score_state, key=key,
-                               inner_state=inner_state)
+
+    def before(state, params, updates):
+        snap, took = _take_snapshot(plan, state, params)
+        event = took.astype(jnp.int32) * SNAPSHOT + is_end(state).astype(jnp.int32) * REWOUND
+        return state._replace(event=event, snapshot=snap, score_state=plan.scorer.update(
+            state.score_state, params, updates))
+
+    def update_fn(updates, state, params=None, **extra_args):
+        return _base.scheduled_update(
+            "lottery_ticket", inner, updates, state, params, extra_args,
+            is_update=is_end,
+            recompute=lambda s: _round_end(plan, s, params, updates),
+            fields=("masks", "key", "round", "score_state"),
+            before=lambda s: before(s, params, updates),
+            step=lambda s, masks: _rewind_or_train(is_end(state), inner, updates, s, params,
+                                                   extra_args))
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

@@ -36,7 +36,6 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
-from jax import lax
 
 from jaxprune import _deprecation
 from jaxprune.core import allocation as _alloc
@@ -258,7 +257,7 @@ def ste_training(
 
 def _dense_update(inner, updates, inner_state, params, masks, **extra_args):
     """The inner update on dense weights (straight-through: the model applies
-    the masks); same signature as :func:`_transform_base.masked_update`."""
+    the masks); same signature as :func:`jaxprune.train.base.masked_update`."""
     del masks
     return inner.update(updates, inner_state, params, **extra_args)
 
@@ -279,7 +278,8 @@ def _masks_on_schedule(
     layer_axis: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
     """The engine of :func:`prune` and :func:`ste_training`: masks recomputed
-    on a schedule and kept in a :class:`PruneState`; ``step(inner, updates,
+    on a schedule and kept in a :class:`PruneState`, through
+    :func:`jaxprune.train.base.scheduled_update`; ``step(inner, updates,
     inner_state, params, masks, **extra_args)`` is the inner update
     (``masked_update`` for pruning, ``_dense_update`` for straight-through)."""
     _base.check_schedule(sparsity)
@@ -299,32 +299,28 @@ def _masks_on_schedule(
             inner_state=inner.init(params),
         )
 
-    def recompute(state, params, grads, score_state, key_data):
+    def recompute(state, params, grads):
         """New masks from the current scores at this step's sparsity."""
-        key_data, sub = _base.split_key(key_data)
+        key_data, sub = _base.split_key(state.key)
         if scorer.lazy is not None and isinstance(nested, bool):  # scores never stored
             scores = _base.nested_lazy(scorer.lazy(params, grads), state.masks, nested)
         else:
-            scores = scorer.score(score_state, params, grads, sub)
+            scores = scorer.score(state.score_state, params, grads, sub)
             scores = _base.nested_scores(scores, state.masks, nested)
         s_now = _base.schedule_value(sparsity, state.count)
         masks = _alloc.masks(scores, s_now, allocation=allocation, where=where, params=params,
                              step=state.count, layers=layers, layer_axis=layer_axis)
-        return masks, key_data
+        return {"masks": masks, "key": key_data}
 
     def update_fn(updates, state, params=None, **extra_args):
-        _base.require_params(params, name)
-        _base.check_update_trees(updates, params, state.masks, name)
-        score_state = scorer.update(state.score_state, params, updates)
-        masks, key_data = lax.cond(
-            (state.count % update_every) == 0,
-            lambda k: recompute(state, params, updates, score_state, k),
-            lambda k: (state.masks, k),
-            state.key,
-        )
-        u, inner_state = step(inner, updates, state.inner_state, params, masks, **extra_args)
-        return u, PruneState(count=optax.safe_increment(state.count), masks=masks,
-                             score_state=score_state, key=key_data, inner_state=inner_state)
+        return _base.scheduled_update(
+            name, inner, updates, state, params, extra_args,
+            is_update=lambda s: (s.count % update_every) == 0,
+            recompute=lambda s: recompute(s, params, updates),
+            before=lambda s: s._replace(score_state=scorer.update(s.score_state, params,
+                                                                  updates)),
+            step=lambda s, masks: step(inner, updates, s.inner_state, params, masks,
+                                       **extra_args))
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
