@@ -9,17 +9,10 @@ import pathlib
 
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "jaxprune"
 
-# Known exceptions, owned by other work in progress (graph rules, the
-# selection engine); each entry is "importer -> name". Do not add to it.
+# Known exceptions, owned by other work in progress (the selection
+# engine); each entry is "importer -> name". Do not add to it.
 KNOWN = {
     "jaxprune.core.along -> jaxprune.core.select._keep_count_exact",
-    "jaxprune.core.allocation -> jaxprune.core.scores._check_stats",
-    "jaxprune.core.allocation -> jaxprune.core.masks._stand_ins",
-    "jaxprune.oneshot.pruners -> jaxprune.core.scores._check_stats",
-    "jaxprune.graph._control -> jaxprune.graph._rules._p",
-    "jaxprune.graph.rules -> jaxprune.graph._control._call",
-    "jaxprune.graph.rules -> jaxprune.graph._rules._elementwise",
-    "jaxprune.graph.rules -> jaxprune.graph._rules._pass",
 }
 
 

@@ -483,7 +483,7 @@ def masks(scores: PyTree, sparsity: Any, *, allocation: Any = "uniform", where: 
       >>> m["a"].tolist()
       [[False, True], [False, True]]
     """
-    shapes = _masks._stand_ins(scores)[0]  # select.LazyScores leaves as their shapes
+    shapes = _masks.stand_ins(scores)[0]  # select.LazyScores leaves as their shapes
     params = shapes if params is None else params
     _tree.check_same_structure(params, shapes, "params", "scores")
     sel = _masks.selection(params, where, "params")[3]
@@ -619,11 +619,11 @@ def owl(stats: dict, *, m: float = 5.0, lam: float = 0.08, blocks: Any = None):
                 else s_block[next(b for q, _, b in parts if q == p)] for p in stats}
 
     def allocate(params: PyTree, sparsity: Any) -> PyTree:
-        from jaxprune.core.scores import _check_stats
+        from jaxprune.core.scores import check_stats
 
         _masks.check_sparsity(sparsity)
         paths, leaves, treedef = _tree.flatten(params)
-        _check_stats(paths, leaves, stats)
+        check_stats(paths, leaves, stats)
         kernels = {p: x for p, x in zip(paths, leaves) if p in stats}
         got = per_kernel(kernels, {p: st.sumsq for p, st in stats.items()}, sparsity)
         return _tree.unflatten(treedef, [got[p] if p in stats else jnp.float32(0.0)

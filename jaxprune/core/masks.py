@@ -351,16 +351,20 @@ def _is_lazy(x: Any) -> bool:
     return isinstance(x, _select.LazyScores)
 
 
-def _stand_ins(scores: PyTree) -> tuple[PyTree, list | None]:
+def stand_ins(scores: PyTree) -> tuple[PyTree, list | None]:
     """``scores`` with every :class:`~jaxprune.select.LazyScores` leaf replaced
     by a ``jax.ShapeDtypeStruct`` of its result (for ``where=``, paths and
     checks), and the flat list of the lazy leaves (``None`` where a leaf is
-    not lazy; ``None`` for the whole list when none is)."""
+    not lazy; ``None`` for the whole list when none is). Package API (used by
+    :mod:`jaxprune.allocation`), not in ``__all__``."""
     flat, treedef = jax.tree_util.tree_flatten(scores, is_leaf=_is_lazy)
     if not any(_is_lazy(x) for x in flat):
         return scores, None
     stand = [jax.eval_shape(lambda x=x: x.fn(*x.args)) if _is_lazy(x) else x for x in flat]
     return treedef.unflatten(stand), [x if _is_lazy(x) else None for x in flat]
+
+
+_stand_ins = stand_ins  # the name this module's own functions use
 
 
 def _selected(lazy: list | None, leaves: Sequence[Any], idx: Sequence[int]) -> list:

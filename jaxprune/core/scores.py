@@ -490,7 +490,7 @@ def wanda(params: PyTree, stats: Any) -> PyTree:
       models", ICLR 2024.
     """
     paths, leaves, treedef = _tree.flatten(params)
-    _check_stats(paths, leaves, stats)
+    check_stats(paths, leaves, stats)
     out = []
     for p, w in zip(paths, leaves):
         if p in stats:
@@ -502,8 +502,11 @@ def wanda(params: PyTree, stats: Any) -> PyTree:
     return _tree.unflatten(treedef, out)
 
 
-def _check_stats(paths: list, leaves: list, stats: Any) -> None:
-    """Raises ``ValueError`` if ``stats`` do not belong to these leaves."""
+def check_stats(paths: list, leaves: list, stats: Any) -> None:
+    """Raises ``ValueError`` if calibration ``stats`` (``{kernel path:
+    InputStats}``) do not belong to these flattened parameter leaves (a path
+    they lack, or another shape). Package API (Wanda, OWL), not in
+    ``__all__``."""
     shapes = {p: tuple(jnp.shape(x)) for p, x in zip(paths, leaves)}
     for p, st in stats.items():
         if p not in shapes:

@@ -6,7 +6,7 @@ layer ``scan`` is seen whole."""
 from __future__ import annotations
 
 from jaxprune.graph._desc import codes
-from jaxprune.graph._rules import _p, rule
+from jaxprune.graph._rules import primitive, rule
 from jaxprune.graph._walk import V, Walker, has_copies
 from jaxprune.graph.sites import CALLS, sub_jaxpr
 
@@ -16,7 +16,9 @@ except ImportError:  # pragma: no cover - older/newer layouts
     shard_map_p = None
 
 @rule(*CALLS)
-def _call(w: Walker, eqn, args):
+def call(w: Walker, eqn, args):
+    """A primitive that runs a sub-jaxpr on its operands (``jit``, ``remat``,
+    ``custom_jvp``, ...); the rule ``jaxprune.graph.rules.call``."""
     return w.walk_closed(sub_jaxpr(eqn), list(args))
 
 
@@ -29,7 +31,7 @@ def merge(w: Walker, a: V, b: V) -> V:
     return w.strip(out) if has_copies(out) and a.layer is None else out
 
 
-@rule(_p("cond_p"))
+@rule(primitive("cond_p"))
 def _cond(w: Walker, eqn, args):
     ops = list(args[1:])
     outs = None
@@ -39,7 +41,7 @@ def _cond(w: Walker, eqn, args):
     return outs
 
 
-@rule(_p("while_p"))
+@rule(primitive("while_p"))
 def _while(w: Walker, eqn, args):
     p = eqn.params
     cn, bn = p["cond_nconsts"], p["body_nconsts"]
@@ -50,7 +52,7 @@ def _while(w: Walker, eqn, args):
     return carry
 
 
-@rule(_p("scan_p"))
+@rule(primitive("scan_p"))
 def _scan(w: Walker, eqn, args):
     p = eqn.params
     nc, nk, length = p["num_consts"], p["num_carry"], p["length"]

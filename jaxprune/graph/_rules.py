@@ -29,8 +29,9 @@ def rule(*prims):
     return deco
 
 
-def _p(name: str):
-    """A primitive of the installed JAX by attribute name, or None."""
+def primitive(name: str):
+    """A primitive of the installed JAX by attribute name (``"scan_p"``), or
+    None where this JAX has none (rules for it are then not registered)."""
     return getattr(P, name, None) or getattr(lax, name, None)
 
 
@@ -38,34 +39,35 @@ def _p(name: str):
 # Pass-through and elementwise
 
 
-PASS = [_p(n) for n in ("convert_element_type_p", "copy_p", "reduce_precision_p",
+PASS = [primitive(n) for n in ("convert_element_type_p", "copy_p", "reduce_precision_p",
                         "stop_gradient_p", "sharding_constraint_p", "optimization_barrier_p")]
-UNARY = [_p(n + "_p") for n in (
+UNARY = [primitive(n + "_p") for n in (
     "neg exp exp2 log log1p expm1 tanh logistic sin cos tan asin acos atan sinh cosh asinh "
     "acosh atanh sqrt rsqrt cbrt abs sign floor ceil round is_finite not integer_pow square "
     "erf erfc erf_inv lgamma digamma real imag conj population_count clz bessel_i0e "
     "bessel_i1e").split()]
-BINARY = [_p(n + "_p") for n in (
+BINARY = [primitive(n + "_p") for n in (
     "add sub mul div max min pow atan2 rem and or xor eq ne lt le gt ge nextafter shift_left "
     "shift_right_logical shift_right_arithmetic add_jaxvals complex igamma igammac "
     "polygamma zeta select_n clamp").split()]
 
 
 @rule(*PASS)
-def _pass(w: Walker, eqn, args):
-    """One output per operand, unchanged (casts, copies, sharding)."""
+def passthrough(w: Walker, eqn, args):
+    """One output per operand, unchanged (casts, copies, sharding); the
+    rule ``jaxprune.graph.rules.passthrough``."""
     return list(args[: len(eqn.outvars)])
 
 
-@rule(_p("device_put_p"))
+@rule(primitive("device_put_p"))
 def _device_put(w, eqn, args):
     return list(args)
 
 
 @rule(*UNARY, *BINARY)
-def _elementwise(w: Walker, eqn, args):
+def elementwise(w: Walker, eqn, args):
     """Same-shape operands (scalars broadcast): position i of every operand
-    is position i of the output."""
+    is position i of the output; the rule ``jaxprune.graph.rules.elementwise``."""
     shape = eqn.outvars[0].aval.shape
     full = w.same_layers([a for a in args if a.rank == len(shape) and a.rank])
     meta = _elementwise_meta(w, eqn, args)
@@ -440,7 +442,7 @@ def _cat_aligned(parts: list) -> list:
     return [np.broadcast_to(p, p.shape[:1] + copies) for p in parts]
 
 
-@rule(_p("split_p"))
+@rule(primitive("split_p"))
 def _split(w: Walker, eqn, args):
     x, axis, sizes = args[0], eqn.params["axis"], eqn.params["sizes"]
     if x.layer == axis:
@@ -495,9 +497,9 @@ def _pad(w: Walker, eqn, args):
 # Reductions
 
 
-REDUCE = [_p(n + "_p") for n in ("reduce_sum reduce_max reduce_min reduce_prod reduce_and "
+REDUCE = [primitive(n + "_p") for n in ("reduce_sum reduce_max reduce_min reduce_prod reduce_and "
                                  "reduce_or reduce_xor argmax argmin").split()]
-CUMULATIVE = [_p(n + "_p") for n in "cumsum cumprod cummax cummin cumlogsumexp".split()]
+CUMULATIVE = [primitive(n + "_p") for n in "cumsum cumprod cummax cummin cumlogsumexp".split()]
 
 
 @rule(*REDUCE)
@@ -552,10 +554,10 @@ def _resolve_blocks_on(w: Walker, x: V, axes) -> V:
 # Windows (pooling)
 
 
-WINDOWS = [_p(n + "_p") for n in "reduce_window_max reduce_window_min reduce_window_sum".split()]
+WINDOWS = [primitive(n + "_p") for n in "reduce_window_max reduce_window_min reduce_window_sum".split()]
 
 
-@rule(*WINDOWS, _p("reduce_window_p"))
+@rule(*WINDOWS, primitive("reduce_window_p"))
 def _reduce_window(w: Walker, eqn, args):
     """Pooling: axes with a window of one (channels, batch) pass through; a
     window over a channel axis pins it; pooled axes become spatial axes."""
@@ -705,8 +707,8 @@ def _gather(w: Walker, eqn, args):
 # Sources
 
 
-SOURCES = [_p("iota_p")]
-RANDOM = [_p(n) for n in ("random_bits_p", "random_seed_p", "random_wrap_p", "rng_uniform_p",
+SOURCES = [primitive("iota_p")]
+RANDOM = [primitive(n) for n in ("random_bits_p", "random_seed_p", "random_wrap_p", "rng_uniform_p",
                           "rng_bit_generator_p", "threefry2x32_p", "random_split_p",
                           "random_fold_in_p", "random_unwrap_p")]
 RANDOM_REASON = ("random bits drawn with this axis in their shape (dropout or noise in "
@@ -726,7 +728,7 @@ def _random(w: Walker, eqn, args):
     return [w.blank(v.aval.shape, w.reason(RANDOM_REASON)) for v in eqn.outvars]
 
 
-@rule(_p("bitcast_convert_type_p"))
+@rule(primitive("bitcast_convert_type_p"))
 def _bitcast(w: Walker, eqn, args):
     """A bitcast between types of one width is elementwise (random bits made
     floats); one that changes the width adds or removes an axis: unknown."""

@@ -13,8 +13,7 @@ Example:
   >>> jp.graph.register(P.tanh_p, jp.graph.rules.elementwise)  # already the default
 """
 
-from jaxprune.graph._control import _call as call
-from jaxprune.graph._rules import _elementwise as elementwise
-from jaxprune.graph._rules import _pass as passthrough
+from jaxprune.graph._control import call
+from jaxprune.graph._rules import elementwise, passthrough
 
 __all__ = ["call", "elementwise", "passthrough"]

@@ -158,7 +158,7 @@ def wanda(params: PyTree, stats: dict, sparsity: Any = None, *, n: int | None = 
     """
     nm = _pattern(sparsity, n, m, "wanda")
     paths, leaves, treedef = _tree.flatten(params)
-    _scores._check_stats(paths, leaves, stats)
+    _scores.check_stats(paths, leaves, stats)
     budgets = {} if nm else _budgets(params, stats, sparsity, allocation)
     out = []
     for p, w in zip(paths, leaves):
