@@ -21,10 +21,6 @@ from jaxprune.graph._walk import ACT, PARAM, Meta, V, Walker
 _ROLE_ORDER = ("embedding", "kernel", "stat", "norm", "bias", "scale")
 
 
-def _is_array(x: Any) -> bool:
-    return isinstance(x, (jax.Array, np.ndarray, np.generic)) or hasattr(x, "aval")
-
-
 class _Ids:
     """Element ids of every (leaf, axis) and where each id comes from."""
 
@@ -115,7 +111,7 @@ def trace(apply_fn: Callable[..., Any], variables: Any, *args: Any,
     """
     t0 = time.perf_counter()
     paths, leaves, treedef = _tree.flatten(variables)
-    arrays = [i for i, x in enumerate(leaves) if _is_array(x)]
+    arrays = [i for i, x in enumerate(leaves) if _tree.is_array(x)]
     if not arrays:
         raise ValueError(
             "graph.trace: variables has no array leaves (paths: "
@@ -164,7 +160,7 @@ def register(primitive: Any, rule: Callable[..., list]) -> None:
 
 def _make_jaxpr(apply_fn, treedef, leaves, arrays, args, kwargs):
     arg_leaves, arg_def = jax.tree_util.tree_flatten(args)
-    arg_arrays = [i for i, x in enumerate(arg_leaves) if _is_array(x)]
+    arg_arrays = [i for i, x in enumerate(arg_leaves) if _tree.is_array(x)]
     def fn(var_arrays, in_arrays):
         full = list(leaves)
         for i, x in zip(arrays, var_arrays):

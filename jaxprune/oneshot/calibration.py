@@ -294,10 +294,6 @@ class Plan:
         return f
 
 
-def _is_array(x: Any) -> bool:
-    return isinstance(x, (jax.Array, np.ndarray, np.generic)) or hasattr(x, "aval")
-
-
 class Model:
     """A model function, the layout of its parameters, and its plans (one
     traced jaxpr per batch shape, each with its compiled steps)."""
@@ -305,8 +301,8 @@ class Model:
     def __init__(self, apply_fn: Callable, params: PyTree, example: Any, where: Any):
         self.apply_fn = apply_fn
         self.paths, leaves, self.treedef = _tree.flatten(params)
-        self.array_idx = [i for i, x in enumerate(leaves) if _is_array(x)]
-        self.leaves = [jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)) if _is_array(x)
+        self.array_idx = [i for i, x in enumerate(leaves) if _tree.is_array(x)]
+        self.leaves = [jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)) if _tree.is_array(x)
                        else x for x in leaves]  # arrays come with every call
         self.selected = self._select(params, leaves, example, where)
         self.plans: dict = {}
@@ -375,7 +371,7 @@ def model(apply_fn: Callable, params: PyTree, example: Any, where: Any) -> Model
     ``where`` are the same as in a recent call (as :func:`jax.jit` reuses a
     function's compilations)."""
     paths, leaves, treedef = _tree.flatten(params)
-    layout = tuple((np.shape(x), str(jnp.result_type(x))) if _is_array(x) else ("static", x)
+    layout = tuple((np.shape(x), str(jnp.result_type(x))) if _tree.is_array(x) else ("static", x)
                    for x in leaves)
     key = (apply_fn, treedef, layout, where)
     try:
