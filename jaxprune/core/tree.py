@@ -361,14 +361,18 @@ def _as_flag(flag: Any, what: str) -> bool:
 
 
 def _prefix_flags(prefix: PyTree, tree: PyTree, what: str) -> list[bool]:
+    full = _broadcast(prefix, tree, f"{what} is neither None, a regex string, a callable "
+                      "nor a bool prefix tree of the parameters")
+    return [_as_flag(f, what) for f in full]
+
+
+def _broadcast(prefix: PyTree, tree: PyTree, message: str) -> list[Any]:
+    """The leaves of ``prefix`` broadcast to ``tree`` (:func:`jax.tree.broadcast`);
+    a ``ValueError`` saying ``message`` and why when it is not a prefix."""
     try:
-        full = jax.tree.broadcast(prefix, tree)
+        return jax.tree_util.tree_leaves(jax.tree.broadcast(prefix, tree))
     except (ValueError, TypeError) as e:
-        raise ValueError(
-            f"{what} is neither None, a regex string, a callable nor a bool prefix tree "
-            f"of the parameters: {e}"
-        ) from e
-    return [_as_flag(f, what) for f in jax.tree_util.tree_leaves(full)]
+        raise ValueError(f"{message}: {e}") from e
 
 
 select = _deprecation.alias(flags, "jaxprune.tree.select", "jaxprune.tree.flags")
@@ -455,14 +459,8 @@ def broadcast_values(value: Any, tree: PyTree, what: str) -> list[Any]:
         hasattr(value, "shape") and np.ndim(value) == 0
     ):
         return [value] * jax.tree_util.tree_structure(tree).num_leaves
-    try:
-        full = jax.tree.broadcast(value, tree)
-    except (ValueError, TypeError) as e:
-        raise ValueError(
-            f"{what} must be a number or a tree (or prefix tree) of numbers matching "
-            f"the scores; it does not match: {e}"
-        ) from e
-    return jax.tree_util.tree_leaves(full)
+    return _broadcast(value, tree, f"{what} must be a number or a tree (or prefix tree) of "
+                      "numbers matching the scores; it does not match")
 
 
 # Types whose instances layers= accepts besides where=-style selections, with
