@@ -52,6 +52,7 @@ __all__ = [
     "check_positive_int",
     "check_schedule",
     "check_update_trees",
+    "find_in_state",
     "initial_masks",
     "is_traced",
     "mask_grads",
@@ -396,6 +397,23 @@ def nested_scores(scores: PyTree, masks: PyTree, nested: Any = True) -> PyTree:
         return jnp.where(m | jnp.logical_not(nested), sc, -jnp.inf)
 
     return jax.tree.map(one, scores, masks)
+
+
+def find_in_state(opt_state: Any, name: str, missing: str, several: str) -> Any:
+    """The one value of a (chained, wrapped) optimizer state found by
+    ``optax.tree_utils.tree_get_all_with_path(opt_state, name)`` (a field
+    name such as ``"masks"``, or a state class name).
+
+    Raises:
+      ValueError: ``missing`` if there is none; ``several`` (formatted with
+        ``paths``, the paths of every match) if there are several.
+    """
+    found = optax.tree_utils.tree_get_all_with_path(opt_state, name)
+    if not found:
+        raise ValueError(missing)
+    if len(found) > 1:
+        raise ValueError(several.format(paths=[_tree.path_str(p) for p, _ in found]))
+    return found[0][1]
 
 
 # --------------------------------------------------------------------------

@@ -498,20 +498,13 @@ def lottery_ticket(
 def _find_state(opt_state: optax.OptState) -> LotteryState:
     if isinstance(opt_state, LotteryState):
         return opt_state
-    found = optax.tree_utils.tree_get_all_with_path(opt_state, "LotteryState")
-    if not found:
-        raise ValueError(
-            "no lottery_ticket state found in this optimizer state. Pass the state "
-            "of an optimizer built with jaxprune.lottery_ticket(...) (alone, in "
-            "optax.chain, MultiSteps or inject_hyperparams)."
-        )
-    if len(found) > 1:
-        paths = [_tree.path_str(p) for p, _ in found]
-        raise ValueError(
-            f"several lottery_ticket states found (at {paths}); pass the one you "
-            "mean, e.g. optax.tree_utils.tree_get_all_with_path(state, 'LotteryState')."
-        )
-    return found[0][1]
+    return _base.find_in_state(
+        opt_state, "LotteryState",
+        "no lottery_ticket state found in this optimizer state. Pass the state "
+        "of an optimizer built with jaxprune.lottery_ticket(...) (alone, in "
+        "optax.chain, MultiSteps or inject_hyperparams).",
+        "several lottery_ticket states found (at {paths}); pass the one you "
+        "mean, e.g. optax.tree_utils.tree_get_all_with_path(state, 'LotteryState').")
 
 
 def current_round(opt_state: optax.OptState) -> jax.Array:

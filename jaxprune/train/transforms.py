@@ -402,17 +402,9 @@ def get_masks(opt_state: optax.OptState) -> PyTree:
     Raises:
       ValueError: if no masks are found, or several transforms hold masks.
     """
-    found = optax.tree_utils.tree_get_all_with_path(opt_state, "masks")
-    if not found:
-        raise ValueError(
-            "no masks found in this optimizer state. Is a jaxprune transform "
-            "(prune, lottery_ticket, keep_masks, ...) part of the optimizer?"
-        )
-    # Keep the outermost ones (a state nested inside another's masks is not ours).
-    if len(found) > 1:
-        paths = [_tree.path_str(p) for p, _ in found]
-        raise ValueError(
-            f"several transforms hold masks (at {paths}); pick one with "
-            "optax.tree_utils.tree_get_all_with_path(opt_state, 'masks')."
-        )
-    return found[0][1]
+    return _base.find_in_state(
+        opt_state, "masks",
+        "no masks found in this optimizer state. Is a jaxprune transform "
+        "(prune, lottery_ticket, keep_masks, ...) part of the optimizer?",
+        "several transforms hold masks (at {paths}); pick one with "
+        "optax.tree_utils.tree_get_all_with_path(opt_state, 'masks').")
