@@ -1,5 +1,7 @@
 """prune(), keep_masks(), get_masks(), allocations, checkpoints, Flax models."""
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -408,3 +410,53 @@ def test_error_schedule_that_fails():
 
     with pytest.raises(ValueError, match=r"sparsity schedule failed when called on step 0.*boom"):
         jp.prune(optax.adam(1e-3), sparsity=broken)
+
+
+class _Sched(NamedTuple):
+    count: jax.Array
+    masks: dict
+    key: jax.Array
+    inner_state: tuple
+
+
+def _sched_state(params, inner):
+    return _Sched(jnp.zeros((), jnp.int32), _transform_base.initial_masks(params, None),
+                  _transform_base.seed_key(0), inner.init(params))
+
+
+def test_scheduled_update_recomputes_on_update_steps_only():
+    """The skeleton: new masks on update steps, the state's otherwise; the
+    step trains with ``train`` when given; count + 1; the state's type kept."""
+    params = {"w": jnp.arange(1.0, 5.0).reshape(2, 2)}
+    inner = optax.sgd(0.0)
+    state, calls = _sched_state(params, inner), []
+
+    def recompute(s):
+        m = {"w": params["w"] >= 3.0}
+        return {"masks": m, "key": s.key + 1, "train": {"w": params["w"] >= 4.0}}
+
+    def step(s, masks):
+        calls.append(masks)
+        return _transform_base.masked_update(inner, params, s.inner_state, params, masks)
+
+    outs = []
+    for _ in range(3):
+        u, state = _transform_base.scheduled_update(
+            "demo", inner, params, state, params, {}, is_update=lambda s: s.count == 1,
+            recompute=recompute, fields=("masks", "key", "train"), step=step)
+        outs.append((optax.apply_updates(params, u)["w"], state))
+    assert type(state) is _Sched and int(state.count) == 3
+    np.testing.assert_array_equal(outs[0][0], params["w"])  # step 0: all-True masks
+    np.testing.assert_array_equal(outs[1][0], [[0.0, 0.0], [0.0, 4.0]])  # trained on `train`
+    np.testing.assert_array_equal(outs[2][0], [[0.0, 0.0], [3.0, 4.0]])  # new masks kept
+    assert outs[1][1].key.tolist() == (outs[0][1].key + 1).tolist()
+    assert len(calls) == 3
+
+
+def test_scheduled_update_names_unknown_fields():
+    params = {"w": jnp.ones((2, 2))}
+    inner = optax.sgd(0.1)
+    with pytest.raises(ValueError, match=r"fields \['units'\] are not fields of _Sched"):
+        _transform_base.scheduled_update(
+            "demo", inner, params, _sched_state(params, inner), params, {},
+            is_update=lambda s: True, recompute=lambda s: {}, fields=("masks", "units"))

@@ -349,6 +349,10 @@ def scheduled_update(
       >>> optax.apply_updates(params, u)["w"].tolist(), int(state.count)
       ([[0.0, -3.0], [2.0, 0.0]], 1)
     """
+    unknown = [f for f in fields if f != "train" and f not in state._fields]
+    if unknown:
+        raise ValueError(f"{what}: scheduled_update fields {unknown} are not fields of "
+                         f"{type(state).__name__} {state._fields} (nor 'train').")
     require_params(params, what)
     check_update_trees(updates, params, state.masks, what)
     if before is not None:
