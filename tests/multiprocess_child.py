@@ -83,7 +83,7 @@ def run_steps(tx, params, steps):
         u, s = tx.update(jax.grad(loss)(p), s, p)
         return optax.apply_updates(p, u), s
 
-    state = tx.init(params)
+    state = jax.jit(tx.init)(params)  # one compile, not one per eager op on sharded arrays
     for _ in range(steps):
         params, state = step(params, state)
     return params, jp.get_masks(state)
