@@ -408,16 +408,17 @@ def gptq(apply, params, masks, calib, qtype: str):
     stats = jp.calibrate(apply, params, calib, where=lm.WHERE, gram=True)
     how = HowToQuantize(qtype=qtype, channelwise_axes=(0,), tiled_axes={},
                         calibration_method="absmax")
+
+    @jax.jit  # one compile per kernel shape, not one per eager op of GPTQ's column loop
+    def one(w, h):
+        q = gptq_core.quantize_weight(w.T, h, how, blocksize=64)[0]  # (out, in) rows
+        return qwix.dequantize(q).T
+
     paths, leaves, treedef = jp.tree.flatten(params)
     out = []
     for key, w in zip(paths, leaves):
         s = stats.get(key)
-        if s is None:
-            out.append(w)
-            continue
-        h = 2.0 * s.gram / s.count
-        q = gptq_core.quantize_weight(w.T, h, how, blocksize=64)[0]  # (out, in) rows
-        out.append(qwix.dequantize(q).T)
+        out.append(w if s is None else one(w, 2.0 * s.gram / s.count))
     return jp.apply_masks(jp.tree.unflatten(treedef, out), masks)
 
 

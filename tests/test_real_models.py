@@ -201,14 +201,14 @@ def test_transforms_pass_keys_and_counters_through():
     g = jp.graph.trace(apply_fn, state, x)
     labels = jax.tree.map(lambda v: "w" if jp.tree.is_float(v) else "state", state)
     inner = optax.partition({"w": optax.sgd(0.1), "state": optax.set_to_zero()}, labels)
-    grads = jax.grad(lambda s: jnp.mean(apply_fn(s, x) ** 2), allow_int=True)(state)
+    grads = jax.jit(jax.grad(lambda s: jnp.mean(apply_fn(s, x) ** 2), allow_int=True))(state)
     for tx in (jp.prune(inner, sparsity=0.5, update_every=1),
                jp.lottery_ticket(inner, rounds=1, steps_per_round=1),
                jp.rigl(inner, sparsity=0.5),
                jp.structured.prune(inner, graph=g, sparsity=0.5, update_every=1),
                optax.chain(inner, jp.regularizers.l1(1e-2, learning_rate=0.1)),
                optax.chain(inner, jp.regularizers.group_lasso(g, 1e-2, learning_rate=0.1))):
-        s = tx.init(state)
+        s = jax.jit(tx.init)(state)  # one compile, not one per eager op
         for _ in range(2):
             u, s = jax.jit(tx.update)(grads, s, state)
         paths = jp.tree.paths(state)
