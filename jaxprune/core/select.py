@@ -327,6 +327,56 @@ def _keys_of(fn: Callable, args: Sequence[jax.Array], z: jax.Array | None = None
     return s if s.dtype == jnp.uint32 else sortable_key(s)
 
 
+def _bits_of(fn: Callable, args: Sequence[jax.Array], z: jax.Array | None = None) -> jax.Array:
+    """What the counting passes compare: ``uint32`` keys as given, and float
+    scores as their float32 bits with negative numbers' bits flipped (three
+    integer operations, where :func:`sortable_key` takes ten): unsigned
+    order is float order, except that NaNs sit at both ends and ``-0.0``
+    just below ``+0.0``, which :func:`_ranges` accounts for. With ``z``,
+    recomputed from args touched by it (see :func:`_touch`)."""
+    if z is not None:
+        args = [_touch(jnp.asarray(a), z) for a in args]
+    s = fn(*args)
+    if s.dtype == jnp.uint32:
+        return s
+    bits = lax.bitcast_convert_type(s.astype(jnp.float32), jnp.int32)
+    flip = lax.shift_right_arithmetic(bits, np.int32(31)) | np.int32(-(2**31))
+    return lax.bitcast_convert_type(bits ^ flip, jnp.uint32)
+
+
+# Float bits as _bits_of gives them: -inf, -0.0, +0.0, +inf; NaNs are below
+# -inf and above +inf.
+_B_NEG_INF, _B_NEG_ZERO, _B_POS_ZERO, _B_POS_INF = (
+    np.uint32(0x007FFFFF), np.uint32(0x7FFFFFFF), np.uint32(0x80000000), np.uint32(0xFF800000))
+
+
+def _ranges(g: jax.Array, raw: np.ndarray) -> tuple[jax.Array, ...]:
+    """The selection predicate's two key tests as ranges of
+    :func:`_bits_of`'s values: ``key > g`` holds exactly for ``v`` with
+    ``v - lo < w`` and ``key == g`` for ``v - e < we`` (``uint32``,
+    wrapping), per entry of ``g`` (raw: ``uint32`` keys given as they are).
+
+    For float scores (:func:`sortable_key`'s keys, NaN lowest, ``-0.0`` equal
+    to ``+0.0``): ``key > g`` is every number from the one after ``g`` to
+    ``+inf`` (from ``-inf`` when ``g`` is NaN's key 0 or below ``-inf``'s,
+    from ``-0.0`` when ``g`` is the unused key just below ``+0.0``'s, none
+    from ``+inf`` on); ``key == g`` is NaN (both ends, one range across the
+    wrap) for ``g = 0``, both zeros for ``g`` = the key of ``+0.0``, the one
+    number with key ``g`` for other keys of numbers, and nothing for keys of
+    no number.
+    """
+    u32 = jnp.uint32
+    one = u32(1)
+    lo = jnp.where(g < _B_NEG_INF, _B_NEG_INF, jnp.where(g == _B_NEG_ZERO, g, g + one))
+    w = jnp.where(g >= _B_POS_INF, u32(0), _B_POS_INF - lo + one)
+    number = ((g >= _B_NEG_INF) & (g < _B_NEG_ZERO)) | ((g > _B_POS_ZERO) & (g <= _B_POS_INF))
+    e = jnp.where(g == 0, _B_POS_INF + one, jnp.where(g == _B_POS_ZERO, _B_NEG_ZERO, g))
+    we = jnp.where(g == 0, u32(0xFFFFFE), jnp.where(g == _B_POS_ZERO, u32(2), number.astype(u32)))
+    raw = jnp.asarray(raw)
+    return (jnp.where(raw, g + one, lo), jnp.where(raw, ~g, w), jnp.where(raw, g, e),
+            jnp.where(raw, one, we))
+
+
 # The per-leaf computations of a selection are jitted functions, so that
 # leaves of one shape (and key function) are traced once, not once per leaf
 # (XLA inlines them; this saves half the lowering time of a many-leaf
@@ -335,8 +385,10 @@ def _keys_of(fn: Callable, args: Sequence[jax.Array], z: jax.Array | None = None
 
 @functools.partial(jax.jit, static_argnums=(0, 2, 3))
 def _leaf_sample(fn: Callable, args: Sequence[jax.Array], shape: tuple, quota: int) -> jax.Array:
-    """Keys of a strided sample of about ``quota`` of ``fn(*args)``'s
-    positions (of ``shape``), taken along every axis.
+    """A strided sample of about ``quota`` of ``fn(*args)``'s positions (of
+    ``shape``), taken along every axis: float32 scores or ``uint32`` keys,
+    flat (their keys are computed once for all leaves, in
+    :func:`_first_guesses`).
 
     No full-size key computation here may equal a pass's (XLA would share
     it and store it): when every arg has the keys' shape, the args are
@@ -345,8 +397,11 @@ def _leaf_sample(fn: Callable, args: Sequence[jax.Array], shape: tuple, quota: i
     sl = _sample_slices(shape, quota)
     args = [jnp.asarray(a) for a in args]
     if all(a.shape == shape for a in args):
-        return _keys_of(fn, [a[sl] for a in args]).reshape(-1)
-    return _keys_of(fn, args, _opaque_zero(args))[sl].reshape(-1)
+        out = fn(*[a[sl] for a in args])
+    else:
+        z = _opaque_zero(args)
+        out = fn(*[_touch(a, z) for a in args])[sl]
+    return (out if out.dtype == jnp.uint32 else out.astype(jnp.float32)).reshape(-1)
 
 
 def _opaque_zero(args: Sequence[jax.Array]) -> jax.Array:
@@ -364,11 +419,11 @@ def _leaf_count(fn: Callable, args: Sequence[jax.Array], cuts: jax.Array, j: jax
                 z: jax.Array, shape: tuple) -> jax.Array:
     """Partial counts of one pass over one leaf (see :func:`_kept`), in the
     layout :func:`_layout` picks for its shape."""
-    g, p = _leaf_cut(cuts, j)
+    cut = _leaf_cut(cuts, j)
     args = [jnp.asarray(a) for a in args]
     layout = _layout(shape, args)
     if layout == "keys":
-        return _partial_counts(_kept(_rows_view(_keys_of(fn, args, z)), g, p, z))
+        return _partial_counts(_kept(_rows_view(_bits_of(fn, args, z)), cut, z))
     n = int(np.prod(shape, dtype=np.int64))
     if layout == "rows":  # whole words of every row, then the rest of the rows
         r, c = n // shape[-1], shape[-1]
@@ -376,11 +431,11 @@ def _leaf_count(fn: Callable, args: Sequence[jax.Array], cuts: jax.Array, j: jax
         main = c - c % 32
         part = [a[:, :main] if a.ndim else a for a in rows]
         pos = _view_position((r, main), c, z)
-        out = [_partial_counts(_kept_at(_keys_of(fn, part), pos, g, p), rows_only=True)]
+        out = [_partial_counts(_kept_at(_bits_of(fn, part), pos, cut), rows_only=True)]
         if c % 32:
             part = [a[:, main:] if a.ndim else a for a in rows]
             pos = _view_position((r, c % 32), c, z) + main
-            kept = _kept_at(_keys_of(fn, part), pos, g, p)
+            kept = _kept_at(_bits_of(fn, part), pos, cut)
             out.append(jnp.sum(kept, axis=1, dtype=jnp.int32))
         return jnp.concatenate(out) if len(out) > 1 else out[0]
     # flat: whole 1024-element blocks of the flat leaf, then the tail block.
@@ -390,19 +445,185 @@ def _leaf_count(fn: Callable, args: Sequence[jax.Array], cuts: jax.Array, j: jax
     if main:
         view = (main // _BLOCK, _BLOCK)
         part = [a[:main].reshape(view) if a.ndim else a for a in flat]
-        out.append(_partial_counts(_kept(_keys_of(fn, part), g, p, z), rows_only=True))
+        out.append(_partial_counts(_kept(_bits_of(fn, part), cut, z), rows_only=True))
     if n % _BLOCK:  # under 1024 elements: a plain sum
         part = [a[main:] if a.ndim else a for a in flat]
         pos = _view_position((1, n - main), n - main, z)[0] + main
-        out.append(jnp.sum(_kept_at(_keys_of(fn, part), pos, g, p), keepdims=True, dtype=jnp.int32))
+        out.append(jnp.sum(_kept_at(_bits_of(fn, part), pos, cut), keepdims=True, dtype=jnp.int32))
     return jnp.concatenate(out) if len(out) > 1 else out[0]
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
 def _leaf_mask(fn: Callable, args: Sequence[jax.Array], cuts: jax.Array, j: jax.Array) -> jax.Array:
     """One leaf's mask."""
-    key = _keys_of(fn, args)
-    return _kept(_rows_view(key), *_leaf_cut(cuts, j)).reshape(key.shape)
+    v = _bits_of(fn, args)
+    return _kept(_rows_view(v), _leaf_cut(cuts, j)).reshape(v.shape)
+
+
+class _Fn:
+    """A key function as a static argument of the per-leaf kernels, equal to
+    another when it computes the same: a :func:`functools.partial` by its
+    function and arguments (recursively), anything else by itself. Without
+    it, each ``functools.partial(f, g)`` built per leaf (as pruning
+    transforms do) is a new static argument: a retrace per leaf, and no
+    pooling (see :func:`_pools`)."""
+
+    __slots__ = ("fn", "key")
+
+    def __init__(self, fn: Callable):
+        self.fn, self.key = fn, _fn_key(fn)
+
+    @staticmethod
+    def of(fn: Callable) -> _Fn:
+        return fn if isinstance(fn, _Fn) else _Fn(fn)
+
+    def __call__(self, *args):
+        return self.fn(*args)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Fn) and self.key == other.key
+
+    def __hash__(self) -> int:
+        return hash(self.key)
+
+
+def _fn_key(fn: Any) -> Any:
+    if isinstance(fn, functools.partial):
+        kw = tuple(sorted((k, _fn_key(v)) for k, v in fn.keywords.items()))
+        return ("partial", _fn_key(fn.func), tuple(_fn_key(a) for a in fn.args), kw)
+    if isinstance(fn, _Fn):
+        return fn.key
+    try:
+        hash(fn)
+    except TypeError:
+        return ("id", id(fn))
+    return fn
+
+
+# --------------------------------------------------------------------------
+# Pools: small leaves counted together
+#
+# Every leaf counted on its own adds its own kernels to the program (a count
+# inside the loop, its reductions and loop index, a mask), and compile time
+# grows with them: a 24-layer decoder's 49 norm scales of 1024 weights cost
+# as much compile time as its 145 matrices. Small leaves that compute their
+# keys alike (the same key function, argument dtypes) are instead copied
+# once, before the search, into one buffer per argument: rows of
+# ``_POOL_ROW`` elements, every leaf starting on a new row (padded, and the
+# padding excluded by position), leaves in their order. A pass then counts
+# the whole pool in one kernel, whatever the leaves' shapes and groups, each
+# row with its own leaf's threshold key and tie cut, and the masks come from
+# one kernel too. The copy is bounded (``_POOL_LEAF`` scores per leaf,
+# ``_POOL_TOTAL`` per pool): no parameter-sized temporary. Leaves that may
+# be sharded are never pooled (the copy would gather them).
+_POOL_LEAF = 1 << 16
+_POOL_TOTAL = 1 << 22
+_POOL_ROW = 256
+
+
+class _Pool(NamedTuple):
+    """Small leaves counted together (static; indices into the live leaves)."""
+
+    fn: _Fn
+    members: tuple  # the leaves, in order
+    row_leaf: np.ndarray  # (R,) int32: every row's leaf
+    row_start: np.ndarray  # (R,) int32: position of its first element in the leaf
+    row_lim: np.ndarray  # (R,) int32: its number of real elements (the rest is padding)
+    leaf_size: np.ndarray  # (R,) int32: the size of its leaf
+
+
+def _single_device(a: Any) -> bool:
+    """Whether ``a`` surely lives on one device (or replicated): a concrete
+    array with such a sharding, or a traced one when only one device exists
+    (under ``jit`` the shardings of the inputs are not known)."""
+    if isinstance(a, jax.core.Tracer):
+        return jax.device_count() == 1
+    sharding = getattr(a, "sharding", None)
+    return sharding is None or len(sharding.device_set) == 1 or sharding.is_fully_replicated
+
+
+def _pools(live: Sequence[_Leaf]) -> tuple[list[_Pool], list[int]]:
+    """The pools of the live leaves and the indices of those left alone."""
+    classes, alone = {}, []
+    for i, leaf in enumerate(live):
+        args = [jnp.asarray(a) if not hasattr(a, "shape") else a for a in leaf.args]
+        if (leaf.size > _POOL_LEAF or _layout(leaf.shape, args) == "keys"
+                or not all(_single_device(a) for a in leaf.args)):
+            alone.append(i)
+            continue
+        key = (_Fn.of(leaf.fn), tuple(jnp.result_type(a) for a in args))
+        classes.setdefault(key, []).append(i)
+    pools = []
+    for (fn, _), idx in classes.items():
+        members, rows = [], 0
+        for i in idx:
+            r = -(-live[i].size // _POOL_ROW)
+            if (rows + r) * _POOL_ROW > _POOL_TOTAL:
+                alone.append(i)
+                continue
+            members.append(i)
+            rows += r
+        if len(members) < 2:
+            alone.extend(members)
+            continue
+        per = [-(-live[i].size // _POOL_ROW) for i in members]
+        row_leaf = np.repeat(np.array(members, np.int32), per)
+        row_start = np.concatenate([np.arange(r, dtype=np.int32) * _POOL_ROW for r in per])
+        leaf_size = np.repeat(np.array([live[i].size for i in members], np.int32), per)
+        row_lim = np.minimum(leaf_size - row_start, _POOL_ROW).astype(np.int32)
+        pools.append(_Pool(fn, tuple(members), row_leaf, row_start, row_lim, leaf_size))
+    return pools, sorted(alone)
+
+
+def _pool_buffers(pool: _Pool, live: Sequence[_Leaf]) -> list[jax.Array]:
+    """The pool's copy of its leaves' arguments: one ``(R, _POOL_ROW)`` array
+    per argument."""
+    bufs = []
+    for a in range(len(live[pool.members[0]].args)):
+        cols = []
+        for i in pool.members:
+            x = jnp.asarray(live[i].args[a]).reshape(-1)
+            pad = -x.shape[0] % _POOL_ROW
+            cols.append(jnp.pad(x, (0, pad)) if pad else x)
+        bufs.append(jnp.concatenate(cols).reshape(-1, _POOL_ROW))
+    return bufs
+
+
+def _pool_kept(pool: _Pool, bufs: Sequence[jax.Array], cuts: jax.Array,
+               z: jax.Array | None = None) -> jax.Array:
+    """The selection predicate over the pool's ``(R, _POOL_ROW)`` rows, each
+    row with its leaf's threshold key and tie cut (:func:`_per_leaf`'s
+    ``cuts``); padding is never kept."""
+    lo, w, e, we = (cuts[i][pool.row_leaf][:, None] for i in range(4))
+    p = jnp.clip(lax.bitcast_convert_type(cuts[4], jnp.int32)[pool.row_leaf], 0, pool.leaf_size)
+    cut = jnp.clip(p - pool.row_start, 0, pool.row_lim)[:, None]
+    t = lax.broadcasted_iota(jnp.int32, bufs[0].shape, 1)
+    if z is not None:
+        t = t + z.astype(jnp.int32)
+    v = _bits_of(pool.fn, bufs, z)
+    return (((v - lo) < w) & (t < pool.row_lim[:, None])) | (((v - e) < we) & (t < cut))
+
+
+def _pool_count(pool: _Pool, bufs: Sequence[jax.Array], cuts: jax.Array, z: jax.Array) -> jax.Array:
+    """Partial counts of one pass over the pool, one per row."""
+    return _partial_counts(_pool_kept(pool, bufs, cuts, z), rows_only=True)
+
+
+def _pool_masks(pool: _Pool, bufs: Sequence[jax.Array], live: Sequence[_Leaf],
+                cuts: jax.Array) -> dict[int, jax.Array]:
+    """The masks of the pool's leaves (index into the live leaves -> mask)."""
+    # The pool's masks are packed into words by one kernel, which every leaf
+    # unpacks (XLA would otherwise recompute the predicate for every leaf).
+    words = _words(_pool_kept(pool, bufs, cuts))
+    bit = lax.broadcasted_iota(jnp.uint32, (1, 1, 32), 2)
+    out, row = {}, 0
+    for i in pool.members:
+        leaf = live[i]
+        r = -(-leaf.size // _POOL_ROW)
+        kept = ((words[row:row + r, :, None] >> bit) & jnp.uint32(1)) != 0
+        out[i] = kept.reshape(-1)[:leaf.size].reshape(leaf.shape)
+        row += r
+    return out
 
 
 def _plan(scores: Sequence[Any], groups: Sequence[int], n_groups: int) -> tuple[list[_Leaf], list[int]]:
@@ -445,17 +666,21 @@ def _plan(scores: Sequence[Any], groups: Sequence[int], n_groups: int) -> tuple[
     return leaves, n_group
 
 
-def _kept(rows: jax.Array, g: jax.Array, p: jax.Array, z: jax.Array | None = None) -> jax.Array:
-    """The selection predicate on a ``(R, C)`` view of keys: ``key > g``, or
-    ``key == g`` at a flat position below ``p`` (ties broken by position).
-    In a loop, the positions depend on ``z`` (see :func:`_touch`), so that
-    XLA does not store them once for all passes."""
-    return _kept_at(rows, _view_position(rows.shape, rows.shape[1], z), g, p)
+def _kept(rows: jax.Array, cut: tuple, z: jax.Array | None = None) -> jax.Array:
+    """The selection predicate on a ``(R, C)`` view of :func:`_bits_of`'s
+    values: ``key > g``, or ``key == g`` at a flat position below ``p`` (ties
+    broken by position), for a ``cut`` of :func:`_leaf_cut`. In a loop, the
+    positions depend on ``z`` (see :func:`_touch`), so that XLA does not
+    store them once for all passes."""
+    return _kept_at(rows, _view_position(rows.shape, rows.shape[1], z), cut)
 
 
-def _kept_at(keys: jax.Array, pos: jax.Array, g: jax.Array, p: jax.Array) -> jax.Array:
-    """``key > g``, or ``key == g`` at a position below ``p``."""
-    return (keys > g) | ((keys == g) & (pos < p))
+def _kept_at(v: jax.Array, pos: jax.Array, cut: tuple) -> jax.Array:
+    """``key > g``, or ``key == g`` at a position below ``p``, on
+    :func:`_bits_of`'s values ``v``, the key tests as the ranges of
+    :func:`_ranges`: ``cut = (lo, w, e, we, p)``."""
+    lo, w, e, we, p = cut
+    return ((v - lo) < w) | (((v - e) < we) & (pos < p))
 
 
 def _view_position(view: tuple, c: int, z: jax.Array | None = None) -> jax.Array:
@@ -504,20 +729,22 @@ def _layout(shape: tuple, args: Sequence[jax.Array]) -> str:
 
 
 def _per_leaf(leaves: Sequence[_Leaf], g: jax.Array, p: jax.Array) -> jax.Array:
-    """Every leaf's threshold key and tie cut (a position within the leaf),
-    from its group's ``g`` and ``p`` (a position within the group): a
-    ``(2, len(leaves))`` uint32 array (the cut bitcast)."""
+    """Every leaf's share of its group's threshold key ``g`` and tie cut
+    ``p`` (a position within the group): a ``(5, len(leaves))`` uint32 array
+    of the key ranges of :func:`_ranges` (``lo, w, e, we``) and the tie cut
+    within the leaf (bitcast)."""
     grp = np.array([leaf.group for leaf in leaves], np.int32)
     off = np.array([leaf.offset for leaf in leaves], np.int32)
-    return jnp.stack([g[grp], lax.bitcast_convert_type(p[grp] - off, jnp.uint32)])
+    raw = np.array([leaf.raw for leaf in leaves], bool)
+    return jnp.stack([*_ranges(g[grp], raw), lax.bitcast_convert_type(p[grp] - off, jnp.uint32)])
 
 
-def _leaf_cut(leaf: jax.Array, j: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Column ``j`` of :func:`_per_leaf`'s array, for a traced ``j`` (a loop
-    state scalar, so that the kernel reading it has no leaf-specific
-    constant: see :func:`_search`)."""
+def _leaf_cut(leaf: jax.Array, j: jax.Array) -> tuple:
+    """Column ``j`` of :func:`_per_leaf`'s array as the ``cut`` of
+    :func:`_kept_at`, for a traced ``j`` (a loop state scalar, so that the
+    kernel reading it has no leaf-specific constant: see :func:`_search`)."""
     col = lax.dynamic_index_in_dim(leaf, j, axis=1, keepdims=False)
-    return col[0], lax.bitcast_convert_type(col[1], jnp.int32)
+    return col[0], col[1], col[2], col[3], lax.bitcast_convert_type(col[4], jnp.int32)
 
 
 def _partial_counts(rows: jax.Array, rows_only: bool = False) -> jax.Array:
@@ -548,15 +775,15 @@ def _partial_counts(rows: jax.Array, rows_only: bool = False) -> jax.Array:
     return jnp.sum(lax.population_count(words), axis=2, dtype=jnp.int32).reshape(-1)
 
 
-def _group_sums(partials: Sequence[jax.Array], leaves: Sequence[_Leaf], n_groups: int) -> jax.Array:
-    """Sums every leaf's partial counts into per-group counts (int32,
-    ``(n_groups,)``): one reduction for all leaves (small vectors)."""
+def _group_sums(partials: Sequence[jax.Array], ids: np.ndarray, n_groups: int) -> jax.Array:
+    """Sums partial counts into per-group counts (int32, ``(n_groups,)``):
+    ``ids`` gives the group of every entry of the concatenated partials; one
+    reduction for all leaves (small vectors)."""
     if not partials:
         return jnp.zeros((n_groups,), jnp.int32)
-    v = jnp.concatenate(partials)
+    v = jnp.concatenate(partials) if len(partials) > 1 else partials[0]
     if n_groups == 1:
         return jnp.sum(v, keepdims=True, dtype=jnp.int32)
-    ids = np.repeat(np.array([leaf.group for leaf in leaves], np.int32), [x.shape[0] for x in partials])
     return jax.ops.segment_sum(v, ids, n_groups)
 
 
@@ -593,20 +820,24 @@ def _first_guesses(leaves: Sequence[_Leaf], n_group: Sequence[int], k: jax.Array
     if not n_groups or not live:
         return jnp.zeros((0, n_groups), jnp.uint32)
     quota = max(64, min(_SAMPLE_QUOTA, (8 * _SAMPLE_QUOTA) // n_groups))
-    pieces, slots = [], [[] for _ in range(n_groups)]  # slots[g]: indices into the samples
-    start = 0
+    samples = []
     for leaf in live:
         # At most 1/32 of a leaf: a sample of a sharded leaf crosses devices.
         want = min(round(quota * leaf.size / n_group[leaf.group]), max(64, leaf.size // 32))
-        if want < 1:
-            continue
-        smp = _leaf_sample(leaf.fn, leaf.args, leaf.shape, want)
-        pieces.append(smp)
-        slots[leaf.group].extend(range(start, start + smp.shape[0]))
+        if want >= 1:
+            samples.append((leaf.group, _leaf_sample(_Fn.of(leaf.fn), leaf.args, leaf.shape, want)))
+    # Float samples first, their keys computed at once, then raw keys.
+    samples.sort(key=lambda gs: gs[1].dtype == jnp.uint32)
+    floats = [smp for _, smp in samples if smp.dtype != jnp.uint32]
+    keys = [sortable_key(jnp.concatenate(floats))] if floats else []
+    keys += [smp for _, smp in samples if smp.dtype == jnp.uint32]
+    slots, start = [[] for _ in range(n_groups)], 0  # slots[g]: indices into the samples
+    for g, smp in samples:
+        slots[g].extend(range(start, start + smp.shape[0]))
         start += smp.shape[0]
     # Row g holds group g's samples; padding points at a trailing x = ~0
     # (key 0, which ranks last). One static gather lays out every group.
-    flat = ~jnp.concatenate([*pieces, jnp.zeros((1,), jnp.uint32)])
+    flat = ~jnp.concatenate([*keys, jnp.zeros((1,), jnp.uint32)])
     width = max(max(len(s) for s in slots), 1)
     index = np.full((n_groups, width), start, np.int32)
     for g, s in enumerate(slots):
@@ -777,7 +1008,7 @@ def _pending(s: _Search, k: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def _search(count, spread, n: jax.Array, k: jax.Array, first: jax.Array, raw: jax.Array,
-            n_leaves: int):
+            leaf_ids: Sequence[int]):
     """Finds, per group, the threshold key ``g`` and tie cut ``p`` (a position
     in the group) such that exactly ``k`` keys satisfy ``key > g``, or
     ``key == g`` at a position below ``p``.
@@ -787,12 +1018,13 @@ def _search(count, spread, n: jax.Array, k: jax.Array, first: jax.Array, raw: ja
         counting that predicate, leaf ``i`` with ``(g, p) = leaf[:, js[i]]``;
         ``z`` is a uint32 0 that varies with the loop (see :func:`_touch`).
       spread: ``(g (G,) uint32, p (G,) int32) -> leaf``, every leaf's share of
-        its group's ``(g, p)`` as a ``(2, n_leaves)`` uint32 array (see
+        its group's ``(g, p)`` as a ``(2, leaves)`` uint32 array (see
         :func:`_per_leaf`).
       n, k: ``(G,)`` int32 group sizes and keep counts (``0 <= k <= n``).
       first: ``(P, G)`` uint32 guesses for the first ``P`` steps of phase 1.
       raw: ``(G,)`` bool, groups with raw uint32 keys (possibly 0xFFFFFFFF).
-      n_leaves: the number of leaves.
+      leaf_ids: the columns of ``leaf`` that ``count`` reads through a
+        loop-state index (``js``, one per entry).
 
     Returns:
       ``(leaf, js, steps)``: every leaf's share of its group's answer, the
@@ -827,15 +1059,16 @@ def _search(count, spread, n: jax.Array, k: jax.Array, first: jax.Array, raw: ja
         packed, it, leaf, js = state
         s = _unpack(packed)
         z = lax.shift_right_logical(it, 31)
-        f_g = count(leaf, js, z.astype(jnp.uint32))
+        f_g = lax.optimization_barrier(count(leaf, js, z.astype(jnp.uint32)))
         s = _step(s, f_g, k, (it < first.shape[0]) & (s.phase == 1))
         s = _to_ties(s, n, k)
         s = s._replace(guess=_next_guess(s, it + 1, k, first))
         return _pack(s, z), it + 1, spread(*_pending(s, k)), [j + z for j in js]
 
-    js = [jnp.int32(i) for i in range(n_leaves)]
+    js = [jnp.int32(i) for i in leaf_ids]
     _, steps, leaf, js = lax.while_loop(cond, body, (_pack(s), it0, spread(*_pending(s, k)), js))
     return leaf, js, steps
+
 
 
 # --------------------------------------------------------------------------
@@ -880,15 +1113,28 @@ def select_groups(
     raw = np.zeros(n_groups, bool)
     for leaf in live:
         raw[leaf.group] |= leaf.raw
+    pools, alone = _pools(live)  # alone: indices into live of the unpooled leaves
+    bufs = [_pool_buffers(pool, live) for pool in pools]
+    ids = np.concatenate([np.zeros((0,), np.int32)]
+                         + [np.array([live[i].group for i in pool.row_leaf], np.int32) for pool in pools])
 
     def count(leaf_cuts, js, z):
-        partials = [_leaf_count(leaf.fn, leaf.args, leaf_cuts, j, z, leaf.shape)
-                    for leaf, j in zip(live, js)]
-        return _group_sums(partials, live, n_groups)
+        parts = [_pool_count(pool, buf, leaf_cuts, z) for pool, buf in zip(pools, bufs)]
+        ids_all = [ids]
+        for i, j in zip(alone, js):
+            leaf = live[i]
+            parts.append(_leaf_count(_Fn.of(leaf.fn), leaf.args, leaf_cuts, j, z, leaf.shape))
+            ids_all.append(np.full(parts[-1].shape[0], leaf.group, np.int32))
+        return _group_sums(parts, np.concatenate(ids_all), n_groups)
 
     leaf_cuts, js, _ = _search(count, lambda g, p: _per_leaf(live, g, p), n, k,
-                               _first_guesses(leaves, n_group, k), jnp.asarray(raw), len(live))
-    kept = iter(_leaf_mask(leaf.fn, leaf.args, leaf_cuts, j) for leaf, j in zip(live, js))
+                               _first_guesses(leaves, n_group, k), jnp.asarray(raw), alone)
+    masks = {}
+    for pool, buf in zip(pools, bufs):
+        masks.update(_pool_masks(pool, buf, live, leaf_cuts))
+    for i, j in zip(alone, js):
+        masks[i] = _leaf_mask(_Fn.of(live[i].fn), live[i].args, leaf_cuts, j)
+    kept = iter(masks[i] for i in range(len(live)))
     return [next(kept) if leaf.size else jnp.zeros(leaf.shape, jnp.bool_) for leaf in leaves]
 
 
@@ -969,7 +1215,7 @@ def select_along(scores: jax.Array | LazyScores, axis: int | Sequence[int], keep
 
     n = jnp.full((n_groups,), s, jnp.int32)
     cuts, _, _ = _search(count, spread, n, k, _first_guesses_along(fn, args, shape, axes, k),
-                         jnp.full((n_groups,), out.dtype == jnp.uint32), 0)
+                         jnp.full((n_groups,), out.dtype == jnp.uint32), [])
     return kept(_keys_of(fn, args), cuts)
 
 
