@@ -12,7 +12,6 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "jaxprune"
 # Known exceptions, owned by other work in progress (graph rules, the
 # selection engine); each entry is "importer -> name". Do not add to it.
 KNOWN = {
-    "jaxprune.core.along -> jaxprune.core.select._keep_count_exact",
     "jaxprune.core.allocation -> jaxprune.core.scores._check_stats",
     "jaxprune.core.allocation -> jaxprune.core.masks._stand_ins",
     "jaxprune.oneshot.pruners -> jaxprune.core.scores._check_stats",

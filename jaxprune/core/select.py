@@ -18,14 +18,21 @@ Method
    fails to halve the bracket, so at most 64 steps even on adversarial data;
    5-10 on typical weights). The search stops as soon as a guess has
    ``F(g) == k`` exactly.
-3. Each evaluation of ``F`` is one fused pass: compute the keys, compare,
-   pack 32 booleans into a ``uint32`` and ``popcount`` (several times faster
-   on CPU than summing booleans; the words it writes are 1/32 of the
-   elements). Keys are never stored: every pass recomputes them from the
-   scores, or, for :class:`LazyScores`, from the arrays the scores are
-   computed from (parameters, masks, gradients), so a selection needs no
+3. Each evaluation of ``F`` is one fused pass: compare, pack 32 booleans
+   into a ``uint32`` and ``popcount`` (several times faster on CPU than
+   summing booleans; the words it writes are 1/32 of the elements). A pass
+   does not compute the keys of step 1: it takes a float's bits with the
+   negative numbers' bits flipped (three integer operations, where the key
+   takes ten), whose unsigned order is the float order except that NaNs sit
+   at both ends and ``-0.0`` just below ``+0.0``, and tests ``key > g`` and
+   ``key == g`` as two wrapping ranges of those values (:func:`_ranges`:
+   NaN is one range across the wrap, the zeros one range of two). The
+   comparisons are on integers: XLA:CPU treats subnormal floats as zero in
+   float comparisons. Nothing key-sized is stored: every pass recomputes
+   from the scores, or, for :class:`LazyScores`, from the arrays the scores
+   are computed from (parameters, masks, gradients), so a selection needs no
    temporary the size of its input. (A loop-varying zero keeps XLA from
-   hoisting the key computation out of the loop, which would store it.)
+   hoisting the computation out of the loop, which would store it.)
    Counts are summed over the leaves of a group, so many leaves cost one
    pass per step, not one search per leaf; under ``jit`` with sharded leaves
    each count is reduced per shard and only scalars cross devices.
@@ -36,13 +43,25 @@ Method
    the computed keys whose rows do not hold whole words (the layout before)
    costs XLA:CPU a division per element and was 7-80x slower on shapes such
    as 1000x1000.
+   Small leaves (at most 65,536 scores, on one device) that compute their
+   scores alike are *pooled*: copied once, before the search, into one
+   buffer of 256-element rows (each leaf starting a row, in order), which
+   one kernel counts, each row with its own leaf's threshold and tie cut,
+   whatever the leaves' shapes and groups (see :func:`_pools`; the copy is
+   at most 1/16 of the selection and 4M scores). Every leaf counted alone
+   adds its own kernels to the program, and XLA compiles one per distinct
+   shape: pooling is what keeps the compile time of a model with many
+   small kernels of many shapes (ResNet-50's 1x1 and 3x3 convolutions,
+   norm scales) from growing with them.
 4. Ties at the threshold are broken by position, lower flat index first and
    leaves in pytree order: when the threshold key ``g`` is tied across the
    cut, the same loop goes on to search the tie position ``p`` such that
    exactly ``k`` scores have ``key > g``, or ``key == g`` at a position below
    ``p``. Every pass counts that one predicate, and the masks are that
    predicate, so each leaf compiles to one counting kernel, one mask kernel
-   and one sample kernel, shared by all leaves of its shape.
+   and one sample kernel, which XLA compiles once for all leaves of its
+   shape (it deduplicates identical kernels: hence the leaf index is loop
+   state, not a constant, see :func:`_search`).
 
 The result is exact: ``round(n * (1 - sparsity))`` scores are kept for every
 group, on every backend and device count.
@@ -332,10 +351,14 @@ def _bits_of(fn: Callable, args: Sequence[jax.Array], z: jax.Array | None = None
     scores as their float32 bits with negative numbers' bits flipped (three
     integer operations, where :func:`sortable_key` takes ten): unsigned
     order is float order, except that NaNs sit at both ends and ``-0.0``
-    just below ``+0.0``, which :func:`_ranges` accounts for. With ``z``,
-    recomputed from args touched by it (see :func:`_touch`)."""
+    just below ``+0.0``, which :func:`_ranges` accounts for. For ``|w|``
+    (``fn`` is ``jnp.abs`` of a float32 array) that is ``w``'s bits with the
+    sign bit set: one operation. With ``z``, recomputed from args touched by
+    it (see :func:`_touch`)."""
     if z is not None:
         args = [_touch(jnp.asarray(a), z) for a in args]
+    if _fn_key(fn) is jnp.abs and args[0].dtype == jnp.float32:  # |w|: its bits, sign set
+        return lax.bitcast_convert_type(args[0], jnp.uint32) | _B_POS_ZERO
     s = fn(*args)
     if s.dtype == jnp.uint32:
         return s
@@ -514,7 +537,8 @@ def _fn_key(fn: Any) -> Any:
 # the whole pool in one kernel, whatever the leaves' shapes and groups, each
 # row with its own leaf's threshold key and tie cut, and the masks come from
 # one kernel too. The copy is bounded (``_POOL_LEAF`` scores per leaf,
-# ``_POOL_TOTAL`` per pool): no parameter-sized temporary. Leaves that may
+# ``_POOL_TOTAL`` in all, and 1/16 of the selection's scores): no
+# parameter-sized temporary. Leaves that may
 # be sharded are never pooled (the copy would gather them).
 _POOL_LEAF = 1 << 16
 _POOL_TOTAL = 1 << 22
@@ -553,12 +577,15 @@ def _pools(live: Sequence[_Leaf]) -> tuple[list[_Pool], list[int]]:
             continue
         key = (_Fn.of(leaf.fn), tuple(jnp.result_type(a) for a in args))
         classes.setdefault(key, []).append(i)
+    # At most _POOL_TOTAL scores in all pools, and 1/16 of the selection
+    # (or _POOL_LEAF, for small selections).
+    budget = min(_POOL_TOTAL, max(_POOL_LEAF, sum(leaf.size for leaf in live) // 16)) // _POOL_ROW
     pools = []
     for (fn, _), idx in classes.items():
         members, rows = [], 0
         for i in idx:
             r = -(-live[i].size // _POOL_ROW)
-            if (rows + r) * _POOL_ROW > _POOL_TOTAL:
+            if rows + r > budget:
                 alone.append(i)
                 continue
             members.append(i)
@@ -566,6 +593,7 @@ def _pools(live: Sequence[_Leaf]) -> tuple[list[_Pool], list[int]]:
         if len(members) < 2:
             alone.extend(members)
             continue
+        budget -= rows
         per = [-(-live[i].size // _POOL_ROW) for i in members]
         row_leaf = np.repeat(np.array(members, np.int32), per)
         row_start = np.concatenate([np.arange(r, dtype=np.int32) * _POOL_ROW for r in per])
@@ -609,20 +637,31 @@ def _pool_count(pool: _Pool, bufs: Sequence[jax.Array], cuts: jax.Array, z: jax.
     return _partial_counts(_pool_kept(pool, bufs, cuts, z), rows_only=True)
 
 
+def _pool_starts(pool: _Pool, live: Sequence[_Leaf]) -> list[int]:
+    """The first row of every leaf of the pool."""
+    sizes = [-(-live[i].size // _POOL_ROW) for i in pool.members]
+    return [int(x) for x in np.cumsum([0, *sizes[:-1]])]
+
+
 def _pool_masks(pool: _Pool, bufs: Sequence[jax.Array], live: Sequence[_Leaf],
-                cuts: jax.Array) -> dict[int, jax.Array]:
-    """The masks of the pool's leaves (index into the live leaves -> mask)."""
-    # The pool's masks are packed into words by one kernel, which every leaf
-    # unpacks (XLA would otherwise recompute the predicate for every leaf).
+                cuts: jax.Array, starts: Sequence[jax.Array]) -> dict[int, jax.Array]:
+    """The masks of the pool's leaves (index into the live leaves -> mask),
+    given every leaf's first row as a traced scalar.
+
+    The pool's masks are packed into words by one kernel, which every leaf
+    unpacks (XLA would otherwise recompute the predicate for every leaf),
+    from a dynamic slice at its first row: with the row a constant, every
+    leaf's kernel would differ, and XLA compiles each distinct kernel
+    (about 15 ms of CPU each); this way leaves of one shape share one."""
     words = _words(_pool_kept(pool, bufs, cuts))
     bit = lax.broadcasted_iota(jnp.uint32, (1, 1, 32), 2)
-    out, row = {}, 0
-    for i in pool.members:
+    out = {}
+    for i, start in zip(pool.members, starts):
         leaf = live[i]
         r = -(-leaf.size // _POOL_ROW)
-        kept = ((words[row:row + r, :, None] >> bit) & jnp.uint32(1)) != 0
+        w = lax.dynamic_slice_in_dim(words, start, r, axis=0)
+        kept = ((w[:, :, None] >> bit) & jnp.uint32(1)) != 0
         out[i] = kept.reshape(-1)[:leaf.size].reshape(leaf.shape)
-        row += r
     return out
 
 
@@ -743,7 +782,7 @@ def _leaf_cut(leaf: jax.Array, j: jax.Array) -> tuple:
     """Column ``j`` of :func:`_per_leaf`'s array as the ``cut`` of
     :func:`_kept_at`, for a traced ``j`` (a loop state scalar, so that the
     kernel reading it has no leaf-specific constant: see :func:`_search`)."""
-    col = lax.dynamic_index_in_dim(leaf, j, axis=1, keepdims=False)
+    col = lax.dynamic_slice(leaf, (jnp.int32(0), j), (leaf.shape[0], 1))[:, 0]  # 0 <= j
     return col[0], col[1], col[2], col[3], lax.bitcast_convert_type(col[4], jnp.int32)
 
 
@@ -778,12 +817,13 @@ def _partial_counts(rows: jax.Array, rows_only: bool = False) -> jax.Array:
 def _group_sums(partials: Sequence[jax.Array], ids: np.ndarray, n_groups: int) -> jax.Array:
     """Sums partial counts into per-group counts (int32, ``(n_groups,)``):
     ``ids`` gives the group of every entry of the concatenated partials; one
-    reduction for all leaves (small vectors)."""
+    scatter-add for all leaves (small vectors: about one count per 1024
+    scores). Also for one group: XLA splits a plain sum of the concatenation
+    into one reduction tree per leaf, kernels that differ with the leaf's
+    size, and compiles each distinct kernel anew."""
     if not partials:
         return jnp.zeros((n_groups,), jnp.int32)
     v = jnp.concatenate(partials) if len(partials) > 1 else partials[0]
-    if n_groups == 1:
-        return jnp.sum(v, keepdims=True, dtype=jnp.int32)
     return jax.ops.segment_sum(v, ids, n_groups)
 
 
@@ -807,34 +847,51 @@ def _sample_slices(shape: Sequence[int], quota: int) -> tuple:
     return tuple(slice(None, None, s) for s in strides)
 
 
-def _first_guesses(leaves: Sequence[_Leaf], n_group: Sequence[int], k: jax.Array) -> jax.Array:
+def _first_guesses(live: Sequence[_Leaf], n_group: Sequence[int], k: jax.Array,
+                   pools: Sequence[_Pool] = (), bufs: Sequence[Sequence[jax.Array]] = ()) -> jax.Array:
     """Two first guesses per group (in the search's ``x = ~key`` domain) from a
     strided sample: keys a few standard errors above and below the sample's
     estimate of the k-th largest. Every leaf is sampled at its group's rate
-    (so the sample is unweighted); all groups are sorted at once.
+    (so the sample is unweighted); all groups are sorted at once. The leaves
+    of a pool are sampled from its buffer, by one gather.
 
     Returns ``(2, n_groups)`` uint32.
     """
     n_groups = len(n_group)
-    live = [leaf for leaf in leaves if leaf.size]
     if not n_groups or not live:
         return jnp.zeros((0, n_groups), jnp.uint32)
     quota = max(64, min(_SAMPLE_QUOTA, (8 * _SAMPLE_QUOTA) // n_groups))
-    samples = []
-    for leaf in live:
-        # At most 1/32 of a leaf: a sample of a sharded leaf crosses devices.
-        want = min(round(quota * leaf.size / n_group[leaf.group]), max(64, leaf.size // 32))
-        if want >= 1:
-            samples.append((leaf.group, _leaf_sample(_Fn.of(leaf.fn), leaf.args, leaf.shape, want)))
+
+    def want(leaf):  # at most 1/32 of a leaf: a sample of a sharded leaf crosses devices
+        return min(round(quota * leaf.size / n_group[leaf.group]), max(64, leaf.size // 32))
+
+    samples = []  # (group of every sampled score, scores)
+    pooled = {i for pool in pools for i in pool.members}
+    for pool, buf in zip(pools, bufs):
+        idx, grp, row = [], [], 0
+        for i in pool.members:
+            leaf = live[i]
+            if want(leaf) >= 1:
+                pos = np.arange(leaf.size).reshape(leaf.shape)[_sample_slices(leaf.shape, want(leaf))]
+                idx.append(pos.reshape(-1) + row * _POOL_ROW)
+                grp.append(np.full(idx[-1].shape[0], leaf.group, np.int32))
+            row += -(-leaf.size // _POOL_ROW)
+        if idx:
+            at = np.concatenate(idx).astype(np.int32)
+            out = pool.fn(*[b.reshape(-1)[at] for b in buf])
+            samples.append((np.concatenate(grp), out if out.dtype == jnp.uint32 else out.astype(jnp.float32)))
+    for i, leaf in enumerate(live):
+        if i not in pooled and want(leaf) >= 1:
+            smp = _leaf_sample(_Fn.of(leaf.fn), leaf.args, leaf.shape, want(leaf))
+            samples.append((np.full(smp.shape[0], leaf.group, np.int32), smp))
     # Float samples first, their keys computed at once, then raw keys.
     samples.sort(key=lambda gs: gs[1].dtype == jnp.uint32)
     floats = [smp for _, smp in samples if smp.dtype != jnp.uint32]
     keys = [sortable_key(jnp.concatenate(floats))] if floats else []
     keys += [smp for _, smp in samples if smp.dtype == jnp.uint32]
-    slots, start = [[] for _ in range(n_groups)], 0  # slots[g]: indices into the samples
-    for g, smp in samples:
-        slots[g].extend(range(start, start + smp.shape[0]))
-        start += smp.shape[0]
+    groups = np.concatenate([g for g, _ in samples]) if samples else np.zeros((0,), np.int32)
+    slots = [np.flatnonzero(groups == g) for g in range(n_groups)]  # indices into the samples
+    start = groups.shape[0]
     # Row g holds group g's samples; padding points at a trailing x = ~0
     # (key 0, which ranks last). One static gather lays out every group.
     flat = ~jnp.concatenate([*keys, jnp.zeros((1,), jnp.uint32)])
@@ -1127,11 +1184,16 @@ def select_groups(
             ids_all.append(np.full(parts[-1].shape[0], leaf.group, np.int32))
         return _group_sums(parts, np.concatenate(ids_all), n_groups)
 
+    # The pooled leaves' first rows pass through the loop as its leaf indices
+    # do, so that XLA sees them as opaque (see _pool_masks).
+    starts = [_pool_starts(pool, live) for pool in pools]
     leaf_cuts, js, _ = _search(count, lambda g, p: _per_leaf(live, g, p), n, k,
-                               _first_guesses(leaves, n_group, k), jnp.asarray(raw), alone)
+                               _first_guesses(live, n_group, k, pools, bufs), jnp.asarray(raw),
+                               [*alone, *(r for rows in starts for r in rows)])
+    js, rows = js[:len(alone)], iter(js[len(alone):])
     masks = {}
-    for pool, buf in zip(pools, bufs):
-        masks.update(_pool_masks(pool, buf, live, leaf_cuts))
+    for pool, buf, st in zip(pools, bufs, starts):
+        masks.update(_pool_masks(pool, buf, live, leaf_cuts, [next(rows) for _ in st]))
     for i, j in zip(alone, js):
         masks[i] = _leaf_mask(_Fn.of(live[i].fn), live[i].args, leaf_cuts, j)
     kept = iter(masks[i] for i in range(len(live)))
