@@ -16,7 +16,8 @@ Method
    brackets the answer, then each step evaluates ``F`` at one guess (linear
    interpolation of the counts, falling back to bisection whenever a step
    fails to halve the bracket, so at most 64 steps even on adversarial data;
-   5-10 on typical weights). The search stops as soon as a guess has
+   6-13 on random normal weights at 4M, of which the last 3-5 close in on
+   the last few weights around the cut). The search stops as soon as a guess has
    ``F(g) == k`` exactly.
 3. Each evaluation of ``F`` is one fused pass: compare, pack 32 booleans
    into a ``uint32`` and ``popcount`` (several times faster on CPU than
