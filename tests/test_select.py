@@ -9,6 +9,7 @@ the sparsities vary freely.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Any, NamedTuple
 
@@ -514,6 +515,18 @@ def test_key_ranges_match_key_order():
 _POOL_SHAPES = [(3,), (300, 7), (2, 5, 4), (1,), (700,), (0, 4), (33, 31), (257,), (64, 65)]
 
 
+@contextlib.contextmanager
+def _pooling(leaf: int = 1 << 16, share: int = 0):
+    """Pool leaves of at most ``leaf`` scores, with no bound relative to the
+    selection (the default, 1/16 of it, pools nothing in small tests)."""
+    saved = sel._POOL_LEAF, sel._POOL_SHARE
+    sel._POOL_LEAF, sel._POOL_SHARE = leaf, share
+    try:
+        yield
+    finally:
+        sel._POOL_LEAF, sel._POOL_SHARE = saved
+
+
 @settings(max_examples=25, **SETTINGS)
 @given(seed=st.integers(0, 2**32 - 1),
        kinds=st.lists(st.sampled_from(oracle.KINDS), min_size=len(_POOL_SHAPES), max_size=len(_POOL_SHAPES)),
@@ -532,16 +545,12 @@ def test_pooled_small_leaves_match_oracle(seed, kinds, groups, fracs, bf16):
         arrays.append(jnp.asarray(oracle.gen_scores(rng, sh, kd, dt)))
     n_g = [sum(int(np.prod(sh)) for sh, g in zip(_POOL_SHAPES, groups) if g == j) for j in range(3)]
     keep = [int(round(f * n)) for f, n in zip(fracs, n_g)]
-    old = sel._POOL_LEAF
-    sel._POOL_LEAF = 400
-    try:
+    with _pooling(leaf=400):
         live = [sel._Leaf(sel._identity, (a,), a.shape, a.size, g, 0, False)
                 for a, g in zip(arrays, groups) if a.size]
         pools, alone = sel._pools(live)
         assert pools and alone, "the case must mix pooled and unpooled leaves"
         masks = jax.jit(lambda a: sel.select_groups(a, groups, keep))(arrays)
-    finally:
-        sel._POOL_LEAF = old
     for j in range(3):
         idx = [i for i, g in enumerate(groups) if g == j]
         if not idx:
@@ -559,7 +568,8 @@ def test_pool_raw_keys_and_lazy_scores():
     rng = np.random.default_rng(3)
     keys = [jnp.asarray(rng.integers(2**32 - 4, 2**32, sh, dtype=np.uint64).astype(np.uint32))
             for sh in [(5, 7), (40,), (3, 3, 3)]]
-    ks = jax.jit(lambda a: sel.select_groups(a, [0, 0, 0], [31]))(keys)
+    with _pooling():
+        ks = jax.jit(lambda a: sel.select_groups(a, [0, 0, 0], [31]))(keys)
     flat = np.concatenate([np.asarray(k).ravel() for k in keys]).astype(np.int64)
     want = np.zeros(flat.size, bool)
     want[np.lexsort((np.arange(flat.size), -flat))[:31]] = True
@@ -573,9 +583,11 @@ def test_pool_raw_keys_and_lazy_scores():
 
     lazy = [sel.LazyScores(functools.partial(active, jnp.abs), (w, m)) for w, m in zip(ws, ms)]
     live = [sel._Leaf(x.fn, x.args, x.args[0].shape, x.args[0].size, 0, 0, False) for x in lazy]
-    assert len(sel._pools(live)[0]) == 1, "equal partials must share a pool"
-    got = jax.jit(lambda ws, ms: sel.select_groups(
-        [sel.LazyScores(functools.partial(active, jnp.abs), (w, m)) for w, m in zip(ws, ms)], [0] * 3, [40]))(ws, ms)
+    with _pooling():
+        assert len(sel._pools(live)[0]) == 1, "equal partials must share a pool"
+        got = jax.jit(lambda ws, ms: sel.select_groups(
+            [sel.LazyScores(functools.partial(active, jnp.abs), (w, m)) for w, m in zip(ws, ms)], [0] * 3,
+            [40]))(ws, ms)
     scores = np.concatenate([np.where(np.asarray(m), np.abs(np.asarray(w)), -np.inf).ravel() for w, m in zip(ws, ms)])
     np.testing.assert_array_equal(np.concatenate([np.asarray(m).ravel() for m in got]),
                                   oracle.topk_leaf(scores, 40))
@@ -589,13 +601,9 @@ def test_small_leaves_share_one_counting_kernel():
     shapes = [(20 + i, 64) for i in range(12)]
 
     def popcounts(pool_leaf):
-        old = sel._POOL_LEAF
-        sel._POOL_LEAF = pool_leaf
-        try:
+        with _pooling(leaf=pool_leaf):
             ws = [jax.ShapeDtypeStruct(sh, jnp.float32) for sh in shapes]
             hlo = jax.jit(lambda ws: sel.select_groups(list(ws), [0] * len(ws), [50])).lower(ws).compile().as_text()
-        finally:
-            sel._POOL_LEAF = old
         return hlo.count(" popcnt(")
 
     assert popcounts(1 << 16) == 1

@@ -538,11 +538,12 @@ def _fn_key(fn: Any) -> Any:
 # the whole pool in one kernel, whatever the leaves' shapes and groups, each
 # row with its own leaf's threshold key and tie cut, and the masks come from
 # one kernel too. The copy is bounded (``_POOL_LEAF`` scores per leaf,
-# ``_POOL_TOTAL`` in all, and 1/16 of the selection's scores): no
+# ``_POOL_TOTAL`` in all, and ``1/_POOL_SHARE`` of the selection): no
 # parameter-sized temporary. Leaves that may
 # be sharded are never pooled (the copy would gather them).
 _POOL_LEAF = 1 << 16
 _POOL_TOTAL = 1 << 22
+_POOL_SHARE = 16
 _POOL_ROW = 256
 
 
@@ -578,9 +579,10 @@ def _pools(live: Sequence[_Leaf]) -> tuple[list[_Pool], list[int]]:
             continue
         key = (_Fn.of(leaf.fn), tuple(jnp.result_type(a) for a in args))
         classes.setdefault(key, []).append(i)
-    # At most _POOL_TOTAL scores in all pools, and 1/16 of the selection
-    # (or _POOL_LEAF, for small selections).
-    budget = min(_POOL_TOTAL, max(_POOL_LEAF, sum(leaf.size for leaf in live) // 16)) // _POOL_ROW
+    # At most _POOL_TOTAL scores in all pools (padding included), and
+    # 1/_POOL_SHARE of the selection (0: no such bound).
+    share = sum(leaf.size for leaf in live) // _POOL_SHARE if _POOL_SHARE else _POOL_TOTAL
+    budget = min(_POOL_TOTAL, share) // _POOL_ROW
     pools = []
     for (fn, _), idx in classes.items():
         members, rows = [], 0
