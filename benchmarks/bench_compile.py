@@ -40,6 +40,7 @@ Run:
   python benchmarks/bench_compile.py --models resnet18,resnet50 --reps 3
   python benchmarks/bench_compile.py --models resnet18 --sketch   # + the proposed lazy-score step
   python benchmarks/bench_compile.py --transformer --layers 6,12,24
+  python benchmarks/bench_compile.py --transformer --layers 24 --baseline /tmp/old_select.py
   python benchmarks/bench_compile.py --suite --reps 1        # the shape suite
   python benchmarks/bench_compile.py --quick                 # smoke test: scaled-down suite
 """
@@ -322,7 +323,33 @@ def _lazy_global(params, sparsity: float):
                              [sel.keep_count(n, sparsity)])
 
 
-def run_transformer(layer_counts: Sequence[int], reps: int, lazy: bool = False) -> list:
+def _load_select(path: str):
+    """Another version of ``select.py`` (e.g. ``git show REV:jaxprune/core/select.py``),
+    loaded as its own module."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("baseline_select", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _with_select(mod, fn):
+    """``fn`` with ``jp.masks`` selecting through ``mod`` while it is traced."""
+    from jaxprune.core import masks as _masks
+
+    def wrapped(*args):
+        saved, _masks._select = _masks._select, mod
+        try:
+            return fn(*args)
+        finally:
+            _masks._select = saved
+
+    return wrapped
+
+
+def run_transformer(layer_counts: Sequence[int], reps: int, lazy: bool = False,
+                    baseline: str | None = None) -> list:
     print("| layers | leaves | where | selected | lower s | compile s (min, median) | "
           "total s (median) | CPU s (median) | fusions |")
     print("|---:|---:|---|---:|---:|---:|---:|---:|---:|")
@@ -333,6 +360,9 @@ def run_transformer(layer_counts: Sequence[int], reps: int, lazy: bool = False) 
         variants = [("all", lambda path, leaf: True, False), ("default", None, False)]
         if lazy:
             variants += [("all, lazy", None, True)]
+        if baseline:  # the same rows with another select.py, compiled in turn with them
+            variants += [(f"{name}, baseline", where, False) for name, where, _ in variants[:2]]
+            base_mod = _load_select(baseline)
         for where_name, where, as_lazy in variants:
             n_sel = sum(1 for v in jax.tree.leaves(params) if where is not None or len(v.shape) >= 2)
             if as_lazy:
@@ -342,8 +372,12 @@ def run_transformer(layer_counts: Sequence[int], reps: int, lazy: bool = False) 
                 if as_lazy:
                     f = jax.jit(lambda p: _lazy_global(p, 0.9))
                 else:
-                    f = jax.jit(lambda p, where=where: jp.masks.global_topk(
-                        jp.scores.magnitude(p), 0.9, where=where))
+                    def f(p, where=where):
+                        return jp.masks.global_topk(jp.scores.magnitude(p), 0.9, where=where)
+                    if where_name.endswith("baseline"):
+                        f = _with_select(base_mod, f)
+                    f = jax.jit(f)
+                jax.clear_caches()  # fresh traces of the jitted per-leaf kernels too
                 ts.append(time_compile(f, params))
             comp = [t["compile_s"] for t in ts]
             total = float(np.median([t["lower_s"] + t["compile_s"] for t in ts]))
@@ -424,6 +458,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--quick", action="store_true",
                     help="smoke run: scaled-down suite, resnet18, 2-layer transformer, 1 rep")
     ap.add_argument("--json", metavar="PATH", help="write the rows here")
+    ap.add_argument("--baseline", metavar="SELECT_PY",
+                    help="transformer: also compile the rows with this select.py (side by side)")
     args = ap.parse_args(argv)
     if args.quick:
         args.reps = 1
@@ -447,7 +483,7 @@ def main(argv=None) -> dict:
         out["models"] = run_models(args.models.split(","), args.reps, args.sketch)
     if args.transformer:
         out["transformer"] = run_transformer([int(v) for v in args.layers.split(",")], args.reps,
-                                             args.sketch)
+                                             args.sketch, args.baseline)
     info["loadavg_end"] = os.getloadavg()[0]
     print(f"load average at end: {info['loadavg_end']:.1f}")
     if args.json:

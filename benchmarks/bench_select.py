@@ -90,7 +90,7 @@ def source_id() -> str:
     root = Path(jaxprune.__file__).resolve().parent
     h = hashlib.sha256()
     for name in ("select.py", "masks.py", "scores.py"):
-        h.update((root / name).read_bytes())
+        h.update((root / "core" / name).read_bytes())
     rev = "no git"
     try:
         out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],

@@ -9,11 +9,9 @@ import pathlib
 
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "jaxprune"
 
-# Known exceptions, owned by other work in progress (the selection
-# engine); each entry is "importer -> name". Do not add to it.
-KNOWN = {
-    "jaxprune.core.along -> jaxprune.core.select._keep_count_exact",
-}
+# Known exceptions (none left); each entry is "importer -> name". Do not
+# add to it.
+KNOWN: set[str] = set()
 
 
 def module_name(path: pathlib.Path, package: pathlib.Path = PACKAGE) -> str:

@@ -9,6 +9,7 @@ the sparsities vary freely.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Any, NamedTuple
 
@@ -481,3 +482,129 @@ def test_select_groups_all_equal_large(k):
     want = np.zeros(64 * 64, bool)
     want[:k] = True
     np.testing.assert_array_equal(np.asarray(m).ravel(), want)
+
+
+def test_key_ranges_match_key_order():
+    # The counting passes test `key > g` and `key == g` as ranges of cheaper
+    # per-element values (select._bits_of / select._ranges); they must agree
+    # with sortable_key for every float bit pattern class and every kind of
+    # threshold key: NaNs of both signs, both zeros, subnormals, infinities,
+    # and keys of no number.
+    rng = np.random.default_rng(0)
+    specials = np.array([0x00000000, 0x80000000, 0x00000001, 0x80000001, 0x007FFFFF, 0x807FFFFF,
+                         0x7F800000, 0xFF800000, 0x7F800001, 0xFF800001, 0x7FFFFFFF, 0xFFFFFFFF,
+                         0x7FC00000, 0xFFC00000, 0x3F800000, 0xBF800000], np.uint32)
+    bits = np.concatenate([specials, rng.integers(0, 2**32, 4000, dtype=np.uint64).astype(np.uint32)])
+    x = jnp.asarray(bits.view(np.float32))
+    keys = np.asarray(sel.sortable_key(x))
+    gs = np.concatenate([keys, keys - 1, keys + 1, [0, 1, 0x7FFFFFFF, 0x7FFFFFFE, 0x80000000,
+                                                   0x80000001, 0x007FFFFF, 0x007FFFFE,
+                                                   0xFF800000, 0xFF800001, 0xFFFFFFFF]]).astype(np.uint32)
+    gs = np.unique(gs)[:: max(1, len(gs) // 600)]
+    v = np.asarray(sel._bits_of(lambda a: a, [x]))[None, :]
+    lo, w, e, we = (np.asarray(r)[:, None] for r in sel._ranges(jnp.asarray(gs), np.zeros(len(gs), bool)))
+    g = gs[:, None]
+    np.testing.assert_array_equal((v - lo).astype(np.uint32) < w, keys[None, :] > g)
+    np.testing.assert_array_equal((v - e).astype(np.uint32) < we, keys[None, :] == g)
+    # Raw uint32 keys compare as they are, including 0xFFFFFFFF.
+    lo, w, e, we = (np.asarray(r)[:, None] for r in sel._ranges(jnp.asarray(gs), np.ones(len(gs), bool)))
+    np.testing.assert_array_equal((bits[None, :] - lo).astype(np.uint32) < w, bits[None, :] > g)
+    np.testing.assert_array_equal((bits[None, :] - e).astype(np.uint32) < we, bits[None, :] == g)
+
+
+_POOL_SHAPES = [(3,), (300, 7), (2, 5, 4), (1,), (700,), (0, 4), (33, 31), (257,), (64, 65)]
+
+
+@contextlib.contextmanager
+def _pooling(leaf: int = 1 << 16, share: int = 0):
+    """Pool leaves of at most ``leaf`` scores, with no bound relative to the
+    selection (the default, 1/16 of it, pools nothing in small tests)."""
+    saved = sel._POOL_LEAF, sel._POOL_SHARE
+    sel._POOL_LEAF, sel._POOL_SHARE = leaf, share
+    try:
+        yield
+    finally:
+        sel._POOL_LEAF, sel._POOL_SHARE = saved
+
+
+@settings(max_examples=25, **SETTINGS)
+@given(seed=st.integers(0, 2**32 - 1),
+       kinds=st.lists(st.sampled_from(oracle.KINDS), min_size=len(_POOL_SHAPES), max_size=len(_POOL_SHAPES)),
+       groups=st.lists(st.integers(0, 2), min_size=len(_POOL_SHAPES), max_size=len(_POOL_SHAPES)),
+       fracs=st.lists(st.floats(0, 1), min_size=3, max_size=3), bf16=st.booleans())
+def test_pooled_small_leaves_match_oracle(seed, kinds, groups, fracs, bf16):
+    # Small leaves are counted together in one buffer (select._pools), large
+    # ones alone; groups interleave across both, ties break by position
+    # across pooled and unpooled leaves alike. Leaves of over 400 scores stay
+    # alone here, so every case mixes the two paths; with bf16, some leaves
+    # form a second pool.
+    rng = np.random.default_rng(seed)
+    arrays = []
+    for i, (sh, kd) in enumerate(zip(_POOL_SHAPES, kinds)):
+        dt = jnp.bfloat16 if bf16 and i % 3 == 0 else np.float32
+        arrays.append(jnp.asarray(oracle.gen_scores(rng, sh, kd, dt)))
+    n_g = [sum(int(np.prod(sh)) for sh, g in zip(_POOL_SHAPES, groups) if g == j) for j in range(3)]
+    keep = [int(round(f * n)) for f, n in zip(fracs, n_g)]
+    with _pooling(leaf=400):
+        live = [sel._Leaf(sel._identity, (a,), a.shape, a.size, g, 0, False)
+                for a, g in zip(arrays, groups) if a.size]
+        pools, alone = sel._pools(live)
+        assert pools and alone, "the case must mix pooled and unpooled leaves"
+        masks = jax.jit(lambda a: sel.select_groups(a, groups, keep))(arrays)
+    for j in range(3):
+        idx = [i for i, g in enumerate(groups) if g == j]
+        if not idx:
+            continue
+        want = oracle.topk_leaf(np.concatenate([oracle.to_f32(arrays[i]).ravel() for i in idx]), keep[j])
+        got = np.concatenate([np.asarray(masks[i]).ravel() for i in idx])
+        np.testing.assert_array_equal(got, want)
+    for m, a in zip(masks, arrays):
+        assert m.shape == a.shape and m.dtype == jnp.bool_
+
+
+def test_pool_raw_keys_and_lazy_scores():
+    # uint32 keys (0xFFFFFFFF included) and LazyScores with a per-leaf
+    # functools.partial pool alike and select exactly.
+    rng = np.random.default_rng(3)
+    keys = [jnp.asarray(rng.integers(2**32 - 4, 2**32, sh, dtype=np.uint64).astype(np.uint32))
+            for sh in [(5, 7), (40,), (3, 3, 3)]]
+    with _pooling():
+        ks = jax.jit(lambda a: sel.select_groups(a, [0, 0, 0], [31]))(keys)
+    flat = np.concatenate([np.asarray(k).ravel() for k in keys]).astype(np.int64)
+    want = np.zeros(flat.size, bool)
+    want[np.lexsort((np.arange(flat.size), -flat))[:31]] = True
+    np.testing.assert_array_equal(np.concatenate([np.asarray(m).ravel() for m in ks]), want)
+
+    ws = [jnp.asarray(np.round(rng.standard_normal(sh) * 2) / 2, jnp.float32) for sh in [(6, 9), (50,), (2, 30)]]
+    ms = [jnp.asarray(rng.random(w.shape) < 0.7) for w in ws]
+
+    def active(fn, w, m):
+        return jnp.where(m, fn(w), -jnp.inf)
+
+    lazy = [sel.LazyScores(functools.partial(active, jnp.abs), (w, m)) for w, m in zip(ws, ms)]
+    live = [sel._Leaf(x.fn, x.args, x.args[0].shape, x.args[0].size, 0, 0, False) for x in lazy]
+    with _pooling():
+        assert len(sel._pools(live)[0]) == 1, "equal partials must share a pool"
+        got = jax.jit(lambda ws, ms: sel.select_groups(
+            [sel.LazyScores(functools.partial(active, jnp.abs), (w, m)) for w, m in zip(ws, ms)], [0] * 3,
+            [40]))(ws, ms)
+    scores = np.concatenate([np.where(np.asarray(m), np.abs(np.asarray(w)), -np.inf).ravel() for w, m in zip(ws, ms)])
+    np.testing.assert_array_equal(np.concatenate([np.asarray(m).ravel() for m in got]),
+                                  oracle.topk_leaf(scores, 40))
+
+
+def test_small_leaves_share_one_counting_kernel():
+    # However many small leaves of whatever shapes, a selection counts them
+    # with one kernel per pool: the program has one popcount for them all,
+    # where leaves counted alone have one each (XLA compiles one kernel per
+    # distinct leaf shape).
+    shapes = [(20 + i, 64) for i in range(12)]
+
+    def popcounts(pool_leaf):
+        with _pooling(leaf=pool_leaf):
+            ws = [jax.ShapeDtypeStruct(sh, jnp.float32) for sh in shapes]
+            hlo = jax.jit(lambda ws: sel.select_groups(list(ws), [0] * len(ws), [50])).lower(ws).compile().as_text()
+        return hlo.count(" popcnt(")
+
+    assert popcounts(1 << 16) == 1
+    assert popcounts(0) >= len(shapes)

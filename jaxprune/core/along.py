@@ -43,7 +43,7 @@ def keep_counts(n: int, sparsity: Any, gshape: Sequence[int]) -> Any:
     """
     if isinstance(sparsity, jax.core.Tracer):
         s = jnp.broadcast_to(jnp.asarray(sparsity, jnp.float32), tuple(gshape))
-        return _select._keep_count_exact(n, s)
+        return _select.keep_count(n, s)  # exact for the float32 value, elementwise
     s = np.broadcast_to(np.asarray(sparsity, np.float64), tuple(gshape))
     return np.clip(np.round(n * (1.0 - s)), 0, n).astype(np.int32)
 

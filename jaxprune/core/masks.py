@@ -264,7 +264,14 @@ def topk(scores: PyTree, sparsity: Any = None, *, where: Any = None, keep: Any =
     arrays = _selected(lazy, leaves, whole)
     sizes = [_size(leaves[i]) for i in whole]
     if keep is None:
-        counts = [_select.keep_count(n, sp[i]) for i, n in zip(whole, sizes)]
+        sps = [sp[i] for i in whole]
+        if any(isinstance(x, jax.core.Tracer) for x in sps) and all(np.ndim(x) == 0 for x in sps):
+            # One vectorised count for every leaf: one kernel, where a count
+            # per leaf compiles one per distinct leaf size.
+            counts = _select.keep_count(np.asarray(sizes, np.int64),
+                                        jnp.stack([jnp.asarray(x, jnp.float32) for x in sps]))
+        else:
+            counts = [_select.keep_count(n, s) for s, n in zip(sps, sizes)]
     else:
         counts = [_keep_value(ks[i], n, f"leaf {paths[i]!r}") for i, n in zip(whole, sizes)]
     if whole:

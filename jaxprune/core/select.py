@@ -16,16 +16,24 @@ Method
    brackets the answer, then each step evaluates ``F`` at one guess (linear
    interpolation of the counts, falling back to bisection whenever a step
    fails to halve the bracket, so at most 64 steps even on adversarial data;
-   5-10 on typical weights). The search stops as soon as a guess has
+   6-13 on random normal weights at 4M, of which the last 3-5 close in on
+   the last few weights around the cut). The search stops as soon as a guess has
    ``F(g) == k`` exactly.
-3. Each evaluation of ``F`` is one fused pass: compute the keys, compare,
-   pack 32 booleans into a ``uint32`` and ``popcount`` (several times faster
-   on CPU than summing booleans; the words it writes are 1/32 of the
-   elements). Keys are never stored: every pass recomputes them from the
-   scores, or, for :class:`LazyScores`, from the arrays the scores are
-   computed from (parameters, masks, gradients), so a selection needs no
+3. Each evaluation of ``F`` is one fused pass: compare, pack 32 booleans
+   into a ``uint32`` and ``popcount`` (several times faster on CPU than
+   summing booleans; the words it writes are 1/32 of the elements). A pass
+   does not compute the keys of step 1: it takes a float's bits with the
+   negative numbers' bits flipped (three integer operations, where the key
+   takes ten), whose unsigned order is the float order except that NaNs sit
+   at both ends and ``-0.0`` just below ``+0.0``, and tests ``key > g`` and
+   ``key == g`` as two wrapping ranges of those values (:func:`_ranges`:
+   NaN is one range across the wrap, the zeros one range of two). The
+   comparisons are on integers: XLA:CPU treats subnormal floats as zero in
+   float comparisons. Nothing key-sized is stored: every pass recomputes
+   from the scores, or, for :class:`LazyScores`, from the arrays the scores
+   are computed from (parameters, masks, gradients), so a selection needs no
    temporary the size of its input. (A loop-varying zero keeps XLA from
-   hoisting the key computation out of the loop, which would store it.)
+   hoisting the computation out of the loop, which would store it.)
    Counts are summed over the leaves of a group, so many leaves cost one
    pass per step, not one search per leaf; under ``jit`` with sharded leaves
    each count is reduced per shard and only scalars cross devices.
@@ -36,13 +44,25 @@ Method
    the computed keys whose rows do not hold whole words (the layout before)
    costs XLA:CPU a division per element and was 7-80x slower on shapes such
    as 1000x1000.
+   Small leaves (at most 65,536 scores, on one device) that compute their
+   scores alike are *pooled*: copied once, before the search, into one
+   buffer of 256-element rows (each leaf starting a row, in order), which
+   one kernel counts, each row with its own leaf's threshold and tie cut,
+   whatever the leaves' shapes and groups (see :func:`_pools`; the copy is
+   at most 1/16 of the selection and 4M scores). Every leaf counted alone
+   adds its own kernels to the program, and XLA compiles one per distinct
+   shape: pooling is what keeps the compile time of a model with many
+   small kernels of many shapes (ResNet-50's 1x1 and 3x3 convolutions,
+   norm scales) from growing with them.
 4. Ties at the threshold are broken by position, lower flat index first and
    leaves in pytree order: when the threshold key ``g`` is tied across the
    cut, the same loop goes on to search the tie position ``p`` such that
    exactly ``k`` scores have ``key > g``, or ``key == g`` at a position below
    ``p``. Every pass counts that one predicate, and the masks are that
    predicate, so each leaf compiles to one counting kernel, one mask kernel
-   and one sample kernel, shared by all leaves of its shape.
+   and one sample kernel, which XLA compiles once for all leaves of its
+   shape (it deduplicates identical kernels: hence the leaf index is loop
+   state, not a constant, see :func:`_search`).
 
 The result is exact: ``round(n * (1 - sparsity))`` scores are kept for every
 group, on every backend and device count.
@@ -327,6 +347,60 @@ def _keys_of(fn: Callable, args: Sequence[jax.Array], z: jax.Array | None = None
     return s if s.dtype == jnp.uint32 else sortable_key(s)
 
 
+def _bits_of(fn: Callable, args: Sequence[jax.Array], z: jax.Array | None = None) -> jax.Array:
+    """What the counting passes compare: ``uint32`` keys as given, and float
+    scores as their float32 bits with negative numbers' bits flipped (three
+    integer operations, where :func:`sortable_key` takes ten): unsigned
+    order is float order, except that NaNs sit at both ends and ``-0.0``
+    just below ``+0.0``, which :func:`_ranges` accounts for. For ``|w|``
+    (``fn`` is ``jnp.abs`` of a float32 array) that is ``w``'s bits with the
+    sign bit set: one operation. With ``z``, recomputed from args touched by
+    it (see :func:`_touch`)."""
+    if z is not None:
+        args = [_touch(jnp.asarray(a), z) for a in args]
+    if _fn_key(fn) is jnp.abs and args[0].dtype == jnp.float32:  # |w|: its bits, sign set
+        return lax.bitcast_convert_type(args[0], jnp.uint32) | _B_POS_ZERO
+    s = fn(*args)
+    if s.dtype == jnp.uint32:
+        return s
+    bits = lax.bitcast_convert_type(s.astype(jnp.float32), jnp.int32)
+    flip = lax.shift_right_arithmetic(bits, np.int32(31)) | np.int32(-(2**31))
+    return lax.bitcast_convert_type(bits ^ flip, jnp.uint32)
+
+
+# Float bits as _bits_of gives them: -inf, -0.0, +0.0, +inf; NaNs are below
+# -inf and above +inf.
+_B_NEG_INF, _B_NEG_ZERO, _B_POS_ZERO, _B_POS_INF = (
+    np.uint32(0x007FFFFF), np.uint32(0x7FFFFFFF), np.uint32(0x80000000), np.uint32(0xFF800000))
+
+
+def _ranges(g: jax.Array, raw: np.ndarray) -> tuple[jax.Array, ...]:
+    """The selection predicate's two key tests as ranges of
+    :func:`_bits_of`'s values: ``key > g`` holds exactly for ``v`` with
+    ``v - lo < w`` and ``key == g`` for ``v - e < we`` (``uint32``,
+    wrapping), per entry of ``g`` (raw: ``uint32`` keys given as they are).
+
+    For float scores (:func:`sortable_key`'s keys, NaN lowest, ``-0.0`` equal
+    to ``+0.0``): ``key > g`` is every number from the one after ``g`` to
+    ``+inf`` (from ``-inf`` when ``g`` is NaN's key 0 or below ``-inf``'s,
+    from ``-0.0`` when ``g`` is the unused key just below ``+0.0``'s, none
+    from ``+inf`` on); ``key == g`` is NaN (both ends, one range across the
+    wrap) for ``g = 0``, both zeros for ``g`` = the key of ``+0.0``, the one
+    number with key ``g`` for other keys of numbers, and nothing for keys of
+    no number.
+    """
+    u32 = jnp.uint32
+    one = u32(1)
+    lo = jnp.where(g < _B_NEG_INF, _B_NEG_INF, jnp.where(g == _B_NEG_ZERO, g, g + one))
+    w = jnp.where(g >= _B_POS_INF, u32(0), _B_POS_INF - lo + one)
+    number = ((g >= _B_NEG_INF) & (g < _B_NEG_ZERO)) | ((g > _B_POS_ZERO) & (g <= _B_POS_INF))
+    e = jnp.where(g == 0, _B_POS_INF + one, jnp.where(g == _B_POS_ZERO, _B_NEG_ZERO, g))
+    we = jnp.where(g == 0, u32(0xFFFFFE), jnp.where(g == _B_POS_ZERO, u32(2), number.astype(u32)))
+    raw = jnp.asarray(raw)
+    return (jnp.where(raw, g + one, lo), jnp.where(raw, ~g, w), jnp.where(raw, g, e),
+            jnp.where(raw, one, we))
+
+
 # The per-leaf computations of a selection are jitted functions, so that
 # leaves of one shape (and key function) are traced once, not once per leaf
 # (XLA inlines them; this saves half the lowering time of a many-leaf
@@ -335,8 +409,10 @@ def _keys_of(fn: Callable, args: Sequence[jax.Array], z: jax.Array | None = None
 
 @functools.partial(jax.jit, static_argnums=(0, 2, 3))
 def _leaf_sample(fn: Callable, args: Sequence[jax.Array], shape: tuple, quota: int) -> jax.Array:
-    """Keys of a strided sample of about ``quota`` of ``fn(*args)``'s
-    positions (of ``shape``), taken along every axis.
+    """A strided sample of about ``quota`` of ``fn(*args)``'s positions (of
+    ``shape``), taken along every axis: float32 scores or ``uint32`` keys,
+    flat (their keys are computed once for all leaves, in
+    :func:`_first_guesses`).
 
     No full-size key computation here may equal a pass's (XLA would share
     it and store it): when every arg has the keys' shape, the args are
@@ -345,8 +421,11 @@ def _leaf_sample(fn: Callable, args: Sequence[jax.Array], shape: tuple, quota: i
     sl = _sample_slices(shape, quota)
     args = [jnp.asarray(a) for a in args]
     if all(a.shape == shape for a in args):
-        return _keys_of(fn, [a[sl] for a in args]).reshape(-1)
-    return _keys_of(fn, args, _opaque_zero(args))[sl].reshape(-1)
+        out = fn(*[a[sl] for a in args])
+    else:
+        z = _opaque_zero(args)
+        out = fn(*[_touch(a, z) for a in args])[sl]
+    return (out if out.dtype == jnp.uint32 else out.astype(jnp.float32)).reshape(-1)
 
 
 def _opaque_zero(args: Sequence[jax.Array]) -> jax.Array:
@@ -364,11 +443,11 @@ def _leaf_count(fn: Callable, args: Sequence[jax.Array], cuts: jax.Array, j: jax
                 z: jax.Array, shape: tuple) -> jax.Array:
     """Partial counts of one pass over one leaf (see :func:`_kept`), in the
     layout :func:`_layout` picks for its shape."""
-    g, p = _leaf_cut(cuts, j)
+    cut = _leaf_cut(cuts, j)
     args = [jnp.asarray(a) for a in args]
     layout = _layout(shape, args)
     if layout == "keys":
-        return _partial_counts(_kept(_rows_view(_keys_of(fn, args, z)), g, p, z))
+        return _partial_counts(_kept(_rows_view(_bits_of(fn, args, z)), cut, z))
     n = int(np.prod(shape, dtype=np.int64))
     if layout == "rows":  # whole words of every row, then the rest of the rows
         r, c = n // shape[-1], shape[-1]
@@ -376,11 +455,11 @@ def _leaf_count(fn: Callable, args: Sequence[jax.Array], cuts: jax.Array, j: jax
         main = c - c % 32
         part = [a[:, :main] if a.ndim else a for a in rows]
         pos = _view_position((r, main), c, z)
-        out = [_partial_counts(_kept_at(_keys_of(fn, part), pos, g, p), rows_only=True)]
+        out = [_partial_counts(_kept_at(_bits_of(fn, part), pos, cut), rows_only=True)]
         if c % 32:
             part = [a[:, main:] if a.ndim else a for a in rows]
             pos = _view_position((r, c % 32), c, z) + main
-            kept = _kept_at(_keys_of(fn, part), pos, g, p)
+            kept = _kept_at(_bits_of(fn, part), pos, cut)
             out.append(jnp.sum(kept, axis=1, dtype=jnp.int32))
         return jnp.concatenate(out) if len(out) > 1 else out[0]
     # flat: whole 1024-element blocks of the flat leaf, then the tail block.
@@ -390,19 +469,203 @@ def _leaf_count(fn: Callable, args: Sequence[jax.Array], cuts: jax.Array, j: jax
     if main:
         view = (main // _BLOCK, _BLOCK)
         part = [a[:main].reshape(view) if a.ndim else a for a in flat]
-        out.append(_partial_counts(_kept(_keys_of(fn, part), g, p, z), rows_only=True))
+        out.append(_partial_counts(_kept(_bits_of(fn, part), cut, z), rows_only=True))
     if n % _BLOCK:  # under 1024 elements: a plain sum
         part = [a[main:] if a.ndim else a for a in flat]
         pos = _view_position((1, n - main), n - main, z)[0] + main
-        out.append(jnp.sum(_kept_at(_keys_of(fn, part), pos, g, p), keepdims=True, dtype=jnp.int32))
+        out.append(jnp.sum(_kept_at(_bits_of(fn, part), pos, cut), keepdims=True, dtype=jnp.int32))
     return jnp.concatenate(out) if len(out) > 1 else out[0]
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
 def _leaf_mask(fn: Callable, args: Sequence[jax.Array], cuts: jax.Array, j: jax.Array) -> jax.Array:
     """One leaf's mask."""
-    key = _keys_of(fn, args)
-    return _kept(_rows_view(key), *_leaf_cut(cuts, j)).reshape(key.shape)
+    v = _bits_of(fn, args)
+    return _kept(_rows_view(v), _leaf_cut(cuts, j)).reshape(v.shape)
+
+
+class _Fn:
+    """A key function as a static argument of the per-leaf kernels, equal to
+    another when it computes the same: a :func:`functools.partial` by its
+    function and arguments (recursively), anything else by itself. Without
+    it, each ``functools.partial(f, g)`` built per leaf (as pruning
+    transforms do) is a new static argument: a retrace per leaf, and no
+    pooling (see :func:`_pools`)."""
+
+    __slots__ = ("fn", "key")
+
+    def __init__(self, fn: Callable):
+        self.fn, self.key = fn, _fn_key(fn)
+
+    @staticmethod
+    def of(fn: Callable) -> _Fn:
+        return fn if isinstance(fn, _Fn) else _Fn(fn)
+
+    def __call__(self, *args):
+        return self.fn(*args)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Fn) and self.key == other.key
+
+    def __hash__(self) -> int:
+        return hash(self.key)
+
+
+def _fn_key(fn: Any) -> Any:
+    if isinstance(fn, functools.partial):
+        kw = tuple(sorted((k, _fn_key(v)) for k, v in fn.keywords.items()))
+        return ("partial", _fn_key(fn.func), tuple(_fn_key(a) for a in fn.args), kw)
+    if isinstance(fn, _Fn):
+        return fn.key
+    try:
+        hash(fn)
+    except TypeError:
+        return ("id", id(fn))
+    return fn
+
+
+# --------------------------------------------------------------------------
+# Pools: small leaves counted together
+#
+# Every leaf counted on its own adds its own kernels to the program (a count
+# inside the loop, its reductions and loop index, a mask), and compile time
+# grows with them: a 24-layer decoder's 49 norm scales of 1024 weights cost
+# as much compile time as its 145 matrices. Small leaves that compute their
+# keys alike (the same key function, argument dtypes) are instead copied
+# once, before the search, into one buffer per argument: rows of
+# ``_POOL_ROW`` elements, every leaf starting on a new row (padded, and the
+# padding excluded by position), leaves in their order. A pass then counts
+# the whole pool in one kernel, whatever the leaves' shapes and groups, each
+# row with its own leaf's threshold key and tie cut, and the masks come from
+# one kernel too. The copy is bounded (``_POOL_LEAF`` scores per leaf,
+# ``_POOL_TOTAL`` in all, and ``1/_POOL_SHARE`` of the selection): no
+# parameter-sized temporary. Leaves that may
+# be sharded are never pooled (the copy would gather them).
+_POOL_LEAF = 1 << 16
+_POOL_TOTAL = 1 << 22
+_POOL_SHARE = 16
+_POOL_ROW = 256
+
+
+class _Pool(NamedTuple):
+    """Small leaves counted together (static; indices into the live leaves)."""
+
+    fn: _Fn
+    members: tuple  # the leaves, in order
+    row_leaf: np.ndarray  # (R,) int32: every row's leaf
+    row_start: np.ndarray  # (R,) int32: position of its first element in the leaf
+    row_lim: np.ndarray  # (R,) int32: its number of real elements (the rest is padding)
+    leaf_size: np.ndarray  # (R,) int32: the size of its leaf
+
+
+def _single_device(a: Any) -> bool:
+    """Whether ``a`` surely lives on one device (or replicated): a concrete
+    array with such a sharding, or a traced one when only one device exists
+    (under ``jit`` the shardings of the inputs are not known)."""
+    if isinstance(a, jax.core.Tracer):
+        return jax.device_count() == 1
+    sharding = getattr(a, "sharding", None)
+    return sharding is None or len(sharding.device_set) == 1 or sharding.is_fully_replicated
+
+
+def _pools(live: Sequence[_Leaf]) -> tuple[list[_Pool], list[int]]:
+    """The pools of the live leaves and the indices of those left alone."""
+    classes, alone = {}, []
+    for i, leaf in enumerate(live):
+        args = [jnp.asarray(a) if not hasattr(a, "shape") else a for a in leaf.args]
+        if (leaf.size > _POOL_LEAF or _layout(leaf.shape, args) == "keys"
+                or not all(_single_device(a) for a in leaf.args)):
+            alone.append(i)
+            continue
+        key = (_Fn.of(leaf.fn), tuple(jnp.result_type(a) for a in args))
+        classes.setdefault(key, []).append(i)
+    # At most _POOL_TOTAL scores in all pools (padding included), and
+    # 1/_POOL_SHARE of the selection (0: no such bound).
+    share = sum(leaf.size for leaf in live) // _POOL_SHARE if _POOL_SHARE else _POOL_TOTAL
+    budget = min(_POOL_TOTAL, share) // _POOL_ROW
+    pools = []
+    for (fn, _), idx in classes.items():
+        members, rows = [], 0
+        for i in idx:
+            r = -(-live[i].size // _POOL_ROW)
+            if rows + r > budget:
+                alone.append(i)
+                continue
+            members.append(i)
+            rows += r
+        if len(members) < 2:
+            alone.extend(members)
+            continue
+        budget -= rows
+        per = [-(-live[i].size // _POOL_ROW) for i in members]
+        row_leaf = np.repeat(np.array(members, np.int32), per)
+        row_start = np.concatenate([np.arange(r, dtype=np.int32) * _POOL_ROW for r in per])
+        leaf_size = np.repeat(np.array([live[i].size for i in members], np.int32), per)
+        row_lim = np.minimum(leaf_size - row_start, _POOL_ROW).astype(np.int32)
+        pools.append(_Pool(fn, tuple(members), row_leaf, row_start, row_lim, leaf_size))
+    return pools, sorted(alone)
+
+
+def _pool_buffers(pool: _Pool, live: Sequence[_Leaf]) -> list[jax.Array]:
+    """The pool's copy of its leaves' arguments: one ``(R, _POOL_ROW)`` array
+    per argument."""
+    bufs = []
+    for a in range(len(live[pool.members[0]].args)):
+        cols = []
+        for i in pool.members:
+            x = jnp.asarray(live[i].args[a]).reshape(-1)
+            pad = -x.shape[0] % _POOL_ROW
+            cols.append(jnp.pad(x, (0, pad)) if pad else x)
+        bufs.append(jnp.concatenate(cols).reshape(-1, _POOL_ROW))
+    return bufs
+
+
+def _pool_kept(pool: _Pool, bufs: Sequence[jax.Array], cuts: jax.Array,
+               z: jax.Array | None = None) -> jax.Array:
+    """The selection predicate over the pool's ``(R, _POOL_ROW)`` rows, each
+    row with its leaf's threshold key and tie cut (:func:`_per_leaf`'s
+    ``cuts``); padding is never kept."""
+    lo, w, e, we = (cuts[i][pool.row_leaf][:, None] for i in range(4))
+    p = jnp.clip(lax.bitcast_convert_type(cuts[4], jnp.int32)[pool.row_leaf], 0, pool.leaf_size)
+    cut = jnp.clip(p - pool.row_start, 0, pool.row_lim)[:, None]
+    t = lax.broadcasted_iota(jnp.int32, bufs[0].shape, 1)
+    if z is not None:
+        t = t + z.astype(jnp.int32)
+    v = _bits_of(pool.fn, bufs, z)
+    return (((v - lo) < w) & (t < pool.row_lim[:, None])) | (((v - e) < we) & (t < cut))
+
+
+def _pool_count(pool: _Pool, bufs: Sequence[jax.Array], cuts: jax.Array, z: jax.Array) -> jax.Array:
+    """Partial counts of one pass over the pool, one per row."""
+    return _partial_counts(_pool_kept(pool, bufs, cuts, z), rows_only=True)
+
+
+def _pool_starts(pool: _Pool, live: Sequence[_Leaf]) -> list[int]:
+    """The first row of every leaf of the pool."""
+    sizes = [-(-live[i].size // _POOL_ROW) for i in pool.members]
+    return [int(x) for x in np.cumsum([0, *sizes[:-1]])]
+
+
+def _pool_masks(pool: _Pool, bufs: Sequence[jax.Array], live: Sequence[_Leaf],
+                cuts: jax.Array, starts: Sequence[jax.Array]) -> dict[int, jax.Array]:
+    """The masks of the pool's leaves (index into the live leaves -> mask),
+    given every leaf's first row as a traced scalar.
+
+    The pool's masks are packed into words by one kernel, which every leaf
+    unpacks (XLA would otherwise recompute the predicate for every leaf),
+    from a dynamic slice at its first row: with the row a constant, every
+    leaf's kernel would differ, and XLA compiles each distinct kernel
+    (about 15 ms of CPU each); this way leaves of one shape share one."""
+    words = _words(_pool_kept(pool, bufs, cuts))
+    bit = lax.broadcasted_iota(jnp.uint32, (1, 1, 32), 2)
+    out = {}
+    for i, start in zip(pool.members, starts):
+        leaf = live[i]
+        r = -(-leaf.size // _POOL_ROW)
+        w = lax.dynamic_slice_in_dim(words, start, r, axis=0)
+        kept = ((w[:, :, None] >> bit) & jnp.uint32(1)) != 0
+        out[i] = kept.reshape(-1)[:leaf.size].reshape(leaf.shape)
+    return out
 
 
 def _plan(scores: Sequence[Any], groups: Sequence[int], n_groups: int) -> tuple[list[_Leaf], list[int]]:
@@ -445,17 +708,21 @@ def _plan(scores: Sequence[Any], groups: Sequence[int], n_groups: int) -> tuple[
     return leaves, n_group
 
 
-def _kept(rows: jax.Array, g: jax.Array, p: jax.Array, z: jax.Array | None = None) -> jax.Array:
-    """The selection predicate on a ``(R, C)`` view of keys: ``key > g``, or
-    ``key == g`` at a flat position below ``p`` (ties broken by position).
-    In a loop, the positions depend on ``z`` (see :func:`_touch`), so that
-    XLA does not store them once for all passes."""
-    return _kept_at(rows, _view_position(rows.shape, rows.shape[1], z), g, p)
+def _kept(rows: jax.Array, cut: tuple, z: jax.Array | None = None) -> jax.Array:
+    """The selection predicate on a ``(R, C)`` view of :func:`_bits_of`'s
+    values: ``key > g``, or ``key == g`` at a flat position below ``p`` (ties
+    broken by position), for a ``cut`` of :func:`_leaf_cut`. In a loop, the
+    positions depend on ``z`` (see :func:`_touch`), so that XLA does not
+    store them once for all passes."""
+    return _kept_at(rows, _view_position(rows.shape, rows.shape[1], z), cut)
 
 
-def _kept_at(keys: jax.Array, pos: jax.Array, g: jax.Array, p: jax.Array) -> jax.Array:
-    """``key > g``, or ``key == g`` at a position below ``p``."""
-    return (keys > g) | ((keys == g) & (pos < p))
+def _kept_at(v: jax.Array, pos: jax.Array, cut: tuple) -> jax.Array:
+    """``key > g``, or ``key == g`` at a position below ``p``, on
+    :func:`_bits_of`'s values ``v``, the key tests as the ranges of
+    :func:`_ranges`: ``cut = (lo, w, e, we, p)``."""
+    lo, w, e, we, p = cut
+    return ((v - lo) < w) | (((v - e) < we) & (pos < p))
 
 
 def _view_position(view: tuple, c: int, z: jax.Array | None = None) -> jax.Array:
@@ -504,20 +771,22 @@ def _layout(shape: tuple, args: Sequence[jax.Array]) -> str:
 
 
 def _per_leaf(leaves: Sequence[_Leaf], g: jax.Array, p: jax.Array) -> jax.Array:
-    """Every leaf's threshold key and tie cut (a position within the leaf),
-    from its group's ``g`` and ``p`` (a position within the group): a
-    ``(2, len(leaves))`` uint32 array (the cut bitcast)."""
+    """Every leaf's share of its group's threshold key ``g`` and tie cut
+    ``p`` (a position within the group): a ``(5, len(leaves))`` uint32 array
+    of the key ranges of :func:`_ranges` (``lo, w, e, we``) and the tie cut
+    within the leaf (bitcast)."""
     grp = np.array([leaf.group for leaf in leaves], np.int32)
     off = np.array([leaf.offset for leaf in leaves], np.int32)
-    return jnp.stack([g[grp], lax.bitcast_convert_type(p[grp] - off, jnp.uint32)])
+    raw = np.array([leaf.raw for leaf in leaves], bool)
+    return jnp.stack([*_ranges(g[grp], raw), lax.bitcast_convert_type(p[grp] - off, jnp.uint32)])
 
 
-def _leaf_cut(leaf: jax.Array, j: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Column ``j`` of :func:`_per_leaf`'s array, for a traced ``j`` (a loop
-    state scalar, so that the kernel reading it has no leaf-specific
-    constant: see :func:`_search`)."""
-    col = lax.dynamic_index_in_dim(leaf, j, axis=1, keepdims=False)
-    return col[0], lax.bitcast_convert_type(col[1], jnp.int32)
+def _leaf_cut(leaf: jax.Array, j: jax.Array) -> tuple:
+    """Column ``j`` of :func:`_per_leaf`'s array as the ``cut`` of
+    :func:`_kept_at`, for a traced ``j`` (a loop state scalar, so that the
+    kernel reading it has no leaf-specific constant: see :func:`_search`)."""
+    col = lax.dynamic_slice(leaf, (jnp.int32(0), j), (leaf.shape[0], 1))[:, 0]  # 0 <= j
+    return col[0], col[1], col[2], col[3], lax.bitcast_convert_type(col[4], jnp.int32)
 
 
 def _partial_counts(rows: jax.Array, rows_only: bool = False) -> jax.Array:
@@ -548,15 +817,16 @@ def _partial_counts(rows: jax.Array, rows_only: bool = False) -> jax.Array:
     return jnp.sum(lax.population_count(words), axis=2, dtype=jnp.int32).reshape(-1)
 
 
-def _group_sums(partials: Sequence[jax.Array], leaves: Sequence[_Leaf], n_groups: int) -> jax.Array:
-    """Sums every leaf's partial counts into per-group counts (int32,
-    ``(n_groups,)``): one reduction for all leaves (small vectors)."""
+def _group_sums(partials: Sequence[jax.Array], ids: np.ndarray, n_groups: int) -> jax.Array:
+    """Sums partial counts into per-group counts (int32, ``(n_groups,)``):
+    ``ids`` gives the group of every entry of the concatenated partials; one
+    scatter-add for all leaves (small vectors: about one count per 1024
+    scores). Also for one group: XLA splits a plain sum of the concatenation
+    into one reduction tree per leaf, kernels that differ with the leaf's
+    size, and compiles each distinct kernel anew."""
     if not partials:
         return jnp.zeros((n_groups,), jnp.int32)
-    v = jnp.concatenate(partials)
-    if n_groups == 1:
-        return jnp.sum(v, keepdims=True, dtype=jnp.int32)
-    ids = np.repeat(np.array([leaf.group for leaf in leaves], np.int32), [x.shape[0] for x in partials])
+    v = jnp.concatenate(partials) if len(partials) > 1 else partials[0]
     return jax.ops.segment_sum(v, ids, n_groups)
 
 
@@ -580,33 +850,54 @@ def _sample_slices(shape: Sequence[int], quota: int) -> tuple:
     return tuple(slice(None, None, s) for s in strides)
 
 
-def _first_guesses(leaves: Sequence[_Leaf], n_group: Sequence[int], k: jax.Array) -> jax.Array:
+def _first_guesses(live: Sequence[_Leaf], n_group: Sequence[int], k: jax.Array,
+                   pools: Sequence[_Pool] = (), bufs: Sequence[Sequence[jax.Array]] = ()) -> jax.Array:
     """Two first guesses per group (in the search's ``x = ~key`` domain) from a
     strided sample: keys a few standard errors above and below the sample's
     estimate of the k-th largest. Every leaf is sampled at its group's rate
-    (so the sample is unweighted); all groups are sorted at once.
+    (so the sample is unweighted); all groups are sorted at once. The leaves
+    of a pool are sampled from its buffer, by one gather.
 
     Returns ``(2, n_groups)`` uint32.
     """
     n_groups = len(n_group)
-    live = [leaf for leaf in leaves if leaf.size]
     if not n_groups or not live:
         return jnp.zeros((0, n_groups), jnp.uint32)
     quota = max(64, min(_SAMPLE_QUOTA, (8 * _SAMPLE_QUOTA) // n_groups))
-    pieces, slots = [], [[] for _ in range(n_groups)]  # slots[g]: indices into the samples
-    start = 0
-    for leaf in live:
-        # At most 1/32 of a leaf: a sample of a sharded leaf crosses devices.
-        want = min(round(quota * leaf.size / n_group[leaf.group]), max(64, leaf.size // 32))
-        if want < 1:
-            continue
-        smp = _leaf_sample(leaf.fn, leaf.args, leaf.shape, want)
-        pieces.append(smp)
-        slots[leaf.group].extend(range(start, start + smp.shape[0]))
-        start += smp.shape[0]
+
+    def want(leaf):  # at most 1/32 of a leaf: a sample of a sharded leaf crosses devices
+        return min(round(quota * leaf.size / n_group[leaf.group]), max(64, leaf.size // 32))
+
+    samples = []  # (group of every sampled score, scores)
+    pooled = {i for pool in pools for i in pool.members}
+    for pool, buf in zip(pools, bufs):
+        idx, grp, row = [], [], 0
+        for i in pool.members:
+            leaf = live[i]
+            if want(leaf) >= 1:
+                pos = np.arange(leaf.size).reshape(leaf.shape)[_sample_slices(leaf.shape, want(leaf))]
+                idx.append(pos.reshape(-1) + row * _POOL_ROW)
+                grp.append(np.full(idx[-1].shape[0], leaf.group, np.int32))
+            row += -(-leaf.size // _POOL_ROW)
+        if idx:
+            at = np.concatenate(idx).astype(np.int32)
+            out = pool.fn(*[b.reshape(-1)[at] for b in buf])
+            samples.append((np.concatenate(grp), out if out.dtype == jnp.uint32 else out.astype(jnp.float32)))
+    for i, leaf in enumerate(live):
+        if i not in pooled and want(leaf) >= 1:
+            smp = _leaf_sample(_Fn.of(leaf.fn), leaf.args, leaf.shape, want(leaf))
+            samples.append((np.full(smp.shape[0], leaf.group, np.int32), smp))
+    # Float samples first, their keys computed at once, then raw keys.
+    samples.sort(key=lambda gs: gs[1].dtype == jnp.uint32)
+    floats = [smp for _, smp in samples if smp.dtype != jnp.uint32]
+    keys = [sortable_key(jnp.concatenate(floats))] if floats else []
+    keys += [smp for _, smp in samples if smp.dtype == jnp.uint32]
+    groups = np.concatenate([g for g, _ in samples]) if samples else np.zeros((0,), np.int32)
+    slots = [np.flatnonzero(groups == g) for g in range(n_groups)]  # indices into the samples
+    start = groups.shape[0]
     # Row g holds group g's samples; padding points at a trailing x = ~0
     # (key 0, which ranks last). One static gather lays out every group.
-    flat = ~jnp.concatenate([*pieces, jnp.zeros((1,), jnp.uint32)])
+    flat = ~jnp.concatenate([*keys, jnp.zeros((1,), jnp.uint32)])
     width = max(max(len(s) for s in slots), 1)
     index = np.full((n_groups, width), start, np.int32)
     for g, s in enumerate(slots):
@@ -777,7 +1068,7 @@ def _pending(s: _Search, k: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def _search(count, spread, n: jax.Array, k: jax.Array, first: jax.Array, raw: jax.Array,
-            n_leaves: int):
+            leaf_ids: Sequence[int]):
     """Finds, per group, the threshold key ``g`` and tie cut ``p`` (a position
     in the group) such that exactly ``k`` keys satisfy ``key > g``, or
     ``key == g`` at a position below ``p``.
@@ -787,12 +1078,13 @@ def _search(count, spread, n: jax.Array, k: jax.Array, first: jax.Array, raw: ja
         counting that predicate, leaf ``i`` with ``(g, p) = leaf[:, js[i]]``;
         ``z`` is a uint32 0 that varies with the loop (see :func:`_touch`).
       spread: ``(g (G,) uint32, p (G,) int32) -> leaf``, every leaf's share of
-        its group's ``(g, p)`` as a ``(2, n_leaves)`` uint32 array (see
+        its group's ``(g, p)`` as a ``(2, leaves)`` uint32 array (see
         :func:`_per_leaf`).
       n, k: ``(G,)`` int32 group sizes and keep counts (``0 <= k <= n``).
       first: ``(P, G)`` uint32 guesses for the first ``P`` steps of phase 1.
       raw: ``(G,)`` bool, groups with raw uint32 keys (possibly 0xFFFFFFFF).
-      n_leaves: the number of leaves.
+      leaf_ids: the columns of ``leaf`` that ``count`` reads through a
+        loop-state index (``js``, one per entry).
 
     Returns:
       ``(leaf, js, steps)``: every leaf's share of its group's answer, the
@@ -827,15 +1119,16 @@ def _search(count, spread, n: jax.Array, k: jax.Array, first: jax.Array, raw: ja
         packed, it, leaf, js = state
         s = _unpack(packed)
         z = lax.shift_right_logical(it, 31)
-        f_g = count(leaf, js, z.astype(jnp.uint32))
+        f_g = lax.optimization_barrier(count(leaf, js, z.astype(jnp.uint32)))
         s = _step(s, f_g, k, (it < first.shape[0]) & (s.phase == 1))
         s = _to_ties(s, n, k)
         s = s._replace(guess=_next_guess(s, it + 1, k, first))
         return _pack(s, z), it + 1, spread(*_pending(s, k)), [j + z for j in js]
 
-    js = [jnp.int32(i) for i in range(n_leaves)]
+    js = [jnp.int32(i) for i in leaf_ids]
     _, steps, leaf, js = lax.while_loop(cond, body, (_pack(s), it0, spread(*_pending(s, k)), js))
     return leaf, js, steps
+
 
 
 # --------------------------------------------------------------------------
@@ -880,15 +1173,33 @@ def select_groups(
     raw = np.zeros(n_groups, bool)
     for leaf in live:
         raw[leaf.group] |= leaf.raw
+    pools, alone = _pools(live)  # alone: indices into live of the unpooled leaves
+    bufs = [_pool_buffers(pool, live) for pool in pools]
+    ids = np.concatenate([np.zeros((0,), np.int32)]
+                         + [np.array([live[i].group for i in pool.row_leaf], np.int32) for pool in pools])
 
     def count(leaf_cuts, js, z):
-        partials = [_leaf_count(leaf.fn, leaf.args, leaf_cuts, j, z, leaf.shape)
-                    for leaf, j in zip(live, js)]
-        return _group_sums(partials, live, n_groups)
+        parts = [_pool_count(pool, buf, leaf_cuts, z) for pool, buf in zip(pools, bufs)]
+        ids_all = [ids]
+        for i, j in zip(alone, js):
+            leaf = live[i]
+            parts.append(_leaf_count(_Fn.of(leaf.fn), leaf.args, leaf_cuts, j, z, leaf.shape))
+            ids_all.append(np.full(parts[-1].shape[0], leaf.group, np.int32))
+        return _group_sums(parts, np.concatenate(ids_all), n_groups)
 
+    # The pooled leaves' first rows pass through the loop as its leaf indices
+    # do, so that XLA sees them as opaque (see _pool_masks).
+    starts = [_pool_starts(pool, live) for pool in pools]
     leaf_cuts, js, _ = _search(count, lambda g, p: _per_leaf(live, g, p), n, k,
-                               _first_guesses(leaves, n_group, k), jnp.asarray(raw), len(live))
-    kept = iter(_leaf_mask(leaf.fn, leaf.args, leaf_cuts, j) for leaf, j in zip(live, js))
+                               _first_guesses(live, n_group, k, pools, bufs), jnp.asarray(raw),
+                               [*alone, *(r for rows in starts for r in rows)])
+    js, rows = js[:len(alone)], iter(js[len(alone):])
+    masks = {}
+    for pool, buf, st in zip(pools, bufs, starts):
+        masks.update(_pool_masks(pool, buf, live, leaf_cuts, [next(rows) for _ in st]))
+    for i, j in zip(alone, js):
+        masks[i] = _leaf_mask(_Fn.of(live[i].fn), live[i].args, leaf_cuts, j)
+    kept = iter(masks[i] for i in range(len(live)))
     return [next(kept) if leaf.size else jnp.zeros(leaf.shape, jnp.bool_) for leaf in leaves]
 
 
@@ -969,7 +1280,7 @@ def select_along(scores: jax.Array | LazyScores, axis: int | Sequence[int], keep
 
     n = jnp.full((n_groups,), s, jnp.int32)
     cuts, _, _ = _search(count, spread, n, k, _first_guesses_along(fn, args, shape, axes, k),
-                         jnp.full((n_groups,), out.dtype == jnp.uint32), 0)
+                         jnp.full((n_groups,), out.dtype == jnp.uint32), [])
     return kept(_keys_of(fn, args), cuts)
 
 
