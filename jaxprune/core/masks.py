@@ -233,7 +233,7 @@ def topk(scores: PyTree, sparsity: Any = None, *, where: Any = None, keep: Any =
       networks", NeurIPS 2015.
     """
     _one_of(sparsity, keep, "topk")
-    scores, lazy = _stand_ins(scores)
+    scores, lazy = stand_ins(scores)
     paths, leaves, treedef, sel = selection(scores, where)
     idx = [i for i, s in enumerate(sel) if s]
     stack = _tree.stacked_axes(scores, layers, layer_axis, sel, "topk")
@@ -343,7 +343,7 @@ def global_topk(scores: PyTree, sparsity: Any = None, *, where: Any = None,
         )
     if keep is None:
         check_sparsity(sparsity)
-    scores, lazy = _stand_ins(scores)
+    scores, lazy = stand_ins(scores)
     paths, leaves, treedef, sel = selection(scores, where)
     idx = [i for i, s in enumerate(sel) if s]
     arrays = _selected(lazy, leaves, idx)
@@ -371,7 +371,6 @@ def stand_ins(scores: PyTree) -> tuple[PyTree, list | None]:
     return treedef.unflatten(stand), [x if _is_lazy(x) else None for x in flat]
 
 
-_stand_ins = stand_ins  # the name this module's own functions use
 
 
 def _selected(lazy: list | None, leaves: Sequence[Any], idx: Sequence[int]) -> list:
