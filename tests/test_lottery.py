@@ -335,29 +335,47 @@ def test_random_like_positions_are_uniform():
 # Rewinding non-parameter state (BatchNorm statistics)
 
 
-@pytest.mark.parametrize("k", [0, 1])
-def test_rewind_extra_rewinds_batch_stats_exactly(k):
+@pytest.fixture(scope="module")
+def resnet_grads():
+    """A Linen ResNet and one jitted (gradient, new statistics) function,
+    compiled once for every rewind step below (the model's compile is most of
+    the test's time; only the transform differs between them)."""
     import models
 
     apply_fn, variables, x = models.linen_resnet()
     labels = jnp.arange(x.shape[0]) % 10
-    s_per_round, rounds = 3, 2
-    tx = jp.lottery_ticket(optax.adam(1e-2), rounds=rounds, steps_per_round=s_per_round,
-                           rewind_step=k, prune_rate=0.5)
 
     @jax.jit
-    def step(params, stats, state, snap):
+    def grads(params, stats):
         def loss_fn(p):
             logits, new = apply_fn({"params": p, "batch_stats": stats}, x, train=True)
             return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), new
 
         (_, new), g = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        return g, new
+
+    return variables, grads
+
+
+@pytest.mark.parametrize("k", [0, 1])
+def test_rewind_extra_rewinds_batch_stats_exactly(k, resnet_grads):
+    variables, grads = resnet_grads
+    s_per_round, rounds = 3, 2
+    tx = jp.lottery_ticket(optax.adam(1e-2), rounds=rounds, steps_per_round=s_per_round,
+                           rewind_step=k, prune_rate=0.5)
+
+    @jax.jit
+    def update(g, new, params, state, snap):
         u, state = tx.update(g, state, params)
         stats, snap = jp.lottery.rewind_extra(state, new, snap)
-        return optax.apply_updates(params, u), stats, state, snap, new
+        return optax.apply_updates(params, u), stats, state, snap
+
+    def step(params, stats, state, snap):
+        g, new = grads(params, stats)
+        return (*update(g, new, params, state, snap), new)
 
     params, stats = variables["params"], variables["batch_stats"]
-    state, snap = tx.init(params), jp.lottery.snapshot(stats)
+    state, snap = jax.jit(tx.init)(params), jp.lottery.snapshot(stats)
     want_snap = stats  # rewind_step=0: the initial statistics
     events = []
     for t in range(s_per_round * (rounds + 1)):

@@ -114,7 +114,7 @@ def fake_grads(p):
 
 
 def run(tx, p, steps):
-    state = tx.init(p)
+    state = jax.jit(tx.init)(p)  # one compile, not one per eager op
 
     @jax.jit
     def step(p, state):

@@ -18,6 +18,7 @@ on fusion names or on how XLA splits the rest of the step.
 
 from __future__ import annotations
 
+import functools
 import re
 
 import jax
@@ -73,14 +74,27 @@ def _computed(entry: str, shape: tuple) -> list[str]:
     return [m.group(0).strip() for m in pat.finditer(entry) if m.group(1) not in _NOT_COMPUTED]
 
 
-@pytest.mark.parametrize("inner", [optax.adam(1e-3), optax.sgd(1e-2, momentum=0.9)],
-                         ids=["adam", "momentum"])
+INNER = {"adam": optax.adam(1e-3), "momentum": optax.sgd(1e-2, momentum=0.9)}
+
+
+def _batch():
+    return jax.random.normal(jax.random.key(1), (4, 16, 16, 5)), jnp.arange(4) % 13
+
+
+@functools.cache
+def _dense_entry(inner: str) -> str:
+    """The dense step's ENTRY computation with ``INNER[inner]``, compiled
+    once per module (the same program for every test that compares to it)."""
+    return _entry_hlo(INNER[inner], _params(), *_batch())
+
+
+@pytest.mark.parametrize("inner", list(INNER))
 @pytest.mark.parametrize("allocation", ["uniform", "global"])
 def test_masking_adds_no_pass_over_the_params(inner, allocation):
     params = _params()
-    x = jax.random.normal(jax.random.key(1), (4, 16, 16, 5))
-    y = jnp.arange(4) % 13
-    dense = _entry_hlo(inner, params, x, y)
+    x, y = _batch()
+    dense = _dense_entry(inner)
+    inner = INNER[inner]
     pruned = _entry_hlo(jp.prune(inner, sparsity=0.9, allocation=allocation, update_every=100),
                         params, x, y)
     assert "conditional(" in pruned  # the mask update is a branch, not in the entry
@@ -99,8 +113,7 @@ def test_the_check_sees_a_separate_masking_pass():
     (a masked copy of the params the loss reads, as a naive
     ``apply_masks(params)`` before the forward pass would do)."""
     params = _params()
-    x = jax.random.normal(jax.random.key(1), (4, 16, 16, 5))
-    y = jnp.arange(4) % 13
+    x, y = _batch()
     masks = jp.masks.topk(jp.scores.magnitude(params), 0.5)
 
     def loss(p, x, y):
@@ -111,7 +124,7 @@ def test_the_check_sees_a_separate_masking_pass():
         updates, opt_state = optax.adam(1e-3).update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state
 
-    dense = _entry_hlo(optax.adam(1e-3), params, x, y)
+    dense = _dense_entry("adam")
     opt = optax.adam(1e-3).init(params)
     text = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt, x, y).compile().as_text()
     naive = re.search(r"^ENTRY .*?^}", text, re.M | re.S).group(0)
