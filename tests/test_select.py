@@ -608,3 +608,16 @@ def test_small_leaves_share_one_counting_kernel():
 
     assert popcounts(1 << 16) == 1
     assert popcounts(0) >= len(shapes)
+
+
+def test_key_functions_equal_by_value_and_type():
+    # Per-leaf partials of one function share kernels (equal by value), but
+    # arguments that Python calls equal across types (1, 1.0, True) do not.
+    def f(a, x):
+        return x * a
+
+    assert sel._Fn(functools.partial(f, 2.0)) == sel._Fn(functools.partial(f, 2.0))
+    assert hash(sel._Fn(functools.partial(f, 2.0))) == hash(sel._Fn(functools.partial(f, 2.0)))
+    assert sel._Fn(functools.partial(f, 1)) != sel._Fn(functools.partial(f, 1.0))
+    assert sel._Fn(functools.partial(f, True)) != sel._Fn(functools.partial(f, 1))
+    assert sel._Fn(functools.partial(f, 2.0)) != sel._Fn(functools.partial(f, 3.0))

@@ -521,7 +521,7 @@ def _fn_key(fn: Any) -> Any:
         hash(fn)
     except TypeError:
         return ("id", id(fn))
-    return fn
+    return (type(fn), fn)  # the type too: 1, 1.0 and True are equal in Python
 
 
 # --------------------------------------------------------------------------
